@@ -1,3 +1,25 @@
+"""hcmoe: physics-hard-constrained neural PDE solvers in JAX, scaled with mixture-of-experts."""
+
 import importlib.metadata
+
+from . import ops as ops
+from ._experts import solve as solve
+from ._grid import Grid as Grid, uniform_grid as uniform_grid
+from ._partition import (
+    AbstractPartition as AbstractPartition,
+    LabelPartition as LabelPartition,
+    Partition as Partition,
+    random_labels as random_labels,
+)
+from ._pde import (
+    AbstractPDE as AbstractPDE,
+    Condition as Condition,
+    dirichlet as dirichlet,
+    initial as initial,
+    neumann as neumann,
+    robin as robin,
+)
+from ._solve import Solution as Solution, SolveStats as SolveStats
+
 
 __version__ = importlib.metadata.version("hcmoe")

@@ -1,0 +1,281 @@
+"""`hcmoe.solve`: operator stacks, per-expert problems, vmapped solves, assembly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import lineax as lx
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._grid import Grid
+from ._partition import AbstractPartition, ExpertRows, as_partition
+from ._pde import AbstractPDE
+from ._solve import ExpertProblem, Solution, SolveStats, solve_expert
+
+
+_PRECISIONS = (None, "float64", "float32", "input")
+
+
+def solve_dtype(precision: str | None, basis_dtype) -> jnp.dtype:
+    """The dtype of the constraint solve (see `solve`'s `precision`)."""
+    if precision not in _PRECISIONS:
+        raise ValueError(
+            f"precision: expected one of {_PRECISIONS}; got {precision!r}."
+        )
+    x64 = jax.config.jax_enable_x64
+    if precision == "float64" and not x64:
+        raise ValueError(
+            "precision='float64' needs 64-bit JAX, which is off. Enable it at start-up with "
+            "`jax.config.update('jax_enable_x64', True)` or the environment variable "
+            "JAX_ENABLE_X64=1, or pass precision='float32' (less accurate constraints)."
+        )
+    if precision == "float32":
+        return jnp.dtype(jnp.float32)
+    if precision == "input":
+        return jnp.dtype(basis_dtype)
+    return jnp.dtype(jnp.float64 if x64 else jnp.float32)
+
+
+def _check_basis(basis, grid: Grid):
+    if not hasattr(basis, "shape") or not hasattr(basis, "dtype"):
+        raise ValueError(f"basis: expected an array; got {type(basis).__name__}.")
+    grid.check_field(basis, "basis", trailing=1)
+    if not jnp.issubdtype(basis.dtype, jnp.floating):
+        raise ValueError(f"basis: expected a floating-point array; got dtype {basis.dtype}.")
+
+
+def _sample_rows(rows: ExpertRows, points: int | None, key) -> tuple[Array, Array]:
+    """Per expert, `points` rows drawn without replacement from its own rows.
+
+    Experts owning fewer rows than asked use all of theirs (the extra slots are padding with
+    zero weight). `points=None` takes every row.
+    """
+    if points is None or points >= rows.width:
+        return jnp.asarray(rows.index), jnp.asarray(rows.valid)
+    if key is None:
+        raise ValueError(
+            f"key: points_per_expert={points} samples points at random, so solve needs "
+            "key=jax.random.key(...); pass points_per_expert=None to use every point."
+        )
+    scores = jr.uniform(key, rows.index.shape)
+    scores = jnp.where(jnp.asarray(rows.valid), scores, 2.0)  # padding sorts last
+    _, position = jax.lax.top_k(-scores, points)
+    index = jnp.take_along_axis(jnp.asarray(rows.index), position, axis=1)
+    valid = jnp.take_along_axis(jnp.asarray(rows.valid), position, axis=1)
+    return index, valid
+
+
+def _flat(field: Array, grid: Grid) -> Array:
+    return field.reshape((grid.size,) + field.shape[grid.ndim :])
+
+
+def _condition_rows(basis, particular, pde, grid, data, labels, num_experts, dtype):
+    """Every condition's rows, per expert: matrix (K, c, N), offset/target/scale (K, c)."""
+    n = basis.shape[-1]
+    matrices, offsets, targets, scales = [], [], [], []
+    for cond in pde.conditions(grid, data):
+        axis, face = grid.axis(cond.axis), cond.face_index(grid)
+        face_labels = np.take(labels, face, axis=axis).reshape(-1)
+        rows = ExpertRows.from_labels(face_labels, num_experts)
+        index, valid = jnp.asarray(rows.index), jnp.asarray(rows.valid)
+        matrix = jnp.take(cond.operator(basis, grid), face, axis=axis).reshape(-1, n)
+        if particular is None:
+            offset = jnp.zeros(face_labels.size, dtype)
+        else:
+            offset = jnp.take(cond.operator(particular, grid), face, axis=axis).reshape(-1)
+        target = cond.target_on_face(grid).reshape(-1).astype(dtype)
+        matrices.append(matrix[index])
+        offsets.append(offset[index])
+        targets.append(target[index])
+        scales.append(jnp.where(valid, jnp.asarray(cond.weight, dtype), 0.0))
+    if not matrices:  # no conditions: one inert row keeps the shapes uniform
+        zeros = jnp.zeros((num_experts, 1), dtype)
+        return jnp.zeros((num_experts, 1, n), dtype), zeros, zeros, zeros
+    return tuple(jnp.concatenate(x, axis=1) for x in (matrices, offsets, targets, scales))
+
+
+def build_problems(
+    basis, pde: AbstractPDE, grid: Grid, data, labels: np.ndarray, num_experts: int,
+    points_per_expert: int | None, key,
+) -> tuple[ExpertProblem, Array, Array | None]:
+    """Apply the operators once on the full grid and gather every expert's rows.
+
+    Returns the expert-stacked problems (leading axis `K`), the transformed basis `T(B)` and
+    the particular part `u_p` (or None), all in the dtype of `basis`.
+    """
+    dtype = basis.dtype
+    transformed = pde.transform_basis(basis, grid, data)
+    grid.check_field(transformed, "pde.transform_basis(basis)", trailing=1)
+    particular = pde.particular(grid, data)
+    if particular is not None:
+        grid.check_field(particular, "pde.particular()", trailing=0)
+        particular = jnp.asarray(particular, dtype)
+    operators = pde.operators()
+    if not operators:
+        raise ValueError(f"{type(pde).__name__}.operators() returned no operators.")
+
+    rows = ExpertRows.from_labels(labels, num_experts)
+    index, valid = _sample_rows(rows, points_per_expert, key)
+    n = transformed.shape[-1]
+    stacks, offsets = {}, {}
+    for name, op in operators.items():
+        stacks[name] = op(transformed, grid).reshape(-1, n)[index]
+        if particular is None:
+            offsets[name] = jnp.zeros(index.shape, dtype)
+        else:
+            offsets[name] = op(particular, grid).reshape(-1)[index]
+    coords = {name: jnp.asarray(c.reshape(-1), dtype)[index] for name, c in grid.mesh().items()}
+    cond = _condition_rows(transformed, particular, pde, grid, data, labels, num_experts, dtype)
+    problems = ExpertProblem(stacks, offsets, coords, valid, *cond)
+    return problems, transformed, particular
+
+
+def solve(
+    basis: Float[Array, "*grid n_basis"],
+    pde: AbstractPDE,
+    partition: AbstractPartition | np.ndarray | None,
+    grid: Grid,
+    data: Any = None,
+    *,
+    key: PRNGKeyArray | None = None,
+    solver: optx.AbstractLeastSquaresSolver | None = None,
+    max_steps: int = 50,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+    points_per_expert: int | None = None,
+    ridge: float = 1e-4,
+    init: Array | None = None,
+    adjoint: optx.AbstractAdjoint | None = None,
+    linear_solver: lx.AbstractLinearSolver | None = None,
+    precision: str | None = None,
+    throw: bool = False,
+    mesh=None,
+) -> Solution:
+    r"""Make the basis combination satisfy the PDE, independently on every expert's block.
+
+    For each expert `k` this solves
+
+    $$w_k = \arg\min_w \|F(A_{k,1} w + c_{k,1}, \dots) \|^2 + \|\text{conditions}\|^2
+    + \|\text{ridge}\, w\|^2$$
+
+    where `A_{k,j}` are the rows of `L_j T(B)` at the expert's (sampled) points, and returns
+    `u = u_p + T(B) w_k` on block `k`. Gradients with respect to `basis` (and `data`) flow
+    through the solve by the implicit function theorem (`optimistix.ImplicitAdjoint`), or
+    through `lineax`'s differentiable solve when `pde.linear`.
+
+    **Arguments:**
+
+    - `basis`: the backbone's basis functions, shape `(*grid.shape, n_basis)`.
+    - `pde`: an `hcmoe.AbstractPDE`.
+    - `partition`: `hcmoe.Partition(...)`, an integer label array of `grid.shape`, or None for
+      a single expert (PI-HC).
+    - `grid`: the `hcmoe.Grid` the basis lives on.
+    - `data`: per-sample data for the PDE's residual and conditions (e.g. `{"u0": ...}`).
+    - `key`: PRNG key, needed when `points_per_expert` samples points.
+    - `solver`: any optimistix least-squares solver; default
+      `optimistix.LevenbergMarquardt(rtol, atol)`. Unused when `pde.linear`.
+    - `max_steps`: iteration cap of the nonlinear solve (paper: 50).
+    - `rtol`, `atol`: tolerances of the default solver (paper: 1e-4).
+    - `points_per_expert`: PDE points sampled per expert (paper: 20,000); None uses every
+      point. An expert owning fewer points uses all it has (the request is clipped).
+      Condition points are always all used.
+    - `ridge`: weight of the `ridge * w` rows (paper: 1e-4); keeps the problem well posed.
+    - `init`: initial weights, shape `(n_basis,)` or `(K, n_basis)`; default ones (paper).
+    - `adjoint`: optimistix adjoint; default `ImplicitAdjoint(linear_solver)`.
+    - `linear_solver`: lineax solver of the implicit adjoint; default
+      `lineax.AutoLinearSolver(well_posed=None)`.
+    - `precision`: dtype of the solve. None (default): float64 when x64 is on, else float32;
+      `"float64"`: float64, an error if x64 is off; `"float32"`; `"input"`: the basis dtype.
+      The solution is cast back to the basis dtype.
+    - `throw`: raise (via `equinox.error_if`, under jit too) when an expert does not converge.
+      By default failures are only reported in `Solution.stats`.
+    - `mesh`: a `jax.sharding.Mesh` with an `"experts"` axis to shard the experts over
+      devices (see `hcmoe.expert_mesh`); None runs on the default device.
+
+    **Returns:** a `Solution` with `u`, `weights` (`(K, n_basis)`) and `stats`.
+
+    **Raises:** `ValueError` at trace time for a basis whose shape does not match the grid, an
+    unknown partition axis, more experts than points, missing data, or float64 without x64.
+    At run time (`equinox.error_if`) for a non-finite basis, and with `throw=True` for a
+    non-converged expert.
+    """
+    _check_basis(basis, grid)
+    partition = as_partition(partition)
+    dtype = solve_dtype(precision, basis.dtype)
+    out_dtype = basis.dtype
+    basis = eqx.error_if(
+        basis,
+        ~jnp.all(jnp.isfinite(basis)),
+        "hcmoe.solve: the basis contains NaN or inf; the backbone diverged or its input is "
+        "not finite.",
+    ).astype(dtype)
+    labels = partition.labels(grid)
+    num_experts = int(labels.max()) + 1
+    if points_per_expert is not None and (
+        not isinstance(points_per_expert, (int, np.integer)) or points_per_expert < 1
+    ):
+        raise ValueError(
+            f"points_per_expert: expected a positive int or None; got {points_per_expert!r}."
+        )
+    problems, transformed, particular = build_problems(
+        basis, pde, grid, data, labels, num_experts, points_per_expert, key
+    )
+    n = basis.shape[-1]
+    init = _initial_weights(init, num_experts, n, dtype)
+    if solver is None:
+        solver = optx.LevenbergMarquardt(rtol=rtol, atol=atol)
+    if adjoint is None:
+        adjoint = optx.ImplicitAdjoint(
+            linear_solver if linear_solver is not None else lx.AutoLinearSolver(well_posed=None)
+        )
+
+    def one(problem, w0):
+        return solve_expert(
+            problem, w0, pde, data, solver=solver, max_steps=max_steps, ridge=ridge,
+            adjoint=adjoint,
+        )
+
+    if mesh is None:
+        weights, steps, norms, result, ok = jax.vmap(one)(problems, init)
+    else:
+        from ._sharding import sharded_expert_map
+
+        weights, steps, norms, result, ok = sharded_expert_map(one, mesh, problems, init)
+    u = assemble(transformed, particular, weights, labels)
+    if throw:
+        u = eqx.error_if(
+            u,
+            ~jnp.all(ok),
+            "hcmoe.solve: at least one expert's constraint solve did not converge (see "
+            "Solution.stats with throw=False). Try more max_steps, looser rtol/atol, a larger "
+            "ridge, or precision='float64'.",
+        )
+    stats = SolveStats(steps, norms.astype(out_dtype), ok, result)
+    return Solution(u.astype(out_dtype), weights.astype(out_dtype), stats)
+
+
+def _initial_weights(init, num_experts: int, n: int, dtype) -> Array:
+    if init is None:
+        return jnp.ones((num_experts, n), dtype)
+    init = jnp.asarray(init, dtype)
+    if init.shape == (n,):
+        return jnp.broadcast_to(init, (num_experts, n))
+    if init.shape != (num_experts, n):
+        raise ValueError(
+            f"init: expected shape ({n},) or ({num_experts}, {n}) (n_basis or experts x "
+            f"n_basis); got {init.shape}."
+        )
+    return init
+
+
+def assemble(transformed: Array, particular: Array | None, weights: Array, labels) -> Array:
+    """`u = u_p + sum_i T(B)_i * W[labels]_i` on the grid."""
+    per_point = weights[jnp.asarray(labels)]
+    u = jnp.sum(transformed * per_point, axis=-1)
+    return u if particular is None else u + particular

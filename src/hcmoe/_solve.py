@@ -1,0 +1,121 @@
+"""One expert's least-squares problem, its solve, and the results types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import optimistix as optx
+from jaxtyping import Array, Bool, Float, Int
+
+from ._pde import AbstractPDE
+
+
+class SolveStats(eqx.Module):
+    """Per-expert diagnostics of the constraint solve (each field has a leading `K` axis).
+
+    - `num_steps`: solver iterations (0 for the direct linear solve).
+    - `residual_norm`: `||r_k(w_k)||_2` at the returned weights (PDE, condition and ridge rows).
+    - `converged`: the solver reported success and the residual is finite.
+    - `result`: the raw `optimistix.RESULTS` (or `lineax.RESULTS`) of each expert.
+    """
+
+    num_steps: Int[Array, " experts"]
+    residual_norm: Float[Array, " experts"]
+    converged: Bool[Array, " experts"]
+    result: Any
+
+    @property
+    def num_failed(self) -> Array:
+        """Number of experts that did not converge."""
+        return jnp.sum(~self.converged, axis=-1)
+
+
+class Solution(eqx.Module):
+    """The constrained prediction.
+
+    - `u`: the prediction on the grid, `u = u_p + T(B) w_k` on expert `k`'s block,
+      shape `grid.shape`, in the basis dtype.
+    - `weights`: the basis weights of each expert, shape `(K, n_basis)`.
+    - `stats`: a `SolveStats`.
+
+    Batched calls add a leading batch axis to every field.
+    """
+
+    u: Array
+    weights: Array
+    stats: SolveStats
+
+
+class ExpertProblem(eqx.Module):
+    """The rows of one expert's least-squares problem.
+
+    For operator `j`, `L_j u = stacks[j] @ w + offsets[j]` at the expert's sampled PDE points
+    (shape `(m, N)` and `(m,)`); `coords` are those points' coordinates; `pde_valid` masks the
+    padding rows. Condition rows: `cond_matrix @ w + cond_offset - cond_target`, scaled by
+    `cond_scale` (the condition weight, zero on padding).
+    """
+
+    stacks: dict[str, Float[Array, "m n"]]
+    offsets: dict[str, Float[Array, " m"]]
+    coords: dict[str, Float[Array, " m"]]
+    pde_valid: Bool[Array, " m"]
+    cond_matrix: Float[Array, "c n"]
+    cond_offset: Float[Array, " c"]
+    cond_target: Float[Array, " c"]
+    cond_scale: Float[Array, " c"]
+
+
+def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float):
+    """`r(w) = [F(A_j w + c_j) on PDE rows ; condition rows ; ridge * w]` for one expert."""
+    values = {name: a @ w + problem.offsets[name] for name, a in problem.stacks.items()}
+    pde_rows = pde.residual(values, problem.coords, data)
+    mask = problem.pde_valid.reshape(problem.pde_valid.shape + (1,) * (pde_rows.ndim - 1))
+    pde_rows = jnp.where(mask, pde_rows, 0.0).reshape(-1)
+    cond_rows = problem.cond_scale * (
+        problem.cond_matrix @ w + problem.cond_offset - problem.cond_target
+    )
+    return jnp.concatenate([pde_rows.astype(w.dtype), cond_rows, ridge * w])
+
+
+def solve_expert(
+    problem: ExpertProblem,
+    init: Array,
+    pde: AbstractPDE,
+    data: Any,
+    *,
+    solver,
+    max_steps: int,
+    ridge: float,
+    adjoint,
+):
+    """Solve one expert's problem; returns `(w, num_steps, residual_norm, result, ok)`."""
+
+    def fn(w, _):
+        return residual(w, problem, pde, data, ridge)
+
+    if pde.linear:
+        # r(w) = M w + r(0) exactly: one least-squares solve, differentiated by lineax.
+        zeros = jnp.zeros_like(init)
+        offset = fn(zeros, None)
+        matrix = jax.jacfwd(fn)(zeros, None)
+        sol = lx.linear_solve(
+            lx.MatrixLinearOperator(matrix), -offset, solver=lx.QR(), throw=False
+        )
+        w = sol.value
+        num_steps = jnp.array(0, dtype=jnp.int32)
+        ok = sol.result == lx.RESULTS.successful
+        result = sol.result
+    else:
+        sol = optx.least_squares(
+            fn, solver, init, max_steps=max_steps, adjoint=adjoint, throw=False
+        )
+        w = sol.value
+        num_steps = jnp.asarray(sol.stats["num_steps"], dtype=jnp.int32)
+        ok = sol.result == optx.RESULTS.successful
+        result = sol.result
+    norm = jnp.linalg.norm(fn(w, None))
+    return w, num_steps, norm, result, ok & jnp.isfinite(norm)

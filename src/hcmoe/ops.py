@@ -1,0 +1,15 @@
+"""Linear operators on grid fields (see `hcmoe._ops` for the implementations)."""
+
+from ._ops import (
+    AbstractOperator as AbstractOperator,
+    Combination as Combination,
+    Compose as Compose,
+    FiniteDifference as FiniteDifference,
+    Identity as Identity,
+    InverseLaplacian as InverseLaplacian,
+    Laplacian as Laplacian,
+    Linear as Linear,
+    Spectral as Spectral,
+    VelocityFromVorticity as VelocityFromVorticity,
+    fd_weights as fd_weights,
+)
