@@ -1,0 +1,9 @@
+"""Reference backbones that output basis functions on a grid."""
+
+from .fno import (
+    FNO as FNO,
+    FourierLayer as FourierLayer,
+    Pointwise as Pointwise,
+    SpectralConvolution as SpectralConvolution,
+    fno_input as fno_input,
+)
