@@ -1,0 +1,291 @@
+import csv
+import json
+from collections import namedtuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+
+from hcmoe import training
+
+
+def _data(n=48):
+    x = np.asarray(jr.normal(jr.key(0), (n, 2)))
+    y = np.sin(x[:, :1]) + 0.5 * x[:, 1:]
+    return {"x": x, "y": y}
+
+
+def _model(key=jr.key(1)):
+    return eqx.nn.MLP(2, 1, width_size=16, depth=1, key=key)
+
+
+def _loss(model, batch, key):
+    noise = 1e-3 * jr.normal(key, batch["y"].shape)
+    error = jax.vmap(model)(batch["x"]) - batch["y"] + noise
+    return jnp.mean(error**2), {"max_error": jnp.max(jnp.abs(error))}
+
+
+def _fit(**kwargs):
+    options = dict(
+        optimizer=optax.adam(1e-2), steps=12, batch_size=8, key=jr.key(2), progress=False
+    )
+    return training.fit(_model(), _loss, _data(), **(options | kwargs))
+
+
+def _params(model):
+    return jax.tree.leaves(eqx.filter(model, eqx.is_array))
+
+
+def _assert_identical(a, b):
+    for x, y in zip(_params(a), _params(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_loss_falls():
+    result = _fit(steps=150, log_every=10)
+    train = [r for r in result.history if r["kind"] == "train"]
+    assert len(train) == 15 and result.step == 150
+    assert train[-1]["loss"] < 0.1 * train[0]["loss"]
+    assert {"loss", "max_error", "grad_norm", "steps_per_second"} <= set(train[-1])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step, exception):
+    def eval_fn(model):
+        eval_fn.calls += 1
+        if eval_fn.calls == step:
+            raise exception
+        return {}
+
+    eval_fn.calls = 0
+    return eval_fn
+
+
+def test_resume_after_crash_is_identical(tmp_path):
+    reference = _fit(steps=10)
+    with pytest.raises(_Stop):
+        _fit(
+            steps=10,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=4,
+            eval_fn=_stop_at(7, _Stop()),
+            eval_every=1,
+        )
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 4
+    resumed = _fit(steps=10, checkpoint_dir=tmp_path, checkpoint_every=4)
+    assert resumed.step == 10
+    _assert_identical(resumed.model, reference.model)
+    assert eqx.tree_equal(resumed.opt_state, reference.opt_state)
+
+
+def test_interrupt_saves_and_resume_is_identical(tmp_path):
+    reference = _fit(steps=10, optimizer=training.paper_optimizer(decay_every=3))
+    metrics = tmp_path / "metrics.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        _fit(
+            steps=10,
+            optimizer=training.paper_optimizer(decay_every=3),
+            checkpoint_dir=tmp_path / "ckpt",
+            eval_fn=_stop_at(6, KeyboardInterrupt()),
+            eval_every=1,
+            metrics_path=metrics,
+            log_every=1,
+        )
+    assert json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())["step"] == 6
+    resumed = _fit(
+        steps=10,
+        optimizer=training.paper_optimizer(decay_every=3),
+        checkpoint_dir=tmp_path / "ckpt",
+        metrics_path=metrics,
+        log_every=1,
+    )
+    _assert_identical(resumed.model, reference.model)
+    steps = [r["step"] for r in training.read_metrics(metrics) if r["kind"] == "train"]
+    assert steps == list(range(1, 11))  # nothing lost, nothing duplicated
+
+
+def test_resume_with_other_key_is_refused(tmp_path):
+    _fit(steps=2, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="key: the checkpoint .* same key"):
+        _fit(steps=4, checkpoint_dir=tmp_path, key=jr.key(3))
+    assert _fit(steps=4, checkpoint_dir=tmp_path, key=jr.key(3), resume=False).step == 4
+
+
+def test_finished_run_resumes_without_training(tmp_path):
+    first = _fit(steps=3, checkpoint_dir=tmp_path)
+    again = _fit(steps=3, checkpoint_dir=tmp_path)
+    assert again.step == 3
+    _assert_identical(again.model, first.model)
+
+
+def _checkpoint_files(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    model = _model()
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    training.save_checkpoint(tmp_path, 1, model, opt_state, key=jr.key(0))
+    before = _checkpoint_files(tmp_path)
+    changed = jax.tree.map(lambda p: p + 1 if eqx.is_inexact_array(p) else p, model)
+
+    def half_write(file, tree):
+        file.write(b"\x93NUMPY half")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.eqx, "tree_serialise_leaves", half_write)
+        with pytest.raises(OSError, match="disk full"):
+            training.save_checkpoint(tmp_path, 2, changed, opt_state, key=jr.key(0))
+    assert _checkpoint_files(tmp_path) == before  # no partial file, no temporary left
+
+    real_replace = training.os.replace
+
+    def fail_on_record(src, dst):
+        if str(dst).endswith("checkpoint.json"):
+            raise OSError("crash while committing")
+        real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.os, "replace", fail_on_record)
+        with pytest.raises(OSError, match="committing"):
+            training.save_checkpoint(tmp_path, 3, changed, opt_state, key=jr.key(0))
+    loaded = training.load_checkpoint(tmp_path, model, opt_state)
+    assert loaded.step == 1  # the record still names the last complete checkpoint
+    _assert_identical(loaded.model, model)
+    assert not [name for name in _checkpoint_files(tmp_path) if name.endswith(".tmp")]
+
+
+def test_checkpoint_keeps_latest(tmp_path):
+    model = _model()
+    for step in range(1, 5):
+        training.save_checkpoint(tmp_path, step, model, None, key=jr.key(0), keep=2)
+    assert _checkpoint_files(tmp_path) == [
+        "checkpoint.json",
+        "step_00000003.eqx",
+        "step_00000004.eqx",
+    ]
+    assert training.load_checkpoint(tmp_path / "missing", model, None) is None
+
+
+def test_checkpoint_of_other_model_is_a_clear_error(tmp_path):
+    training.save_checkpoint(tmp_path, 1, _model(), None, key=jr.key(0))
+    other = eqx.nn.MLP(2, 1, width_size=4, depth=1, key=jr.key(0))
+    with pytest.raises(ValueError, match="does not fit the given model"):
+        training.load_checkpoint(tmp_path, other, None)
+
+
+def test_metrics_files(tmp_path):
+    path = tmp_path / "run" / "metrics.jsonl"
+    result = _fit(
+        steps=6,
+        log_every=2,
+        metrics_path=path,
+        eval_fn=lambda model: {"error": jnp.mean(_model()(jnp.ones(2)) - model(jnp.ones(2)))},
+        eval_every=3,
+        optimizer=training.paper_optimizer(),
+    )
+    records = training.read_metrics(path)
+    assert records == result.history
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 2),
+        ("train", 3),
+        ("eval", 3),
+        ("train", 4),
+        ("train", 6),
+        ("eval", 6),
+    ]
+    assert records[0]["learning_rate"] == pytest.approx(1e-3)
+    with path.with_suffix(".csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 6
+    assert {"kind", "step", "loss", "max_error", "learning_rate", "error"} <= set(rows[0])
+
+
+def test_callable_train_data():
+    data = _data()
+    calls = []
+
+    def batch(step, key):
+        calls.append(step)
+        index = jr.choice(key, 48, (4,), replace=False)
+        return jax.tree.map(lambda leaf: leaf[np.asarray(index)], data)
+
+    result = training.fit(
+        _model(), _loss, batch, optimizer=optax.sgd(1e-2), steps=3, batch_size=4,
+        key=jr.key(0), progress=False,
+    )
+    assert calls == [0, 1, 2] and result.step == 3
+
+
+def test_batches_cover_each_epoch():
+    data = {"i": np.arange(10)}
+    batches = training._Batches(data, 3, jr.key(0))
+    epoch = np.concatenate([batches(s)["i"] for s in range(3)])
+    assert len(set(epoch.tolist())) == 9
+    assert not np.array_equal(batches(3)["i"], batches(0)["i"])
+
+
+def test_paper_optimizer():
+    schedule = training.paper_schedule()
+    expected = {0: 1e-3, 799: 1e-3, 800: 5e-4, 1600: 2.5e-4, 2400: 1.25e-4, 3200: 1e-4, 4000: 1e-4}
+    for step, lr in expected.items():
+        assert float(schedule(step)) == pytest.approx(lr, rel=1e-6)
+    optimizer = training.paper_optimizer()
+    params = {"w": jnp.zeros(3)}
+    state = optimizer.init(params)
+    huge = {"w": jnp.array([3e6, -4e6, 0.0])}
+    updates, state = optimizer.update(huge, state, params)
+    assert training.current_learning_rate(state) == pytest.approx(1e-3)
+    assert float(optax.tree.norm(updates)) == pytest.approx(1e-3 * np.sqrt(2), rel=1e-3)
+    assert training.current_learning_rate(optax.adam(1e-3).init(params)) is None
+
+
+def test_solver_metrics():
+    Stats = namedtuple("Stats", "num_steps residual_norm converged")
+    stats = Stats(
+        jnp.array([[3, 5], [4, 50]]),
+        jnp.array([[1e-6, 2e-6], [1e-6, 0.3]]),
+        jnp.array([[True, True], [True, False]]),
+    )
+    metrics = training.solver_metrics(stats)
+    assert float(metrics["solver_steps"]) == pytest.approx(15.5)
+    assert int(metrics["non_converged"]) == 1
+    assert float(metrics["residual_norm"]) == pytest.approx(0.3)
+
+
+def test_errors():
+    with pytest.raises(TypeError, match=r"loss_fn: expected to return `\(loss, aux\)`"):
+        training.fit(
+            _model(), lambda m, b, k: jnp.sum(m(b["x"][0])), _data(),
+            optimizer=optax.sgd(1e-2), steps=1, batch_size=4, key=jr.key(0), progress=False,
+        )
+    with pytest.raises(ValueError, match="'loss' must be a scalar"):
+        training.fit(
+            _model(), lambda m, b, k: (jax.vmap(m)(b["x"]), {}), _data(),
+            optimizer=optax.sgd(1e-2), steps=1, batch_size=4, key=jr.key(0), progress=False,
+        )
+    with pytest.raises(ValueError, match="batch_size: expected between 1 and the dataset size 48"):
+        _fit(batch_size=49)
+    with pytest.raises(ValueError, match="train_data: expected a pytree of arrays sharing"):
+        training.fit(
+            _model(), _loss, {"x": np.ones((4, 2)), "y": np.ones((5, 1))},
+            optimizer=optax.sgd(1e-2), steps=1, batch_size=4, key=jr.key(0), progress=False,
+        )
+    with pytest.raises(ValueError, match="steps: expected a non-negative integer"):
+        _fit(steps=-1)
+    with pytest.raises(ValueError, match="checkpoint_every: expected a positive integer"):
+        _fit(checkpoint_every=0)
+
+
+def test_non_finite_loss_raises():
+    with pytest.raises(FloatingPointError, match="loss became nan at step 2"):
+        _fit(optimizer=optax.sgd(jnp.nan), steps=3, log_every=1)
