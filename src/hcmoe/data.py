@@ -1,0 +1,259 @@
+"""Datasets on disk: a parameter-checked, crash-safe cache, batched generation and minibatches.
+
+A dataset is a dict `name -> array` whose arrays share a leading sample axis. The cache stores
+it as `<path>.npz` beside a JSON manifest `<path>.json` that records the parameters it was
+generated with:
+
+```python
+params = {"problem": "heat", "n": 64, "seed": 0}
+dataset = hcmoe.data.cached("~/.cache/hcmoe/heat-train", params, lambda: generate(...))
+for batch in hcmoe.data.batches(dataset, 16, key=key, num_epochs=10):
+    ...
+```
+
+Both files are written atomically (a temporary file in the same directory, then `os.replace`),
+the manifest last, and a random token ties the manifest to the archive, so a cache that was
+interrupted half-way, or whose archive and manifest come from different runs, is never read:
+it is regenerated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import PRNGKeyArray, PyTree
+
+
+__all__ = [
+    "batches",
+    "cache_dir",
+    "cached",
+    "load_cached",
+    "map_batched",
+    "num_batches",
+    "save_cached",
+]
+
+FORMAT_VERSION = 1
+_TOKEN = "__hcmoe_cache_token__"
+_logger = logging.getLogger("hcmoe")
+
+
+def cache_dir() -> Path:
+    """The default cache directory: `$HCMOE_CACHE_DIR`, else `~/.cache/hcmoe`."""
+    return Path(os.environ.get("HCMOE_CACHE_DIR", Path.home() / ".cache" / "hcmoe")).expanduser()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+        return np.dtype(value).name
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        return np.asarray(value).tolist()
+    raise TypeError(f"cache parameters must be JSON-serialisable; got {type(value).__name__}.")
+
+
+def normalise_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters as they read back from JSON (tuples become lists, NumPy scalars numbers)."""
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params: expected a mapping of parameters; got {type(params).__name__}.")
+    return json.loads(json.dumps(dict(params), sort_keys=True, default=_jsonable))
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    stem = Path(path).expanduser()
+    return stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".json")
+
+
+def _atomic_write(target: Path, write: Callable[[Any], None]) -> None:
+    """Write `target` through a temporary file in its directory, then `os.replace` it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cached(path: str | os.PathLike, params: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    """The cached arrays at `path` if they were generated with `params`, else None.
+
+    None also when the files are missing, unreadable, or do not belong together (an
+    interrupted write); the arrays are read fully into memory.
+    """
+    archive, manifest_path = _paths(path)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT_VERSION
+        or manifest.get("params") != normalise_params(params)
+    ):
+        return None
+    try:
+        with np.load(archive, allow_pickle=False) as npz:
+            if _TOKEN not in npz.files or str(npz[_TOKEN]) != manifest.get("token"):
+                _logger.info("hcmoe cache %s: archive and manifest do not match; rebuilding.", path)
+                return None
+            return {name: npz[name] for name in npz.files if name != _TOKEN}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        _logger.info("hcmoe cache %s is unreadable (%s); rebuilding.", path, error)
+        return None
+
+
+def save_cached(
+    path: str | os.PathLike, arrays: Mapping[str, Any], params: Mapping[str, Any]
+) -> None:
+    """Write `arrays` and a manifest of `params` atomically (see the module docstring)."""
+    arrays = {name: np.asarray(value) for name, value in arrays.items()}
+    if not arrays or _TOKEN in arrays:
+        raise ValueError(f"arrays: expected a non-empty dict of named arrays; got {list(arrays)}.")
+    archive, manifest_path = _paths(path)
+    token = uuid.uuid4().hex
+    manifest = {
+        "format": FORMAT_VERSION,
+        "token": token,
+        "params": normalise_params(params),
+        "arrays": {name: {"shape": a.shape, "dtype": a.dtype.str} for name, a in arrays.items()},
+    }
+    # Invalidate first: between the two replaces below, no manifest vouches for the archive.
+    manifest_path.unlink(missing_ok=True)
+    _atomic_write(archive, lambda f: np.savez(f, **arrays, **{_TOKEN: np.array(token)}))
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=_jsonable).encode()
+    _atomic_write(manifest_path, lambda f: f.write(text))
+
+
+def cached(
+    path: str | os.PathLike,
+    params: Mapping[str, Any],
+    generate: Callable[[], Mapping[str, Any]],
+    *,
+    rebuild: bool = False,
+) -> dict[str, np.ndarray]:
+    """Load the dataset at `path` if it was made with `params`; otherwise `generate()` and save it.
+
+    **Arguments:**
+
+    - `path`: the cache path without extension (`<path>.npz` and `<path>.json` are written).
+    - `params`: JSON-serialisable parameters that determine the data; any change regenerates.
+    - `generate`: a zero-argument callable returning a dict of arrays.
+    - `rebuild`: regenerate even when a matching cache exists.
+
+    **Returns:** the dict of NumPy arrays.
+    """
+    if not rebuild:
+        arrays = load_cached(path, params)
+        if arrays is not None:
+            return arrays
+    arrays = {name: np.asarray(value) for name, value in generate().items()}
+    save_cached(path, arrays, params)
+    return arrays
+
+
+def _leading_size(leaves, argname: str) -> int:
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"{argname}: expected arrays sharing one leading (sample) axis; got shapes "
+            f"{[np.shape(leaf) for leaf in leaves]}."
+        )
+    return sizes.pop()
+
+
+def map_batched(
+    fn: Callable[[PyTree], PyTree],
+    inputs: PyTree,
+    *,
+    batch_size: int,
+    progress: bool = True,
+    desc: str | None = None,
+) -> PyTree[np.ndarray]:
+    """Apply a per-sample `fn` to every sample of `inputs`, `batch_size` at a time.
+
+    `fn` is vmapped and jitted once; the last batch is padded (by repeating its final sample)
+    so every call has the same shape. Shows a tqdm progress bar unless `progress=False`.
+
+    **Returns:** `fn`'s outputs stacked along a leading axis, as NumPy arrays.
+    """
+    from tqdm.auto import tqdm
+
+    leaves, treedef = jtu.tree_flatten(inputs)
+    n = _leading_size(leaves, "inputs")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int; got {batch_size!r}.")
+    batch_size = min(batch_size, n)
+    batched_fn = jax.jit(jax.vmap(fn))
+    outputs = []
+    with tqdm(total=n, desc=desc, disable=not progress, unit="sample") as bar:
+        for start in range(0, n, batch_size):
+            index = np.minimum(np.arange(start, start + batch_size), n - 1)
+            batch = treedef.unflatten([jnp.asarray(np.asarray(leaf)[index]) for leaf in leaves])
+            count = min(batch_size, n - start)
+            out = jax.device_get(batched_fn(batch))
+            outputs.append(jtu.tree_map(lambda a: np.asarray(a)[:count], out))
+            bar.update(count)
+    return jtu.tree_map(lambda *parts: np.concatenate(parts), *outputs)
+
+
+def batches(
+    dataset: PyTree,
+    batch_size: int,
+    *,
+    key: PRNGKeyArray,
+    num_epochs: int | None = 1,
+    drop_remainder: bool = True,
+) -> Iterator[PyTree]:
+    """Shuffled minibatches of a dataset (any pytree of arrays with a shared leading axis).
+
+    Each epoch draws a fresh permutation from `jr.fold_in(key, epoch)`, so the order is
+    reproducible from `key` alone. Batches keep the type of the leaves (NumPy stays NumPy).
+
+    **Arguments:**
+
+    - `dataset`: e.g. `{"u0": (n, nx), "u": (n, nt, nx)}`.
+    - `batch_size`: samples per batch.
+    - `key`: PRNG key for the shuffles.
+    - `num_epochs`: passes over the data; `None` iterates forever.
+    - `drop_remainder`: drop the last, smaller batch of each epoch.
+    """
+    leaves, treedef = jtu.tree_flatten(dataset)
+    n = _leading_size(leaves, "dataset")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size: expected an int in [1, {n}]; got {batch_size!r}.")
+    if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 0):
+        raise ValueError(f"num_epochs: expected a non-negative int or None; got {num_epochs!r}.")
+    stop = n - n % batch_size if drop_remainder else n
+    epochs = range(num_epochs) if num_epochs is not None else itertools.count()
+    for epoch in epochs:
+        order = np.asarray(jr.permutation(jr.fold_in(key, epoch), n))
+        for start in range(0, stop, batch_size):
+            index = order[start : start + batch_size]
+            yield treedef.unflatten([leaf[index] for leaf in leaves])
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool = True) -> int:
+    """Batches per epoch for `n` samples."""
+    return n // batch_size if drop_remainder else math.ceil(n / batch_size)
