@@ -90,7 +90,8 @@ def _loss_through_solve(pde, grid, partition, direction_key, **options):
 @pytest.mark.parametrize("blocks", [dict(), dict(x=2)])
 def test_gradient_matches_finite_differences(getkey, pde, blocks):
     grid = small_grid(nt=7, nx=9)
-    basis = basis_with_exact(grid, getkey(), n_basis=4) + 0.1 * jr.normal(getkey(), grid.shape + (4,))
+    noise = 0.1 * jr.normal(getkey(), grid.shape + (4,))
+    basis = basis_with_exact(grid, getkey(), n_basis=4) + noise
     loss = _loss_through_solve(pde, grid, hcmoe.Partition(**blocks), getkey(),
                                rtol=1e-13, atol=1e-13, max_steps=200, ridge=1e-3)
     direction = jr.normal(getkey(), basis.shape)

@@ -2,7 +2,8 @@
 
 import importlib.metadata
 
-from . import ops as ops
+from . import losses as losses, ops as ops
+from ._constrain import Constrained as Constrained, constrain as constrain
 from ._experts import solve as solve
 from ._grid import Grid as Grid, uniform_grid as uniform_grid
 from ._partition import (

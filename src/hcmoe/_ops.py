@@ -248,7 +248,7 @@ def _zero_nyquist(k: np.ndarray, order: int) -> np.ndarray:
 
 
 class Spectral(AbstractOperator):
-    """The `order`-th derivative along a periodic axis, by FFT: multiplies mode `k` by `(ik)^order`."""
+    """The `order`-th derivative along a periodic axis by FFT (mode `k` times `(ik)^order`)."""
 
     axis: str = eqx.field(static=True)
     order: int = eqx.field(static=True, default=1)
