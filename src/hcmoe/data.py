@@ -114,7 +114,8 @@ def load_cached(path: str | os.PathLike, params: Mapping[str, Any]) -> dict[str,
     ):
         return None
     try:
-        with np.load(archive, allow_pickle=False) as npz:
+        # Open the file ourselves: np.load leaks its handle when the archive is corrupt.
+        with open(archive, "rb") as file, np.load(file, allow_pickle=False) as npz:
             if _TOKEN not in npz.files or str(npz[_TOKEN]) != manifest.get("token"):
                 _logger.info("hcmoe cache %s: archive and manifest do not match; rebuilding.", path)
                 return None

@@ -141,6 +141,49 @@ def _rate(u: Array, pde: DiffusionSorption, dx: float) -> Array:
     return pde.D / pde.retardation(u) * (padded[:-2] - 2.0 * u + padded[2:]) / dx**2
 
 
+def _implicit_stage(known, guess, pde, dx, gamma_dt, solver, max_newton_steps):
+    """Solve `v = known + gamma dt f(v)` by Newton; also report failure."""
+
+    def fn(v, _):
+        return v - known - gamma_dt * _rate(v, pde, dx)
+
+    sol = optx.root_find(
+        fn,
+        solver,
+        guess,
+        max_steps=max_newton_steps,
+        throw=False,
+        tags=frozenset({lx.tridiagonal_tag}),
+    )
+    return sol.value, sol.result != optx.RESULTS.successful
+
+
+@eqx.filter_jit
+def _integrate(u0, pde, dx, dt, substeps, num_levels, solver, max_newton_steps):
+    """The `num_levels` stored levels after `u0`, `substeps` SDIRK2 steps apart, and whether
+    any Newton solve failed. `dx`, `dt`, `substeps` are traced: one compilation per grid
+    shape serves every step size."""
+
+    def sdirk_step(_, carry):
+        u, failed = carry
+        stage, failed_1 = _implicit_stage(u, u, pde, dx, _GAMMA * dt, solver, max_newton_steps)
+        # f(stage) recovered from the stage equation: robust to the stiffness amplifying the
+        # Newton error, unlike re-evaluating f.
+        stage_rate = (stage - u) / (_GAMMA * dt)
+        known = u + (1.0 - _GAMMA) * dt * stage_rate
+        new, failed_2 = _implicit_stage(
+            known, stage, pde, dx, _GAMMA * dt, solver, max_newton_steps
+        )
+        return new, failed | failed_1 | failed_2
+
+    def level(carry, _):
+        carry = lax.fori_loop(0, substeps, sdirk_step, carry)
+        return carry, carry[0]
+
+    (_, failed), levels = lax.scan(level, (u0, jnp.array(False)), None, length=num_levels)
+    return levels, failed
+
+
 def reference_solution(
     initial_condition: Float[ArrayLike, "*nx"],
     grid: Grid,
@@ -198,39 +241,9 @@ def reference_solution(
             f"{where}: initial_condition: expected shape ({nx},) or a scalar; got {u0.shape}."
         )
     u0 = jnp.broadcast_to(u0.astype(jnp.result_type(float)), (nx,))
-    dt = level_dt / substeps
     solver = optx.Newton(rtol=rtol, atol=atol, linear_solver=lx.Tridiagonal())
-
-    def implicit_stage(known, guess):
-        """Solve `v = known + gamma dt f(v)` by Newton; also report failure."""
-
-        def fn(v, _):
-            return v - known - (_GAMMA * dt) * _rate(v, pde, dx)
-
-        sol = optx.root_find(
-            fn,
-            solver,
-            guess,
-            max_steps=max_newton_steps,
-            throw=False,
-            tags=frozenset({lx.tridiagonal_tag}),
-        )
-        return sol.value, sol.result != optx.RESULTS.successful
-
-    def sdirk_step(carry, _):
-        u, failed = carry
-        stage, failed_1 = implicit_stage(u, u)
-        # f(stage) recovered from the stage equation: robust to the stiffness amplifying the
-        # Newton error, unlike re-evaluating f.
-        stage_rate = (stage - u) / (_GAMMA * dt)
-        new, failed_2 = implicit_stage(u + (1.0 - _GAMMA) * dt * stage_rate, stage)
-        return (new, failed | failed_1 | failed_2), None
-
-    def level(carry, _):
-        carry, _ = lax.scan(sdirk_step, carry, None, length=substeps)
-        return carry, carry[0]
-
-    (_, failed), levels = lax.scan(level, (u0, jnp.array(False)), None, length=nt - 1)
+    steps = (jnp.asarray(dx), jnp.asarray(level_dt / substeps), jnp.asarray(substeps))
+    levels, failed = _integrate(u0, pde, *steps, nt - 1, solver, max_newton_steps)
     u = jnp.concatenate([u0[None], levels])
     if throw:
         u = eqx.error_if(

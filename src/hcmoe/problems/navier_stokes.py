@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
@@ -233,7 +234,6 @@ def reference_solution(
     refine = check_count("refine", refine)
     level_dt = uniform_step(grid, "t", where)
     substeps = num_substeps(level_dt, max_dt, where)
-    dt = level_dt / substeps
     nt, nx, ny = grid.shape
     w0 = jnp.asarray(initial_condition)
     if w0.shape != (nx, ny):
@@ -241,42 +241,51 @@ def reference_solution(
             f"{where}: initial_condition: expected shape ({nx}, {ny}); got {w0.shape}."
         )
     w0 = w0.astype(jnp.result_type(float))
-    mx, my = refine * nx, refine * ny
-    lx_, ly_ = (grid.extent(a)[1] - grid.extent(a)[0] for a in ("x", "y"))
-    kx = (2 * np.pi * np.fft.fftfreq(mx, d=lx_ / mx))[:, None]
-    ky = (2 * np.pi * np.fft.rfftfreq(my, d=ly_ / my))[None, :]
+    lengths = tuple(grid.extent(a)[1] - grid.extent(a)[0] for a in ("x", "y"))
+    fine = w0 if refine == 1 else _fourier_pad(w0, (refine * nx, refine * ny))
+    steps = (jnp.asarray(pde.nu), jnp.asarray(level_dt / substeps), jnp.asarray(substeps))
+    levels = _integrate(fine, *steps, nt - 1, lengths, refine)
+    return jnp.concatenate([w0[None], levels])
+
+
+@eqx.filter_jit
+def _integrate(w0, nu, dt, substeps, num_levels, lengths, refine):
+    """`num_levels` stored levels after `w0` (on the solver grid), `substeps` CN–Heun steps
+    apart, subsampled by `refine`. `nu`, `dt`, `substeps` are traced: one compilation per grid
+    shape serves every step size and viscosity."""
+    mx, my = w0.shape
+    kx = (2 * np.pi * np.fft.fftfreq(mx, d=lengths[0] / mx))[:, None]
+    ky = (2 * np.pi * np.fft.rfftfreq(my, d=lengths[1] / my))[None, :]
     k2 = kx**2 + ky**2
     inverse_k2 = np.where(k2 == 0, 0.0, 1.0 / np.where(k2 == 0, 1.0, k2))
     modes_x = np.abs(np.fft.fftfreq(mx, d=1.0 / mx))[:, None]
     modes_y = np.abs(np.fft.rfftfreq(my, d=1.0 / my))[None, :]
     keep = (modes_x < mx / 3) & (modes_y < my / 3)
-    explicit = 1.0 - 0.5 * dt * pde.nu * k2
-    implicit = 1.0 / (1.0 + 0.5 * dt * pde.nu * k2)
+    explicit = 1.0 - 0.5 * dt * nu * k2
+    implicit = 1.0 / (1.0 + 0.5 * dt * nu * k2)
 
     def advection(w_hat):
         """Fourier coefficients of `-(u w_x + v w_y)`, 2/3-dealiased, zero mean."""
         w_hat = w_hat * keep
         psi_hat = w_hat * inverse_k2
-        shape = (mx, my)
-        u = jnp.fft.irfft2(1j * ky * psi_hat, s=shape)
-        v = jnp.fft.irfft2(-1j * kx * psi_hat, s=shape)
-        w_x = jnp.fft.irfft2(1j * kx * w_hat, s=shape)
-        w_y = jnp.fft.irfft2(1j * ky * w_hat, s=shape)
+        u = jnp.fft.irfft2(1j * ky * psi_hat, s=(mx, my))
+        v = jnp.fft.irfft2(-1j * kx * psi_hat, s=(mx, my))
+        w_x = jnp.fft.irfft2(1j * kx * w_hat, s=(mx, my))
+        w_y = jnp.fft.irfft2(1j * ky * w_hat, s=(mx, my))
         return -(jnp.fft.rfft2(u * w_x + v * w_y) * keep).at[0, 0].set(0.0)
 
-    def step(w_hat, _):
+    def step(_, w_hat):
         rate = advection(w_hat)
         predictor = (explicit * w_hat + dt * rate) * implicit
         rate = 0.5 * (rate + advection(predictor))
-        return (explicit * w_hat + dt * rate) * implicit, None
+        return (explicit * w_hat + dt * rate) * implicit
 
     def level(w_hat, _):
-        w_hat, _ = lax.scan(step, w_hat, None, length=substeps)
+        w_hat = lax.fori_loop(0, substeps, step, w_hat)
         return w_hat, jnp.fft.irfft2(w_hat, s=(mx, my))[::refine, ::refine]
 
-    fine = w0 if refine == 1 else _fourier_pad(w0, (mx, my))
-    _, levels = lax.scan(level, jnp.fft.rfft2(fine), None, length=nt - 1)
-    return jnp.concatenate([w0[None], levels])
+    _, levels = lax.scan(level, jnp.fft.rfft2(w0), None, length=num_levels)
+    return levels
 
 
 def make_dataset(
