@@ -1,7 +1,6 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import numpy as np
 import pytest
 
@@ -24,17 +23,35 @@ def _apply(model, x):
     return model(x)
 
 
+def _build(constructor, key, **options):
+    return constructor(**options, key=key)
+
+
 def _small(ndim, getkey, **kwargs):
-    options = dict(ndim=ndim, width=8, modes=3, n_layers=2, fc_width=8, key=getkey())
-    return FNO(ndim + 1, 5, **(options | kwargs))
+    options = dict(ndim=ndim, width=8, modes=3, n_layers=2, fc_width=8)
+    return _build(FNO, getkey(), in_channels=ndim + 1, n_basis=5, **(options | kwargs))
 
 
-@pytest.mark.parametrize("shape", [(9, 16), (6, 8, 10)])
-def test_output_shape_and_dtype(shape, getkey):
-    model = _small(len(shape), getkey, padding=0.2)
-    x = jnp.ones(shape + (len(shape) + 1,), jnp.float64)
-    out = _apply(model, x)
-    assert out.shape == shape + (5,)
+def _normal(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape))
+
+
+@pytest.mark.parametrize(
+    "preset, grid",
+    [
+        (FNO.diffusion_sorption_small, uniform_grid(t=(0, 500, 9), x=(0, 1, 16))),
+        (
+            FNO.navier_stokes_small,
+            uniform_grid(t=(0, 5, 6), x=(0, 1, 8), y=(0, 1, 10), periodic=("x", "y")),
+        ),
+    ],
+)
+def test_small_presets_on_fno_input(preset, grid, getkey):
+    padding = (0.25,) + (0.0,) * (grid.ndim - 1)  # pad the non-periodic time axis
+    model = _build(lambda key, padding: preset(key, padding=padding), getkey(), padding=padding)
+    initial_condition = jnp.ones(grid.shape[1:], jnp.float64)
+    out = _apply(model, fno_input(grid, initial_condition))
+    assert out.shape == grid.shape + (model.n_basis,)
     assert out.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(out)))
 
@@ -48,14 +65,15 @@ def test_parameter_dtype(getkey):
 
 def test_output_activation_is_gelu(getkey):
     model = _small(2, getkey, output_activation=True)
-    out = _apply(model, jr.normal(getkey(), (8, 8, 3)))
+    out = _apply(model, _normal((8, 8, 3)))
     assert float(out.min()) >= -0.17  # min of GELU is about -0.17
 
 
 def test_spectral_convolution_is_resolution_independent(getkey):
-    conv = SpectralConvolution(2, 3, (4, 3), dtype=jnp.float64, key=getkey())
-    coarse = conv(_periodic_field((16, 12)))
-    fine = conv(_periodic_field((64, 48)))
+    options = dict(in_channels=2, out_channels=3, modes=(4, 3), dtype=jnp.float64)
+    conv = _build(SpectralConvolution, getkey(), **options)
+    coarse = _apply(conv, _periodic_field((16, 12)))
+    fine = _apply(conv, _periodic_field((64, 48)))
     np.testing.assert_allclose(coarse, fine[::4, ::4], atol=1e-12)
 
 
@@ -76,8 +94,8 @@ def test_coarse_grid_uses_available_modes(getkey):
 
 
 def test_gradients_finite(getkey):
-    model = _small(3, getkey, padding=(0.25, 0.0, 0.0))
-    x = jr.normal(getkey(), (6, 8, 8, 4))
+    model = _small(2, getkey, padding=(0.25, 0.0))
+    x = _normal((6, 8, 3))
 
     @eqx.filter_jit
     @eqx.filter_grad
@@ -91,7 +109,7 @@ def test_gradients_finite(getkey):
 
 def test_vmap_and_jit(getkey):
     model = _small(2, getkey)
-    x = jr.normal(getkey(), (3, 8, 8, 3))
+    x = _normal((3, 8, 8, 3))
     batched = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))(model, x)
     np.testing.assert_allclose(batched[1], _apply(model, x[1]), rtol=1e-5, atol=1e-6)
 
@@ -119,12 +137,6 @@ def test_paper_presets_match_published_sizes(getkey):
     assert len(ns.layers) == 8 and not ns.output_activation
     assert ns.project_hidden.weight.shape == (256, 64)
     assert ns.layers[0].spectral.weight_real.shape == (16, 16, 8, 64, 64)
-
-
-def test_small_preset_runs_on_fno_input(getkey):
-    grid = uniform_grid(t=(0, 5, 6), x=(0, 1, 8), y=(0, 1, 8), periodic=("x", "y"))
-    model = FNO.navier_stokes_small(getkey())
-    assert _apply(model, fno_input(grid, jnp.zeros((8, 8)))).shape == (6, 8, 8, 16)
 
 
 def test_fno_input():

@@ -10,7 +10,9 @@ import numpy as np
 import optax
 import pytest
 
+import hcmoe
 from hcmoe import training
+from hcmoe.models import FNO, fno_input
 
 
 def _data(n=48):
@@ -29,9 +31,14 @@ def _loss(model, batch, key):
     return jnp.mean(error**2), {"max_error": jnp.max(jnp.abs(error))}
 
 
+# Shared optimizers: a new optax object is a new static argument, hence a new compilation.
+_ADAM = optax.adam(1e-2)
+_PAPER = training.paper_optimizer(decay_every=3)
+
+
 def _fit(**kwargs):
     options = dict(
-        optimizer=optax.adam(1e-2), steps=12, batch_size=8, key=jr.key(2), progress=False
+        optimizer=_ADAM, steps=12, batch_size=8, key=jr.key(2), progress=False
     )
     return training.fit(_model(), _loss, _data(), **(options | kwargs))
 
@@ -86,12 +93,12 @@ def test_resume_after_crash_is_identical(tmp_path):
 
 
 def test_interrupt_saves_and_resume_is_identical(tmp_path):
-    reference = _fit(steps=10, optimizer=training.paper_optimizer(decay_every=3))
+    reference = _fit(steps=10, optimizer=_PAPER)
     metrics = tmp_path / "metrics.jsonl"
     with pytest.raises(KeyboardInterrupt):
         _fit(
             steps=10,
-            optimizer=training.paper_optimizer(decay_every=3),
+            optimizer=_PAPER,
             checkpoint_dir=tmp_path / "ckpt",
             eval_fn=_stop_at(6, KeyboardInterrupt()),
             eval_every=1,
@@ -101,7 +108,7 @@ def test_interrupt_saves_and_resume_is_identical(tmp_path):
     assert json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())["step"] == 6
     resumed = _fit(
         steps=10,
-        optimizer=training.paper_optimizer(decay_every=3),
+        optimizer=_PAPER,
         checkpoint_dir=tmp_path / "ckpt",
         metrics_path=metrics,
         log_every=1,
@@ -191,7 +198,7 @@ def test_metrics_files(tmp_path):
         metrics_path=path,
         eval_fn=lambda model: {"error": jnp.mean(_model()(jnp.ones(2)) - model(jnp.ones(2)))},
         eval_every=3,
-        optimizer=training.paper_optimizer(),
+        optimizer=_PAPER,
     )
     records = training.read_metrics(path)
     assert records == result.history
@@ -289,3 +296,71 @@ def test_errors():
 def test_non_finite_loss_raises():
     with pytest.raises(FloatingPointError, match="loss became nan at step 2"):
         _fit(optimizer=optax.sgd(jnp.nan), steps=3, log_every=1)
+
+
+class _ReactionDiffusion(hcmoe.AbstractPDE):
+    """`u_t = nu u_xx - u^3` with the initial condition `data["u0"]` (nonlinear: LM iterates)."""
+
+    nu: float = 0.02
+
+    def operators(self):
+        return {
+            "u": hcmoe.ops.Identity(),
+            "u_t": hcmoe.ops.FiniteDifference("t"),
+            "u_xx": hcmoe.ops.FiniteDifference("x", order=2),
+        }
+
+    def residual(self, values, coords, data):
+        return values["u_t"] - self.nu * values["u_xx"] + values["u"] ** 3
+
+    def conditions(self, grid, data):
+        return (hcmoe.initial(data["u0"]),)
+
+
+# PI-HC is PI-HC-MoE with a one-block partition: the same path, so it is not repeated here.
+@pytest.mark.parametrize("method", ["PI-SC", "PI-HC-MoE"])
+def test_one_loop_for_soft_hard_and_moe(method, tmp_path):
+    grid = hcmoe.uniform_grid(t=(0, 1, 6), x=(0, 1, 8))
+    pde = _ReactionDiffusion()
+    x = np.linspace(0, 1, 8)
+    u0 = np.stack([np.sin(np.pi * x) * a for a in (0.5, 1.0, 1.5, 2.0)])
+    backbone = FNO(3, 4, ndim=2, width=4, modes=3, n_layers=1, fc_width=8, key=jr.key(0))
+    if method == "PI-SC":
+        model = backbone
+
+        def predict(model, u0, key):
+            return model(fno_input(grid, u0))[..., 0], {}
+
+    else:
+        partition = hcmoe.Partition(t=1, x=2)
+        model = hcmoe.constrain(backbone, pde, partition, grid=grid, max_steps=5)
+
+        def predict(model, u0, key):
+            solution = model(fno_input(grid, u0), {"u0": u0}, key=key)
+            return solution.u, solution.stats
+
+    def loss_fn(model, batch, key):
+        keys = jr.split(key, batch["u0"].shape[0])
+        u, stats = jax.vmap(lambda u0, k: predict(model, u0, k))(batch["u0"], keys)
+        residual = jax.vmap(lambda u, u0: hcmoe.losses.residual_loss(u, pde, grid, {"u0": u0}))
+        condition = jax.vmap(lambda u, u0: hcmoe.losses.condition_loss(u, pde, grid, {"u0": u0}))
+        loss = jnp.mean(residual(u, batch["u0"]) + condition(u, batch["u0"]))
+        return loss, (training.solver_metrics(stats) if method != "PI-SC" else {})
+
+    result = training.fit(
+        model, loss_fn, {"u0": u0}, optimizer=training.paper_optimizer(), steps=2,
+        batch_size=2, key=jr.key(1), metrics_path=tmp_path / "m.jsonl", log_every=1,
+        progress=False,
+    )
+    records = training.read_metrics(tmp_path / "m.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    if method != "PI-SC":
+        assert {"solver_steps", "non_converged", "residual_norm"} <= set(records[-1])
+    assert type(result.model) is type(model)
+
+
+def test_progress_bar_shows_metrics(capsys):
+    _fit(steps=4, log_every=2, progress=True, eval_fn=lambda m: {"error": 0.5})
+    err = capsys.readouterr().err
+    assert "loss=" in err and "max_error=" in err and "eval_error=0.5" in err

@@ -150,8 +150,8 @@ class SpectralConvolution(eqx.Module):
         shape = (*(2 * m for m in self.modes[:-1]), self.modes[-1], in_channels, out_channels)
         scale = 1.0 / (in_channels * out_channels)
         rkey, ikey = jr.split(key)
-        self.weight_real = scale * jr.uniform(rkey, shape, dtype)
-        self.weight_imag = scale * jr.uniform(ikey, shape, dtype)
+        self.weight_real = jr.uniform(rkey, shape, dtype, maxval=scale)
+        self.weight_imag = jr.uniform(ikey, shape, dtype, maxval=scale)
 
     def __call__(self, x: Float[Array, "*grid in"]) -> Float[Array, "*grid out"]:
         ndim = len(self.modes)
