@@ -20,6 +20,7 @@ from ._pde import (
     neumann as neumann,
     robin as robin,
 )
+from ._sharding import expert_mesh as expert_mesh
 from ._solve import Solution as Solution, SolveStats as SolveStats
 
 

@@ -38,6 +38,10 @@ def _check_options(options: dict) -> dict:
         raise ValueError(
             f"constrain: unknown option(s) {unknown}; expected any of {sorted(_SOLVE_OPTIONS)}."
         )
+    if options.get("mesh") is not None:
+        from ._sharding import check_mesh
+
+        check_mesh(options["mesh"])  # a mesh without an "experts" axis fails here, not later
     return dict(options)
 
 
@@ -71,7 +75,12 @@ def constrained_solve(basis, pde, partition, grid: Grid, data, key, options: dic
     def one(b, d, k):
         return solve(b, pde, partition, grid, d, key=k, **options)
 
-    return jax.vmap(one)(basis, data, keys)
+    mesh = options.get("mesh")
+    if mesh is None:
+        return jax.vmap(one)(basis, data, keys)
+    from ._sharding import batch_map
+
+    return batch_map(one, mesh, basis, data, keys)
 
 
 class Constrained(eqx.Module):
