@@ -39,10 +39,10 @@ def _normal(shape, seed=0):
 @pytest.mark.parametrize(
     "preset, grid",
     [
-        (FNO.diffusion_sorption_small, uniform_grid(t=(0, 500, 9), x=(0, 1, 16))),
+        (FNO.diffusion_sorption_small, uniform_grid(t=(0.0, 500.0, 9), x=(0.0, 1.0, 16))),
         (
             FNO.navier_stokes_small,
-            uniform_grid(t=(0, 5, 6), x=(0, 1, 8), y=(0, 1, 10), periodic=("x", "y")),
+            uniform_grid(t=(0.0, 5.0, 6), x=(0.0, 1.0, 8), y=(0.0, 1.0, 10), periodic=("x", "y")),
         ),
     ],
 )
@@ -140,7 +140,7 @@ def test_paper_presets_match_published_sizes(getkey):
 
 
 def test_fno_input():
-    grid = uniform_grid(t=(0, 500, 5), x=(0, 1, 4))
+    grid = uniform_grid(t=(0.0, 500.0, 5), x=(0.0, 1.0, 4))
     u0 = jnp.array([0.1, 0.2, 0.3, 0.4])
     x = fno_input(grid, u0)
     assert x.shape == (5, 4, 3)
@@ -153,7 +153,7 @@ def test_fno_input():
 
 
 def test_fno_input_periodic_extent():
-    grid = uniform_grid(t=(0, 5, 3), x=(0, 1, 4), periodic=("x",))
+    grid = uniform_grid(t=(0.0, 5.0, 3), x=(0.0, 1.0, 4), periodic=("x",))
     np.testing.assert_allclose(fno_input(grid, 0.0)[0, :, 1], [0, 0.25, 0.5, 0.75])
 
 
@@ -171,6 +171,6 @@ def test_errors(getkey):
         FNO(3, 2, ndim=2, padding=-0.1, key=getkey())
     with pytest.raises(ValueError, match="ndim: required"):
         SpectralConvolution(2, 2, 4, key=getkey())
-    grid = uniform_grid(t=(0, 1, 3), x=(0, 1, 4))
+    grid = uniform_grid(t=(0.0, 1.0, 3), x=(0.0, 1.0, 4))
     with pytest.raises(ValueError, match=r"initial_condition: .*\(4,\)"):
         fno_input(grid, jnp.ones(3))

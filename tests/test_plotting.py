@@ -24,7 +24,7 @@ def _is_png(path):
 
 
 def test_plot_prediction(tmp_path):
-    grid = uniform_grid(t=(0, 500, 11), x=(0, 1, 32))
+    grid = uniform_grid(t=(0.0, 500.0, 11), x=(0.0, 1.0, 32))
     prediction, reference = _fields(grid.shape)
     path = tmp_path / "figs" / "prediction.png"
     figure = plotting.plot_prediction(
@@ -49,7 +49,7 @@ def test_expert_boundaries_follow_labels():
 
 
 def test_plot_snapshots(tmp_path):
-    grid = uniform_grid(t=(0, 5, 6), x=(0, 1, 16), y=(0, 1, 16), periodic=("x", "y"))
+    grid = uniform_grid(t=(0.0, 5.0, 6), x=(0.0, 1.0, 16), y=(0.0, 1.0, 16), periodic=("x", "y"))
     prediction, reference = _fields(grid.shape)
     path = tmp_path / "snapshots.png"
     figure = plotting.plot_snapshots(
@@ -102,7 +102,8 @@ def test_errors():
     with pytest.raises(ValueError, match=r"labels: expected integer expert labels of shape"):
         plotting.plot_prediction(prediction, reference, labels=np.zeros((5, 4), int))
     with pytest.raises(ValueError, match=r"grid: expected shape \(4, 5\)"):
-        plotting.plot_prediction(prediction, reference, grid=uniform_grid(t=(0, 1, 5), x=(0, 1, 5)))
+        grid = uniform_grid(t=(0.0, 1.0, 5), x=(0.0, 1.0, 5))
+        plotting.plot_prediction(prediction, reference, grid=grid)
     with pytest.raises(ValueError, match="times: expected"):
         plotting.plot_snapshots(np.ones((2, 3, 3)), np.ones((2, 3, 3)), times=[2])
     with pytest.raises(ValueError, match="errors: expected at least one method"):

@@ -320,7 +320,7 @@ class _ReactionDiffusion(hcmoe.AbstractPDE):
 # PI-HC is PI-HC-MoE with a one-block partition: the same path, so it is not repeated here.
 @pytest.mark.parametrize("method", ["PI-SC", "PI-HC-MoE"])
 def test_one_loop_for_soft_hard_and_moe(method, tmp_path):
-    grid = hcmoe.uniform_grid(t=(0, 1, 6), x=(0, 1, 8))
+    grid = hcmoe.uniform_grid(t=(0.0, 1.0, 6), x=(0.0, 1.0, 8))
     pde = _ReactionDiffusion()
     x = np.linspace(0, 1, 8)
     u0 = np.stack([np.sin(np.pi * x) * a for a in (0.5, 1.0, 1.5, 2.0)])

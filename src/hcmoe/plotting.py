@@ -168,7 +168,7 @@ def plot_prediction(
     """
     prediction, reference, labels = _check_fields(prediction, reference, labels, 2)
     (vertical, horizontal), names = _axis_coords(grid, prediction.shape, ("t", "x"))
-    figure = _new_figure(13, 3.6)
+    figure = _new_figure(13.0, 3.6)
     axes = figure.subplots(1, 3, sharex=True, sharey=True)
     _triptych(figure, axes, prediction, reference, vertical, horizontal, labels, cmap)
     for ax in axes:
@@ -211,7 +211,7 @@ def plot_snapshots(
             f"times: expected a non-empty sequence of indices in [-{t.size}, {t.size}); "
             f"got {times}."
         )
-    figure = _new_figure(13, 3.6 * len(times))
+    figure = _new_figure(13.0, 3.6 * len(times))
     axes = np.atleast_2d(figure.subplots(len(times), 3, sharex=True, sharey=True))
     for row, index in zip(axes, times):
         frame_labels = None if labels is None else labels[index].T
