@@ -364,3 +364,16 @@ def test_progress_bar_shows_metrics(capsys):
     _fit(steps=4, log_every=2, progress=True, eval_fn=lambda m: {"error": 0.5})
     err = capsys.readouterr().err
     assert "loss=" in err and "max_error=" in err and "eval_error=0.5" in err
+
+
+def test_trainable_filter_freezes_leaves():
+    model = _model()
+    trainable = jax.tree.map(eqx.is_inexact_array, model)
+    first_layer = lambda m: (m.layers[0].weight, m.layers[0].bias)
+    trainable = eqx.tree_at(first_layer, trainable, (False, False))
+    result = training.fit(
+        model, _loss, _data(), optimizer=_ADAM, steps=3, batch_size=8, key=jr.key(0),
+        progress=False, trainable=trainable,
+    )
+    np.testing.assert_array_equal(result.model.layers[0].weight, model.layers[0].weight)
+    assert not np.array_equal(result.model.layers[1].weight, model.layers[1].weight)

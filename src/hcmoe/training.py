@@ -333,10 +333,13 @@ def _loss_and_aux(model, batch, key, loss_fn):
 
 
 @eqx.filter_jit
-def _train_step(model, opt_state, batch, key, loss_fn, optimizer):
-    grad_fn = eqx.filter_value_and_grad(_loss_and_aux, has_aux=True)
-    (loss, aux), grads = grad_fn(model, batch, key, loss_fn)
-    params = eqx.filter(model, eqx.is_inexact_array)
+def _train_step(model, opt_state, batch, key, loss_fn, optimizer, trainable):
+    params, frozen = eqx.partition(model, trainable)
+
+    def loss_of_params(params):
+        return _loss_and_aux(eqx.combine(params, frozen), batch, key, loss_fn)
+
+    (loss, aux), grads = eqx.filter_value_and_grad(loss_of_params, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     model = eqx.apply_updates(model, updates)
     metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
@@ -465,12 +468,13 @@ def fit(
     metrics_path: str | os.PathLike | None = None,
     log_every: int = 10,
     progress: bool = True,
+    trainable=eqx.is_inexact_array,
 ) -> FitResult:
     """Train `model` for `steps` optimizer steps of `loss_fn` on batches of `train_data`.
 
     Each step is `(loss, aux), g = ∇ loss_fn(model, batch, key_s)`; `model ← model +
-    optimizer.update(g)`, jitted with `eqx.filter_jit` (the optimizer sees the inexact array
-    leaves of `model`, `eqx.filter(model, eqx.is_inexact_array)`).
+    optimizer.update(g)`, jitted with `eqx.filter_jit`; the gradient and the optimizer see the
+    leaves selected by `trainable` (default: every floating-point array of `model`).
 
     The progress bar shows the loss, every `aux` metric (e.g. `solver_steps` and
     `non_converged` from `solver_metrics`) and the latest evaluation. Every `log_every` steps
@@ -507,6 +511,9 @@ def fit(
     - `metrics_path`: JSON-lines metrics file (`None`: keep records in memory only).
     - `log_every`: steps per metrics record and progress-bar update.
     - `progress`: show a tqdm progress bar.
+    - `trainable`: an `eqx.partition` filter spec choosing the trained leaves (a function of
+        a leaf, or a pytree of bools shaped like `model`), e.g. to freeze a backbone part or
+        arrays held by a wrapper (such as solver options).
 
     **Returns:** a `FitResult(model, opt_state, step, history)`.
 
@@ -528,7 +535,7 @@ def fit(
         raise ValueError("eval_every: given without an eval_fn.")
     data_key, loss_key = jr.split(key)
     batches = _Batches(train_data, batch_size, data_key)
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    opt_state = optimizer.init(eqx.filter(model, trainable))
 
     step, history = 0, []
     if checkpoint_dir is not None and resume:
@@ -553,7 +560,13 @@ def fit(
             while step < steps:
                 batch = batches(step)
                 model, opt_state, metrics = _train_step(
-                    model, opt_state, batch, jr.fold_in(loss_key, step), loss_fn, optimizer
+                    model,
+                    opt_state,
+                    batch,
+                    jr.fold_in(loss_key, step),
+                    loss_fn,
+                    optimizer,
+                    trainable,
                 )
                 step += 1
                 bar.update()
