@@ -100,7 +100,7 @@ class DiffusionSorption(AbstractPDE):
             "u_xx": ops.FiniteDifference("x", order=2),
         }
 
-    def residual(self, values: dict[str, Array], coords: dict[str, Array], data: Any) -> Array:
+    def residual(self, values: dict[str, Array], coords: dict[str, ArrayLike], data: Any) -> Array:
         return values["u_t"] - self.D / self.retardation(values["u"]) * values["u_xx"]
 
     def conditions(self, grid: Grid, data: Any) -> tuple[Condition, ...]:
@@ -133,7 +133,7 @@ def sample_initial_conditions(
     return jnp.broadcast_to(levels, (n, grid.shape[grid.axis("x")]))
 
 
-def _rate(u: Array, pde: DiffusionSorption, dx: float) -> Array:
+def _rate(u: Array, pde: DiffusionSorption, dx: ArrayLike) -> Array:
     """`du/dt` of PDEBench's finite volumes: ghost 1 on the left, `D (u[-2] - u[-1]) / dx` right."""
     left = jnp.ones_like(u[:1])
     right = pde.D * (u[-2:-1] - u[-1:]) / dx
@@ -185,7 +185,7 @@ def _integrate(u0, pde, dx, dt, substeps, num_levels, solver, max_newton_steps):
 
 
 def reference_solution(
-    initial_condition: Float[ArrayLike, "*nx"],
+    initial_condition: ArrayLike,
     grid: Grid,
     *,
     max_dt: float = 1.0,

@@ -72,14 +72,14 @@ class Heat(AbstractPDE):
     def operators(self) -> dict[str, ops.AbstractOperator]:
         return {"u_t": ops.FiniteDifference("t"), "u_xx": ops.FiniteDifference("x", order=2)}
 
-    def residual(self, values: dict[str, Array], coords: dict[str, Array], data: Any) -> Array:
+    def residual(self, values: dict[str, Array], coords: dict[str, ArrayLike], data: Any) -> Array:
         return values["u_t"] - self.kappa * values["u_xx"]
 
     def conditions(self, grid: Grid, data: Any) -> tuple[Condition, ...]:
         u0 = require(data, "u0", self)
         return (initial(u0), dirichlet("x", "low", 0.0), dirichlet("x", "high", 0.0))
 
-    def exact_solution(self, grid: Grid, coefficients: Float[ArrayLike, " n_modes"]) -> Array:
+    def exact_solution(self, grid: Grid, coefficients: ArrayLike) -> Float[Array, "nt nx"]:
         """The solution for `u0 = sum_k coefficients[k-1] sin(k pi (x - x0) / L)`.
 
         **Returns:** an array of shape `grid.shape` = `(nt, nx)`.
@@ -144,7 +144,7 @@ def sample_initial_conditions(
 
 
 def reference_solution(
-    initial_condition: Float[ArrayLike, " nx"], grid: Grid, **constants
+    initial_condition: ArrayLike, grid: Grid, **constants
 ) -> Float[Array, "nt nx"]:
     """The exact solution from initial values on a uniform `x` grid that includes both ends.
 

@@ -90,7 +90,7 @@ class NavierStokes(AbstractPDE):
             "lap": ops.Laplacian(("x", "y")),
         }
 
-    def residual(self, values: dict[str, Array], coords: dict[str, Array], data: Any) -> Array:
+    def residual(self, values: dict[str, Array], coords: dict[str, ArrayLike], data: Any) -> Array:
         advection = values["u"] * values["w_x"] + values["v"] * values["w_y"]
         return values["w_t"] + advection - self.nu * values["lap"]
 
@@ -194,7 +194,7 @@ def _fourier_pad(field: Array, shape: tuple[int, int]) -> Array:
 
 
 def reference_solution(
-    initial_condition: Float[ArrayLike, "nx ny"],
+    initial_condition: ArrayLike,
     grid: Grid,
     *,
     max_dt: float = 1e-3,
