@@ -129,6 +129,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(procs: list[subprocess.Popen]) -> list[str]:
+    """Kill the processes still running; their output."""
+    logs = []
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            logs.append(proc.communicate()[0][-3000:])
+    return logs
+
+
 @pytest.mark.multiprocess
 def test_two_processes_equal_one(tmp_path):
     num_processes, out = 2, tmp_path / "results.npz"
@@ -141,20 +151,17 @@ def test_two_processes_equal_one(tmp_path):
         )
         for i in range(num_processes)
     ]
-    logs = []
     try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail("multi-process run timed out:\n" + "\n".join(p.communicate()[0][-3000:]
-                                                               for p in procs))
+        expected = multiprocess_worker.results(None, None)  # one process, while they run
+        logs = [proc.communicate(timeout=240)[0] for proc in procs]
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the processes ran past {e.timeout} s:\n" + "\n".join(_stop(procs)))
+    finally:
+        _stop(procs)  # on any error too: never leave a process behind
     for i, (proc, log) in enumerate(zip(procs, logs)):
         assert proc.returncode == 0, _report(f"process {i}", proc, log)
 
     got = dict(np.load(out))
-    expected = multiprocess_worker.results(None, None)
     assert got.keys() == expected.keys()
     for name in expected:
         assert np.allclose(got[name], expected[name], rtol=1e-9, atol=1e-11), name
