@@ -2,7 +2,14 @@
 
 import importlib.metadata
 
-from . import losses as losses, ops as ops
+from . import (
+    data as data,
+    losses as losses,
+    models as models,
+    ops as ops,
+    problems as problems,
+    training as training,
+)
 from ._constrain import Constrained as Constrained, constrain as constrain
 from ._experts import solve as solve
 from ._grid import Grid as Grid, uniform_grid as uniform_grid

@@ -181,7 +181,7 @@ class Grid(eqx.Module):
         return f"Grid({axes})"
 
 
-def uniform_grid(periodic: Sequence[str] = (), **axes: tuple[float, float, int]) -> Grid:
+def uniform_grid(periodic: Sequence[str] = (), **axes: tuple) -> Grid:
     """Build a grid from `(low, high, n)` triples.
 
     Non-periodic axes include both end points; periodic axes exclude `high` (it is `low` plus

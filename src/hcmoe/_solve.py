@@ -23,9 +23,9 @@ class SolveStats(eqx.Module):
     - `result`: the raw `optimistix.RESULTS` (or `lineax.RESULTS`) of each expert.
     """
 
-    num_steps: Int[Array, " experts"]
-    residual_norm: Float[Array, " experts"]
-    converged: Bool[Array, " experts"]
+    num_steps: Int[Array, "*batch experts"]
+    residual_norm: Float[Array, "*batch experts"]
+    converged: Bool[Array, "*batch experts"]
     result: Any
 
     @property
@@ -59,14 +59,15 @@ class ExpertProblem(eqx.Module):
     `cond_scale` (the condition weight, zero on padding).
     """
 
-    stacks: dict[str, Float[Array, "m n"]]
-    offsets: dict[str, Float[Array, " m"]]
-    coords: dict[str, Float[Array, " m"]]
-    pde_valid: Bool[Array, " m"]
-    cond_matrix: Float[Array, "c n"]
-    cond_offset: Float[Array, " c"]
-    cond_target: Float[Array, " c"]
-    cond_scale: Float[Array, " c"]
+    # `*experts`: the same type holds one expert's rows or the stack of all experts' rows.
+    stacks: dict[str, Float[Array, "*experts m n"]]
+    offsets: dict[str, Float[Array, "*experts m"]]
+    coords: dict[str, Float[Array, "*experts m"]]
+    pde_valid: Bool[Array, "*experts m"]
+    cond_matrix: Float[Array, "*experts c n"]
+    cond_offset: Float[Array, "*experts c"]
+    cond_target: Float[Array, "*experts c"]
+    cond_scale: Float[Array, "*experts c"]
 
 
 def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float):
