@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -115,6 +116,8 @@ def main():
         "cpu": platform.processor() or platform.machine(),
         "jax": jax.__version__,
         "x64": True,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
         "cases": [],
     }
     key = jr.key(0)
