@@ -14,6 +14,7 @@ import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._grid import Grid
+from ._levenberg_marquardt import LevenbergMarquardt
 from ._partition import AbstractPartition, ExpertRows, as_partition
 from ._pde import AbstractPDE
 from ._solve import ExpertProblem, Solution, SolveStats, solve_expert
@@ -178,8 +179,11 @@ def solve(
     - `grid`: the `hcmoe.Grid` the basis lives on.
     - `data`: per-sample data for the PDE's residual and conditions (e.g. `{"u0": ...}`).
     - `key`: PRNG key, needed when `points_per_expert` samples points.
-    - `solver`: any optimistix least-squares solver; default
-      `optimistix.LevenbergMarquardt(rtol, atol)`. Unused when `pde.linear`.
+    - `solver`: any optimistix least-squares solver; default Levenberg–Marquardt with the
+      steps of `optimistix.LevenbergMarquardt(rtol, atol)` solved from the normal equations
+      (`J^T J + λ I`, Cholesky, Gram matrix formed once per accepted iterate from the
+      operator stacks) in float64, and `optimistix.LevenbergMarquardt(rtol, atol)` (QR) in
+      float32. Unused when `pde.linear`.
     - `max_steps`: iteration cap of the nonlinear solve (paper: 50).
     - `rtol`, `atol`: tolerances of the default solver (paper: 1e-4).
     - `points_per_expert`: PDE points sampled per expert (paper: 20,000); None uses every
@@ -188,8 +192,10 @@ def solve(
     - `ridge`: weight of the `ridge * w` rows (paper: 1e-4); keeps the problem well posed.
     - `init`: initial weights, shape `(n_basis,)` or `(K, n_basis)`; default ones (paper).
     - `adjoint`: optimistix adjoint; default `ImplicitAdjoint(linear_solver)`.
-    - `linear_solver`: lineax solver of the implicit adjoint; default
-      `lineax.AutoLinearSolver(well_posed=None)`.
+    - `linear_solver`: lineax solver of the implicit adjoint (default
+      `lineax.AutoLinearSolver(well_posed=None)`), and of the single least-squares solve when
+      `pde.linear` (a tall system; default `lineax.Normal(lineax.Cholesky())` in float64,
+      `lineax.QR()` in float32).
     - `precision`: dtype of the solve. None (default): float64 when x64 is on, else float32;
       `"float64"`: float64, an error if x64 is off; `"float32"`; `"input"`: the basis dtype.
       The solution is cast back to the basis dtype.
@@ -229,7 +235,7 @@ def solve(
     n = basis.shape[-1]
     init = _initial_weights(init, num_experts, n, dtype)
     if solver is None:
-        solver = optx.LevenbergMarquardt(rtol=rtol, atol=atol)
+        solver = default_solver(rtol, atol, dtype)
     if adjoint is None:
         adjoint = optx.ImplicitAdjoint(
             linear_solver if linear_solver is not None else lx.AutoLinearSolver(well_posed=None)
@@ -238,7 +244,7 @@ def solve(
     def one(problem, w0):
         return solve_expert(
             problem, w0, pde, data, solver=solver, max_steps=max_steps, ridge=ridge,
-            adjoint=adjoint,
+            adjoint=adjoint, linear_solver=linear_solver,
         )
 
     if mesh is None:
@@ -258,6 +264,14 @@ def solve(
         )
     stats = SolveStats(steps, norms.astype(out_dtype), ok, result)
     return Solution(u.astype(out_dtype), weights.astype(out_dtype), stats)
+
+
+def default_solver(rtol: float, atol: float, dtype) -> optx.AbstractLeastSquaresSolver:
+    """Normal-equation Levenberg–Marquardt in float64 (m >> N); optimistix's QR-based one in
+    lower precision, where squaring the condition number costs too much accuracy."""
+    if jnp.dtype(dtype) == jnp.float64:
+        return LevenbergMarquardt(rtol=rtol, atol=atol)
+    return optx.LevenbergMarquardt(rtol=rtol, atol=atol)
 
 
 def _initial_weights(init, num_experts: int, n: int, dtype) -> Array:

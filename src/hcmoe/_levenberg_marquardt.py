@@ -1,0 +1,109 @@
+r"""Levenberg–Marquardt with normal-equation steps: the default float64 constraint solver.
+
+`optimistix.LevenbergMarquardt` solves every damped step
+
+$$\begin{bmatrix} J \\ \sqrt{\lambda} I \end{bmatrix} \delta
+= \begin{bmatrix} r \\ 0 \end{bmatrix}$$
+
+by QR of the `(m + N) x N` matrix, and re-materialises `J` (`N` Jacobian-vector products) at
+every step, accepted or rejected. In the constraint layer `m` (10^2 .. 10^5 rows) is much larger
+than `N` (16 .. 64 weights), so this descent forms the `N x N` Gram matrix `J^T J` and `J^T r`
+once per *accepted* iterate, and solves `(J^T J + λ I) δ = J^T r` by Cholesky at every step:
+`O(m N^2)` per accepted iterate, `O(N^3)` per step. `hcmoe.solve` also hands it the Jacobian
+built directly from the operator stacks (see `_solve.jacobian`), which avoids the `m x N x N`
+products of Jacobian-vector products against the identity.
+
+Normal equations square the condition number of `J`: fine in float64 (the ridge rows keep
+`J^T J >= ridge^2 I`), not in float32, where `hcmoe.solve` keeps the QR solver. A step whose
+Cholesky factorisation breaks down is not finite; the trust-region search rejects it and raises
+the damping, as for any failed step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax.numpy as jnp
+import lineax as lx
+import optimistix as optx
+from jaxtyping import Array, Float, Scalar
+
+
+def _silent(**kwargs) -> None:
+    del kwargs
+
+
+class _NormalState(eqx.Module):
+    gram: Float[Array, "n n"]
+    gradient: Float[Array, " n"]
+
+
+class NormalDampedNewtonDescent(optx.AbstractDescent):
+    """The damped Newton (Levenberg–Marquardt) step from the normal equations.
+
+    `jacobian(y)`, when given, returns the dense Jacobian of the residuals at `y` (shape
+    `(rows, n)`); otherwise the descent materialises the solver's Jacobian operator. For
+    one-dimensional `y` and residuals.
+    """
+
+    jacobian: Callable[[Array], Array] | None = None
+
+    def init(self, y: Array, f_info_struct) -> _NormalState:
+        del f_info_struct
+        return _NormalState(jnp.zeros((y.size, y.size), y.dtype), jnp.zeros_like(y))
+
+    def query(self, y: Array, f_info, state: _NormalState) -> _NormalState:
+        del state
+        if self.jacobian is None:
+            jac = f_info.jac.as_matrix()
+        else:
+            jac = self.jacobian(y)
+        return _NormalState(jac.T @ jac, jac.T @ f_info.residual)
+
+    def step(self, step_size: Scalar, state: _NormalState) -> tuple[Array, optx.RESULTS]:
+        # λ = 1 / step_size, as in optimistix's damped Newton descent.
+        tiny = step_size <= jnp.finfo(step_size.dtype).eps
+        damping = jnp.where(tiny, jnp.finfo(step_size.dtype).max, 1 / jnp.where(tiny, 1, step_size))
+        eye = jnp.eye(state.gram.shape[0], dtype=state.gram.dtype)
+        operator = lx.MatrixLinearOperator(state.gram + damping * eye, lx.positive_semidefinite_tag)
+        sol = lx.linear_solve(operator, state.gradient, lx.Cholesky(), throw=False)
+        return -sol.value, optx.RESULTS.promote(sol.result)
+
+
+class LevenbergMarquardt(optx.AbstractGaussNewton):
+    """`optimistix.LevenbergMarquardt` (same trust-region search and termination) with
+    normal-equation steps, for tall problems in float64. Any optimistix least-squares solver
+    can replace it in `hcmoe.solve(..., solver=...)`.
+
+    **Arguments:**
+
+    - `rtol`, `atol`: termination tolerances (Cauchy criterion on `y` and the residuals).
+    - `norm`: the norm of the termination test (default `optimistix.max_norm`).
+    - `jacobian`: optional `y -> dense Jacobian of the residuals`.
+    """
+
+    rtol: float
+    atol: float
+    norm: Callable
+    descent: NormalDampedNewtonDescent
+    search: optx.ClassicalTrustRegion
+    verbose: Callable
+
+    def __init__(
+        self,
+        rtol: float,
+        atol: float,
+        norm: Callable = optx.max_norm,
+        jacobian: Callable[[Array], Array] | None = None,
+    ):
+        self.rtol = rtol
+        self.atol = atol
+        self.norm = norm
+        self.descent = NormalDampedNewtonDescent(jacobian)
+        self.search = optx.ClassicalTrustRegion()
+        self.verbose = _silent
+
+    def with_jacobian(self, jacobian: Callable[[Array], Array]) -> LevenbergMarquardt:
+        """The same solver, forming its steps from `jacobian(y)`."""
+        return LevenbergMarquardt(self.rtol, self.atol, self.norm, jacobian)
