@@ -5,6 +5,7 @@ import importlib.metadata
 from . import (
     data as data,
     losses as losses,
+    methods as methods,
     models as models,
     ops as ops,
     problems as problems,

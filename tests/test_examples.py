@@ -1,0 +1,81 @@
+"""The examples run end to end (tiny configurations; the longer ones are marked slow)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"hcmoe_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_rows(rows, names):
+    assert [row["method"] for row in rows] == names
+    for row in rows:
+        assert math.isfinite(row["rel_l2_mean"]) and math.isfinite(row["rel_l2_std"])
+        assert row["non_converged"] >= 0
+
+
+def test_quickstart_tiny(tmp_path):
+    quickstart = _load("quickstart")
+    argv = ["--tiny", "--steps", "3", "--out", str(tmp_path), "--no-progress"]
+    rows = quickstart.main(argv + ["--methods", "sc", "moe"])
+    _check_rows(rows, ["PI-SC", "PI-HC-MoE"])
+    for name in ("results.json", "results.md", "prediction_sc.png", "prediction_moe.png",
+                 "comparison.png", "runs/moe/metrics.csv"):
+        assert (tmp_path / name).exists(), name
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["grid"] == [6, 16] and len(record["results"]) == 2
+    assert "PI-HC-MoE" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_quickstart_default(tmp_path):
+    rows = _load("quickstart").main(["--out", str(tmp_path), "--no-progress"])
+    _check_rows(rows, ["PI-SC", "PI-HC", "PI-HC-MoE"])
+
+
+@pytest.mark.slow
+def test_diffusion_sorption_small_resumes(tmp_path):
+    example = _load("diffusion_sorption")
+    argv = ["--steps", "2", "--n-train", "8", "--n-test", "4", "--out", str(tmp_path / "runs"),
+            "--data-dir", str(tmp_path / "data"), "--no-progress", "--method", "hc", "moe"]
+    example.main(argv)
+    example.main([*argv[:1], "3", *argv[2:]])  # continues from step 2
+    metrics = (tmp_path / "runs/small/moe/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in metrics if '"train"' in r][-1] == 3
+    record = json.loads((tmp_path / "runs/small/results.json").read_text())
+    _check_rows(record["results"], ["PI-HC", "PI-HC-MoE"])
+
+
+@pytest.mark.slow
+def test_navier_stokes_small_evaluates_finer_grids(tmp_path):
+    example = _load("navier_stokes")
+    example.main(["--epochs", "1", "--n-train", "4", "--n-test", "2", "--out", str(tmp_path),
+                  "--data-dir", str(tmp_path / "data"), "--no-progress", "--method", "sc", "moe"])
+    record = json.loads((tmp_path / "small/results.json").read_text())
+    for row in record["results"]:
+        assert sorted(row["resolutions"]) == ["32", "64"]
+        _check_rows([row["resolutions"]["64"]], [row["method"]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["flax_nnx_backbone", "flax_linen_backbone"])
+def test_flax_backbones(name):
+    errors = _load(name).main(["--steps", "3"])
+    assert errors.shape == (16,)
+
+
+@pytest.mark.slow
+def test_custom_pde(tmp_path):
+    rows = _load("custom_pde").main(["--steps", "3", "--out", str(tmp_path), "--no-progress"])
+    _check_rows(rows, ["PI-SC", "PI-HC"])
