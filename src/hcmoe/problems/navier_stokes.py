@@ -298,6 +298,7 @@ def make_dataset(
     refine: int = 1,
     length_scale: float = 0.8,
     amplitude: float = 1.0,
+    n_xy: int | None = None,
     batch_size: int = 8,
     dtype: str = "float32",
     cache_dir: str | os.PathLike | None = None,
@@ -315,6 +316,8 @@ def make_dataset(
     - `size`: `"small"` or `"paper"`; see `SIZES`.
     - `max_dt`, `refine`: see `reference_solution` (default `max_dt`: the size's).
     - `length_scale`, `amplitude`: of the initial random fields.
+    - `n_xy`: spatial resolution (default: the size's for the split, see `grid`); e.g. a
+      small test split on a finer grid than training. Cached separately per resolution.
     - `batch_size`: trajectories solved together (vmapped).
     - `dtype`: storage dtype. `cache_dir`, `rebuild`: see `hcmoe.data.cached`.
     - `progress`: show a progress bar.
@@ -327,7 +330,10 @@ def make_dataset(
     n = check_count("n", SIZES[size][f"n_{split}"] if n is None else n)
     max_dt = SIZES[size]["max_dt"] if max_dt is None else max_dt
     pde = make_pde(NavierStokes, constants, "navier_stokes.make_dataset")
-    the_grid = grid(size, split)
+    the_grid, label = grid(size, split), size
+    if n_xy is not None and n_xy != the_grid.shape[-1]:
+        the_grid = make_grid(nt=SIZES[size]["nt"], n=check_count("n_xy", n_xy))
+        label = f"{size}-{n_xy}"
     params = {
         "n": n,
         "seed": seed,
@@ -355,5 +361,5 @@ def make_dataset(
         return {"w0": np.asarray(w0, dtype=dtype), "w": np.asarray(w, dtype=dtype)}
 
     return cached_dataset(
-        "navier_stokes", split, size, params, generate, cache_dir=cache_dir, rebuild=rebuild
+        "navier_stokes", split, label, params, generate, cache_dir=cache_dir, rebuild=rebuild
     )
