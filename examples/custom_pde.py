@@ -58,7 +58,7 @@ class AdvectionDiffusion(hcmoe.AbstractPDE):
 # -- data with an exact solution ---------------------------------------------------------------
 def exact_solutions(key, n: int, grid: hcmoe.Grid, pde: AdvectionDiffusion, modes: int = 3):
     """`u0 = sum_m a_m sin(2 pi m x) + b_m cos(2 pi m x)` and the exact `u(t, x)`."""
-    a, b = jr.normal(key, (2, n, modes)) / np.arange(1, modes + 1)
+    a, b = jr.normal(key, (2, n, modes)) / np.arange(1, modes + 1).reshape(1, 1, modes)
     k = 2 * np.pi * np.arange(1, modes + 1)
     t, x = grid.coords("t")[:, None, None], grid.coords("x")[None, :, None]
     phase = k * (x - pde.c * t)

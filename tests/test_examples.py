@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"hcmoe_example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (Flax, Equinox) look their module up
     spec.loader.exec_module(module)
     return module
 
