@@ -194,8 +194,8 @@ def solve(
     - `adjoint`: optimistix adjoint; default `ImplicitAdjoint(linear_solver)`.
     - `linear_solver`: lineax solver of the implicit adjoint (default
       `lineax.AutoLinearSolver(well_posed=None)`), and of the single least-squares solve when
-      `pde.linear` (a tall system; default `lineax.Normal(lineax.Cholesky())` in float64,
-      `lineax.QR()` in float32).
+      `pde.linear` (a tall system; default `lineax.QR()`; `lineax.Normal(lineax.Cholesky())`
+      is 2-8x faster when points >> n_basis, at the cost of squaring the condition number).
     - `precision`: dtype of the solve. None (default): float64 when x64 is on, else float32;
       `"float64"`: float64, an error if x64 is off; `"float32"`; `"input"`: the basis dtype.
       The solution is cast back to the basis dtype.
