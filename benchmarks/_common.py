@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import equinox as eqx
 import jax
 
 
@@ -240,13 +241,22 @@ class Compiled:
 
 
 def compile_fn(fn: Callable, *args) -> Compiled:
-    """`jax.jit(fn).lower(*args).compile()`, timed, and its memory analysis."""
+    """`jax.jit(fn).lower(*args).compile()`, timed, and its memory analysis.
+
+    Arguments and outputs may be pytrees with non-array leaves (Equinox modules): those are
+    static, as with `equinox.filter_jit`; only array outputs are returned.
+    """
+    dynamic, static = eqx.partition(args, eqx.is_array)
+
+    def arrays_only(dynamic):
+        return eqx.filter(fn(*eqx.combine(dynamic, static)), eqx.is_array)
+
     t0 = time.perf_counter()
-    lowered = jax.jit(fn).lower(*args)
+    lowered = jax.jit(arrays_only).lower(dynamic)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    return Compiled(lambda: compiled(*args), t1 - t0, t2 - t1, memory_of(compiled))
+    return Compiled(lambda: compiled(dynamic), t1 - t0, t2 - t1, memory_of(compiled))
 
 
 def memory_of(compiled) -> dict:
