@@ -94,7 +94,8 @@ def write_json(args, name: str, payload: dict) -> Path:
     suffix = {"full": "", "quick": "_quick", "smoke": "_smoke"}[mode(args)]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{name}{suffix}.json"
-    payload = {"benchmark": name, "mode": mode(args), "machine": machine()} | payload
+    payload = {"benchmark": name, "mode": mode(args), "machine": machine(),
+               "device_peak_bytes_since_start": device_peak_bytes()} | payload
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
     os.replace(tmp, path)
@@ -286,7 +287,8 @@ def memory_of(compiled) -> dict:
 
 
 def device_peak_bytes() -> int | None:
-    """The allocator's peak since start-up, where the backend reports it (GPU), else None."""
+    """The allocator's peak since the process started, where the backend reports it (GPU),
+    else None. Process-wide, so only an upper bound for any one configuration."""
     stats = jax.devices()[0].memory_stats()
     return None if not stats else stats.get("peak_bytes_in_use")
 
