@@ -73,6 +73,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def output_name(base: str, args) -> str:
+    """`base`, or `base_<problem>` when `--problem` picked one problem (so runs of different
+    problems do not overwrite each other)."""
+    problem = getattr(args, "problem", "both")
+    return base if problem in (None, "both") else f"{base}_{problem}"
+
+
 def mode(args) -> str:
     return "smoke" if args.smoke else "quick" if args.quick else "full"
 

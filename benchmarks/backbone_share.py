@@ -199,9 +199,10 @@ def main():
         print(f"{config['problem']}: {config['fno']}, batch {config['batch']}", flush=True)
         results.append(measure(config, args))
     payload = {"mode": mode, "results": results}
-    common.write_json(args, "backbone_share", payload)
+    name = common.output_name("backbone_share", args)
+    common.write_json(args, name, payload)
     if not args.no_plot:
-        plot(payload, common.plot_path(args, "backbone_share"))
+        plot(payload, common.plot_path(args, name))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ def measure(problem, points: int, experts: int, args) -> dict:
     for name in ADJOINTS:
         entry = record["adjoints"][name]
         entry["gradient"] = timing[name]
+        entry["gradient_norm"] = float(np.linalg.norm(grads[name]))
+        entry["gradient_finite"] = bool(np.all(np.isfinite(grads[name])))
         entry["gradient_relative_difference_vs_implicit"] = float(
             np.linalg.norm(grads[name] - reference) / scale)
     peak = {name: record["adjoints"][name]["memory"].get("peak_bytes") for name in ADJOINTS}
@@ -115,13 +117,18 @@ def plot(payload: dict, path) -> None:
 
 
 def main():
-    args = common.parser(__doc__.splitlines()[0]).parse_args()
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--problem", choices=["ds", "ns", "both"], default="both")
+    p.add_argument("--points", type=int, nargs="+", help="total constrained points to sweep")
+    args = p.parse_args()
     mode = common.mode(args)
     payload = {"mode": mode, "max_steps": MAX_STEPS}
     for key, make in (("ds", common.diffusion_sorption), ("ns", common.navier_stokes)):
         size = SIZES[mode][key]
-        if size is None:
+        if size is None or args.problem not in ("both", key):
             continue
+        if args.points:
+            size = size | {"points": args.points}
         problem = make(**size["grid"])
         print(problem.name, flush=True)
         payload[problem.name] = {
@@ -129,9 +136,10 @@ def main():
             "results": [measure(problem, p, k, args)
                         for k in size["experts"] for p in size["points"]],
         }
-    common.write_json(args, "memory", payload)
+    name = common.output_name("memory", args)
+    common.write_json(args, name, payload)
     if not args.no_plot:
-        plot(payload, common.plot_path(args, "memory"))
+        plot(payload, common.plot_path(args, name))
 
 
 if __name__ == "__main__":

@@ -213,9 +213,10 @@ def main():
             "solver": common.solve_kwargs(None) | {"solver": "hcmoe default"},
             "results": results,
         }
-    common.write_json(args, "scaling", payload)
+    name = common.output_name("scaling", args)
+    common.write_json(args, name, payload)
     if not args.no_plot:
-        plot(payload, common.plot_path(args, "scaling"))
+        plot(payload, common.plot_path(args, name))
 
 
 if __name__ == "__main__":
