@@ -22,7 +22,7 @@ def test_scaling_smoke_run(tmp_path):
                "--no-plot", "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads((tmp_path / "scaling_smoke.json").read_text())
+    result = json.loads((tmp_path / "scaling_ds_smoke.json").read_text())
     records = result["problems"]["diffusion_sorption"]["results"]
     assert {r["experts"] for r in records} == {1, 2}
     assert all("forward" in r and "gradient" in r and r["converged_fraction"] == 1.0
