@@ -72,10 +72,6 @@ def _sample_rows(rows: ExpertRows, points: int | None, key) -> tuple[Array, Arra
     return index, valid
 
 
-def _flat(field: Array, grid: Grid) -> Array:
-    return field.reshape((grid.size,) + field.shape[grid.ndim :])
-
-
 def _condition_rows(basis, particular, pde, grid, data, labels, num_experts, dtype):
     """Every condition's rows, per expert: matrix (K, c, N), offset/target/scale (K, c)."""
     n = basis.shape[-1]

@@ -81,16 +81,18 @@ class Grid(eqx.Module):
             if not np.all(np.diff(values) > 0):
                 raise ValueError(f"Grid: axis {name!r} coordinates must be strictly increasing.")
             coords.append(StaticArray(values))
+        by_name = dict(zip(axes, coords))
         for name in periodic:
-            if name not in axes:
+            if name not in by_name:
                 raise ValueError(
                     f"Grid: periodic axis {name!r} is not one of the axes {tuple(axes)}."
                 )
-            d = np.diff(axes_values := np.asarray(axes[name], dtype=np.float64))
+            values = by_name[name].array
+            d = np.diff(values)
             if not np.allclose(d, d[0], rtol=1e-8, atol=0):
                 raise ValueError(
                     f"Grid: periodic axis {name!r} must have uniform spacing; got spacings "
-                    f"from {d.min()} to {d.max()} over {axes_values.size} points."
+                    f"from {d.min()} to {d.max()} over {values.size} points."
                 )
         self.names = tuple(axes)
         self._coords = tuple(coords)
