@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
@@ -16,7 +18,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._grid import Grid
 from ._levenberg_marquardt import LevenbergMarquardt
 from ._partition import AbstractPartition, ExpertRows, as_partition
-from ._pde import AbstractPDE
+from ._pde import SCOPES, AbstractPDE, ansatz, residual_mask
 from ._solve import ExpertProblem, Solution, SolveStats, solve_expert
 
 
@@ -72,53 +74,129 @@ def _sample_rows(rows: ExpertRows, points: int | None, key) -> tuple[Array, Arra
     return index, valid
 
 
-def _condition_rows(basis, particular, pde, grid, data, labels, num_experts, dtype):
-    """Every condition's rows, per expert: matrix (K, c, N), offset/target/scale (K, c)."""
-    n = basis.shape[-1]
-    matrices, offsets, targets, scales = [], [], [], []
-    for cond in pde.conditions(grid, data):
+def _condition_rows(transformed, particular, conditions, grid, members, scope, points, dtype,
+                    balance, pde, warn=True):
+    """Every least-squares condition's rows, per expert: matrix (K, c, N); offset, target,
+    scale (K, c); valid (K, c).
+
+    `members` (K, *grid.shape) says which face points an expert owns (scope "owned"); with
+    scope "global" every expert gets every row. With `balance="mean"`, the rows of condition
+    `c` for expert `k` are scaled by `weight * sqrt(points[k] / rows_k(c))`, so the expert's
+    objective is `points[k]` times the loss functional `mean(F^2) + sum_c weight_c^2
+    mean_c(cond^2)` (see `Condition`); `"sum"` scales them by `weight` alone.
+    """
+    n = transformed.shape[-1]
+    num_experts = members.shape[0]
+    matrices, offsets, targets, scales, valids = [], [], [], [], []
+    has_rows = np.zeros(num_experts, bool)
+    for cond in conditions:
         axis, face = grid.axis(cond.axis), cond.face_index(grid)
-        face_labels = np.take(labels, face, axis=axis).reshape(-1)
-        rows = ExpertRows.from_labels(face_labels, num_experts)
+        cond_scope = cond.scope if scope is None else scope
+        if cond_scope == "global":
+            owned = np.ones((num_experts, int(np.prod(cond.face_shape(grid)))), bool)
+        else:
+            owned = np.take(members, face, axis=axis + 1).reshape(num_experts, -1)
+        rows = ExpertRows.from_masks(owned)
+        has_rows |= rows.counts > 0
         index, valid = jnp.asarray(rows.index), jnp.asarray(rows.valid)
-        matrix = jnp.take(cond.operator(basis, grid), face, axis=axis).reshape(-1, n)
+        matrix = jnp.take(cond.operator(transformed, grid), face, axis=axis).reshape(-1, n)
         if particular is None:
-            offset = jnp.zeros(face_labels.size, dtype)
+            offset = jnp.zeros(matrix.shape[0], dtype)
         else:
             offset = jnp.take(cond.operator(particular, grid), face, axis=axis).reshape(-1)
         target = cond.target_on_face(grid).reshape(-1).astype(dtype)
+        weight = cond.weight_on_face(grid).reshape(-1).astype(dtype)
+        if balance == "mean":
+            factor = np.sqrt(points / np.maximum(rows.counts, 1))[:, None]
+        else:
+            factor = np.ones((num_experts, 1))
         matrices.append(matrix[index])
         offsets.append(offset[index])
         targets.append(target[index])
-        scales.append(jnp.where(valid, jnp.asarray(cond.weight, dtype), 0.0))
+        scales.append(jnp.where(valid, weight[index] * jnp.asarray(factor, dtype), 0.0))
+        valids.append(valid)
+    if conditions and warn:
+        empty = np.flatnonzero(~has_rows).tolist()
+        if empty:
+            _warn_no_conditions(pde, empty, num_experts)
     if not matrices:  # no conditions: one inert row keeps the shapes uniform
         zeros = jnp.zeros((num_experts, 1), dtype)
-        return jnp.zeros((num_experts, 1, n), dtype), zeros, zeros, zeros
-    return tuple(jnp.concatenate(x, axis=1) for x in (matrices, offsets, targets, scales))
+        return (jnp.zeros((num_experts, 1, n), dtype), zeros, zeros, zeros,
+                jnp.zeros((num_experts, 1), bool))
+    return tuple(
+        jnp.concatenate(x, axis=1) for x in (matrices, offsets, targets, scales, valids)
+    )
+
+
+_WARNED: set = set()
+
+
+class ConditionWarning(UserWarning):
+    """Some experts receive none of a PDE's (least-squares) conditions."""
+
+
+def _warn_no_conditions(pde, empty, num_experts):
+    key = (type(pde).__name__, tuple(empty), num_experts)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(
+        f"hcmoe.solve: {type(pde).__name__} has initial/boundary conditions, but experts "
+        f"{empty[:8]} of {num_experts} receive none of their rows (scope 'owned'), so their "
+        "blocks are constrained by the PDE alone and may settle on a trivial solution (e.g. a "
+        "constant). Use scope='global' on the conditions or solve(..., "
+        "condition_scope='global'), or exact=True for value conditions.",
+        ConditionWarning,
+        stacklevel=4,
+    )
+
+
+def _point_data(data, grid: Grid, index):
+    """Data entries that are fields on the grid (leading shape `grid.shape`), gathered at the
+    expert's PDE points: `(K, m, ...)`. Other entries are passed to `residual` unchanged."""
+    if not isinstance(data, Mapping):
+        return {}
+    gathered = {}
+    for name, value in data.items():
+        shape = getattr(value, "shape", None)
+        if shape is not None and tuple(shape[: grid.ndim]) == grid.shape:
+            flat = jnp.reshape(value, (grid.size,) + tuple(shape[grid.ndim :]))
+            gathered[name] = flat[index]
+    return gathered
 
 
 def build_problems(
-    basis, pde: AbstractPDE, grid: Grid, data, labels: np.ndarray, num_experts: int,
-    points_per_expert: int | None, key,
+    basis, pde: AbstractPDE, grid: Grid, data, partition: AbstractPartition,
+    points_per_expert: int | None, key, *, condition_scope: str | None = None,
+    balance: str = "mean",
 ) -> tuple[ExpertProblem, Array, Array | None]:
     """Apply the operators once on the full grid and gather every expert's rows.
 
     Returns the expert-stacked problems (leading axis `K`), the transformed basis `T(B)` and
-    the particular part `u_p` (or None), all in the dtype of `basis`.
+    the particular part `u_p` (or None), both with the exact conditions built in, all in the
+    dtype of `basis`.
     """
     dtype = basis.dtype
-    transformed = pde.transform_basis(basis, grid, data)
-    grid.check_field(transformed, "pde.transform_basis(basis)", trailing=1)
-    particular = pde.particular(grid, data)
-    if particular is not None:
-        grid.check_field(particular, "pde.particular()", trailing=0)
-        particular = jnp.asarray(particular, dtype)
+    transformed, particular, conditions = ansatz(pde, basis, grid, data)
+    any_exact = particular is not None and len(conditions) < len(pde.conditions(grid, data))
     operators = pde.operators()
     if not operators:
         raise ValueError(f"{type(pde).__name__}.operators() returned no operators.")
 
-    rows = ExpertRows.from_labels(labels, num_experts)
+    members = partition.members(grid)
+    mask = residual_mask(pde, grid)
+    pde_members = members if mask is None else members & mask[None]
+    empty = np.flatnonzero(~pde_members.reshape(members.shape[0], -1).any(axis=1))
+    if empty.size:
+        raise ValueError(
+            f"partition: experts {empty[:8].tolist()} own no point where "
+            f"{type(pde).__name__} imposes the PDE (its residual_mask); use fewer blocks or "
+            "another partition."
+        )
+    rows = ExpertRows.from_masks(pde_members)
     index, valid = _sample_rows(rows, points_per_expert, key)
+    points = rows.counts if points_per_expert is None else np.minimum(rows.counts,
+                                                                      points_per_expert)
     n = transformed.shape[-1]
     stacks, offsets = {}, {}
     for name, op in operators.items():
@@ -128,8 +206,12 @@ def build_problems(
         else:
             offsets[name] = op(particular, grid).reshape(-1)[index]
     coords = {name: jnp.asarray(c.reshape(-1), dtype)[index] for name, c in grid.mesh().items()}
-    cond = _condition_rows(transformed, particular, pde, grid, data, labels, num_experts, dtype)
-    problems = ExpertProblem(stacks, offsets, coords, valid, *cond)
+    cond = _condition_rows(transformed, particular, conditions, grid, members, condition_scope,
+                           points, dtype, balance, pde, warn=not any_exact)
+    problems = ExpertProblem(
+        stacks, offsets, coords, valid, *cond, point_data=_point_data(data, grid, index),
+        points=jnp.where(valid, index, -1),
+    )
     return problems, transformed, particular
 
 
@@ -153,6 +235,8 @@ def solve(
     precision: str | None = None,
     throw: bool = False,
     mesh=None,
+    condition_scope: str | None = None,
+    balance: str = "mean",
 ) -> Solution:
     r"""Make the basis combination satisfy the PDE, independently on every expert's block.
 
@@ -162,7 +246,9 @@ def solve(
     + \|\text{ridge}\, w\|^2$$
 
     where `A_{k,j}` are the rows of `L_j T(B)` at the expert's (sampled) points, and returns
-    `u = u_p + T(B) w_k` on block `k`. Gradients with respect to `basis` (and `data`) flow
+    `u = u_p + T(B) w_k` on block `k` (blended, `u = u_p + sum_k phi_k T(B) w_k`, for a
+    `Partition(..., overlap=...)`). Conditions with `exact=True` are part of the ansatz
+    `u_p + T(B) w` (see `hcmoe.Condition`); the others are rows. Gradients with respect to `basis` (and `data`) flow
     through the solve by the implicit function theorem (`optimistix.ImplicitAdjoint`), or
     through `lineax`'s differentiable solve when `pde.linear`.
 
@@ -199,6 +285,12 @@ def solve(
       By default failures are only reported in `Solution.stats`.
     - `mesh`: a `jax.sharding.Mesh` with an `"experts"` axis to shard the experts over
       devices (see `hcmoe.expert_mesh`); None runs on the default device.
+    - `condition_scope`: None (each condition's own `scope`), `"owned"` or `"global"` for
+      all of them (see `hcmoe.Condition`).
+    - `balance`: `"mean"` (default): each expert minimises its number of PDE rows times
+      `mean(F^2) + sum_c weight_c^2 mean_c(cond_c^2)`, the functional `hcmoe.losses`
+      measure, so a condition's weight means the same in the solve and in the loss whatever
+      the numbers of rows; `"sum"`: plain sums of squared rows (the paper's release).
 
     **Returns:** a `Solution` with `u`, `weights` (`(K, n_basis)`) and `stats`.
 
@@ -217,6 +309,12 @@ def solve(
         "hcmoe.solve: the basis contains NaN or inf; the backbone diverged or its input is "
         "not finite.",
     ).astype(dtype)
+    if condition_scope not in (None, *SCOPES):
+        raise ValueError(
+            f"condition_scope: expected None, 'owned' or 'global'; got {condition_scope!r}."
+        )
+    if balance not in ("mean", "sum"):
+        raise ValueError(f"balance: expected 'mean' or 'sum'; got {balance!r}.")
     labels = partition.labels(grid)
     num_experts = int(labels.max()) + 1
     if points_per_expert is not None and (
@@ -226,7 +324,8 @@ def solve(
             f"points_per_expert: expected a positive int or None; got {points_per_expert!r}."
         )
     problems, transformed, particular = build_problems(
-        basis, pde, grid, data, labels, num_experts, points_per_expert, key
+        basis, pde, grid, data, partition, points_per_expert, key,
+        condition_scope=condition_scope, balance=balance,
     )
     n = basis.shape[-1]
     init = _initial_weights(init, num_experts, n, dtype)
@@ -249,7 +348,7 @@ def solve(
         from ._sharding import sharded_expert_map
 
         weights, steps, norms, result, ok = sharded_expert_map(one, mesh, problems, init)
-    u = assemble(transformed, particular, weights, labels)
+    u = assemble(transformed, particular, weights, labels, partition.blend(grid))
     if throw:
         u = eqx.error_if(
             u,
@@ -258,8 +357,18 @@ def solve(
             "Solution.stats with throw=False). Try more max_steps, looser rtol/atol, a larger "
             "ridge, or precision='float64'.",
         )
-    stats = SolveStats(steps, norms.astype(out_dtype), ok, result)
+    cond_error = jax.vmap(condition_error)(problems, weights)
+    stats = SolveStats(
+        steps, norms.astype(out_dtype), ok, result, cond_error.astype(out_dtype),
+        problems.points,
+    )
     return Solution(u.astype(out_dtype), weights.astype(out_dtype), stats)
+
+
+def condition_error(problem: ExpertProblem, w: Array) -> Array:
+    """Largest unweighted condition residual `|L u - g|` over an expert's condition rows."""
+    rows = problem.cond_matrix @ w + problem.cond_offset - problem.cond_target
+    return jnp.max(jnp.where(problem.cond_valid, jnp.abs(rows), 0.0))
 
 
 def default_solver(rtol: float, atol: float, dtype) -> optx.AbstractLeastSquaresSolver:
@@ -284,8 +393,15 @@ def _initial_weights(init, num_experts: int, n: int, dtype) -> Array:
     return init
 
 
-def assemble(transformed: Array, particular: Array | None, weights: Array, labels) -> Array:
-    """`u = u_p + sum_i T(B)_i * W[labels]_i` on the grid."""
-    per_point = weights[jnp.asarray(labels)]
-    u = jnp.sum(transformed * per_point, axis=-1)
+def assemble(
+    transformed: Array, particular: Array | None, weights: Array, labels, blend=None
+) -> Array:
+    """`u = u_p + sum_i T(B)_i * W[labels]_i` on the grid; with a partition of unity `blend`
+    (`(K, *grid.shape)`), `u = u_p + sum_k blend_k * (T(B) @ W_k)`."""
+    if blend is None:
+        per_point = weights[jnp.asarray(labels)]
+        u = jnp.sum(transformed * per_point, axis=-1)
+    else:
+        fields = transformed @ weights.T  # (*grid, K)
+        u = jnp.sum(fields * jnp.moveaxis(jnp.asarray(blend, fields.dtype), 0, -1), axis=-1)
     return u if particular is None else u + particular

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike
 
 from ._grid import Grid
@@ -18,8 +19,26 @@ class Condition(eqx.Module):
 
     The face is the set of grid points whose coordinate along `axis` has index `index`
     (0 for the low end, -1 for the high end). `target` broadcasts to the face's shape, i.e.
-    `grid.shape` with `axis` removed. The rows of a condition belong to the expert whose block
-    holds each face point.
+    `grid.shape` with `axis` removed.
+
+    How a condition is honoured:
+
+    - `exact=True` (only for value conditions, `initial` and `dirichlet`): satisfied by
+      construction. The ansatz becomes `u <- u + (1 - d) (g - u|face)` with `d` the normalised
+      distance to the face (0 on it, 1 at the far end) and `u|face` the trace extended across
+      the axis, so `u = g` on the face for every `w` (exact to rounding), in PI-SC, PI-HC and
+      PI-HC-MoE alike. Several exact faces compose; each stays exact where their targets agree
+      at shared corners (otherwise the later condition wins on the shared points).
+    - otherwise, least-squares rows in the constraint solve: `weight * (L u - target)` at every
+      face point. `scope="owned"` gives each row only to the expert(s) whose PDE rows hold that
+      point; `scope="global"` gives every expert every row of the condition (the paper's
+      release for diffusion–sorption), so an expert whose block touches no boundary still meets
+      the conditions with its own weights. `solve(..., condition_scope=...)` overrides it.
+
+    `weight` has one meaning everywhere: the objective is
+    `mean_pde(F^2) + sum_c weight_c^2 mean_face_c((L_c u - g_c)^2)`, in every expert's solve
+    (over its rows; see `solve`'s `balance`) and in `hcmoe.losses` (over the whole grid).
+    `weight` may be an array broadcasting to the face (per-point weights).
 
     Build one with `hcmoe.initial`, `hcmoe.dirichlet`, `hcmoe.neumann` or `hcmoe.robin`.
     """
@@ -28,8 +47,31 @@ class Condition(eqx.Module):
     index: int = eqx.field(static=True)
     operator: AbstractOperator
     target: ArrayLike
-    weight: float = 1.0
+    weight: ArrayLike = 1.0
     name: str = eqx.field(static=True, default="condition")
+    scope: str = eqx.field(static=True, default="owned")
+    exact: bool = eqx.field(static=True, default=False)
+
+    def __check_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"{self.name}: scope must be one of {SCOPES}; got {self.scope!r}.")
+        if self.exact and not isinstance(self.operator, Identity):
+            raise ValueError(
+                f"{self.name}: exact=True is available for value conditions (initial, "
+                "dirichlet) only; derivative conditions are least-squares rows."
+            )
+
+    def weight_on_face(self, grid: Grid) -> Array:
+        """`weight` broadcast to the face (per-point weights)."""
+        shape = self.face_shape(grid)
+        weight = jnp.asarray(self.weight)
+        try:
+            return jnp.broadcast_to(weight, shape)
+        except ValueError:
+            raise ValueError(
+                f"{self.name} on axis {self.axis!r}: weight must be a scalar or broadcast to "
+                f"the face shape {shape}; got shape {weight.shape}."
+            ) from None
 
     def face_shape(self, grid: Grid) -> tuple[int, ...]:
         axis = grid.axis(self.axis)
@@ -51,32 +93,51 @@ class Condition(eqx.Module):
             ) from None
 
 
+SCOPES = ("owned", "global")
+
+
 def _side_index(side) -> int:
     return {"low": 0, "high": -1}.get(side, side)
 
 
-def initial(target: ArrayLike, *, axis: str = "t", weight: float = 1.0) -> Condition:
-    """`u(t=t_0, ...) = target` (shape: the grid without its time axis, or broadcastable)."""
-    return Condition(axis, 0, Identity(), target, weight, name="initial condition")
+def initial(
+    target: ArrayLike, *, axis: str = "t", weight: ArrayLike = 1.0, scope: str = "owned",
+    exact: bool = False,
+) -> Condition:
+    """`u(t=t_0, ...) = target` (shape: the grid without its time axis, or broadcastable).
+
+    `exact=True` builds it into the ansatz (satisfied by construction); see `Condition`."""
+    return Condition(axis, 0, Identity(), target, weight, name="initial condition",
+                     scope=scope, exact=exact)
 
 
-def dirichlet(axis: str, side, value: ArrayLike, *, weight: float = 1.0) -> Condition:
-    """`u = value` on the `side` (`"low"`/`"high"`) face of `axis`."""
-    return Condition(axis, _side_index(side), Identity(), value, weight, name="Dirichlet condition")
+def dirichlet(
+    axis: str, side, value: ArrayLike, *, weight: ArrayLike = 1.0, scope: str = "owned",
+    exact: bool = False,
+) -> Condition:
+    """`u = value` on the `side` (`"low"`/`"high"`) face of `axis`; `exact=True`: by
+    construction (see `Condition`)."""
+    return Condition(axis, _side_index(side), Identity(), value, weight,
+                     name="Dirichlet condition", scope=scope, exact=exact)
 
 
-def neumann(axis: str, side, value: ArrayLike, *, weight: float = 1.0) -> Condition:
+def neumann(
+    axis: str, side, value: ArrayLike, *, weight: ArrayLike = 1.0, scope: str = "owned"
+) -> Condition:
     """`du/d(axis) = value` on a face (one-sided differences at the edge)."""
     op = FiniteDifference(axis)
-    return Condition(axis, _side_index(side), op, value, weight, name="Neumann condition")
+    return Condition(axis, _side_index(side), op, value, weight, name="Neumann condition",
+                     scope=scope)
 
 
 def robin(
-    axis: str, side, a: float, b: float, value: ArrayLike, *, weight: float = 1.0
+    axis: str, side, a: float, b: float, value: ArrayLike, *, weight: ArrayLike = 1.0,
+    scope: str = "owned",
 ) -> Condition:
     """`a u + b du/d(axis) = value` on a face."""
     op = a * Identity() + b * FiniteDifference(axis)
-    return Condition(axis, _side_index(side), op, value, weight, name="Robin condition")
+    return Condition(axis, _side_index(side), op, value, weight, name="Robin condition",
+                     scope=scope)
 
 
 class AbstractPDE(eqx.Module):
@@ -96,7 +157,11 @@ class AbstractPDE(eqx.Module):
       solve is then a single linear least-squares solve, no iterations.
     - `particular(grid, data)` and `transform_basis(basis, grid, data)` (optional): an ansatz
       `u = u_p + T(B) w` with a known part `u_p` and a linear map `T` of the basis (default:
-      no `u_p`, `T` = identity).
+      no `u_p`, `T` = identity). Conditions with `exact=True` are built in on top of it.
+    - `residual_mask(grid)` (optional): a boolean NumPy array of `grid.shape`, where the PDE
+      is imposed (PDE rows are drawn from there and `hcmoe.losses` measure the residual
+      there); None (default) means everywhere. E.g. leave out an initial layer that the grid
+      does not resolve.
 
     Physical constants are fields with defaults, so `MyPDE(nu=1e-3)` changes them.
     """
@@ -122,6 +187,70 @@ class AbstractPDE(eqx.Module):
     def transform_basis(self, basis: Array, grid: Grid, data: Any) -> Array:
         """A linear map of the basis (shape `(*grid.shape, n_basis)`); identity by default."""
         return basis
+
+    def residual_mask(self, grid: Grid):
+        """Where the PDE is imposed (boolean NumPy array of `grid.shape`), or None: everywhere."""
+        return None
+
+
+def residual_mask(pde: AbstractPDE, grid: Grid) -> np.ndarray | None:
+    """`pde.residual_mask(grid)`, checked (concrete boolean array of `grid.shape`, not empty)."""
+    mask = pde.residual_mask(grid)
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != grid.shape or mask.dtype != bool:
+        raise ValueError(
+            f"{type(pde).__name__}.residual_mask(grid): expected a boolean NumPy array of shape "
+            f"{grid.shape}; got dtype {mask.dtype} and shape {mask.shape}."
+        )
+    if not mask.any():
+        raise ValueError(f"{type(pde).__name__}.residual_mask(grid) excludes every grid point.")
+    return mask
+
+
+def _face_distance(grid: Grid, cond: Condition) -> np.ndarray:
+    """Normalised distance to the condition's face along its axis: 0 on it, 1 at the far end;
+    shaped `(1, .., n_axis, .., 1)` to broadcast against fields of `grid.shape`."""
+    axis = grid.axis(cond.axis)
+    x = grid.coords(cond.axis)
+    d = np.abs(x - x[cond.face_index(grid)])
+    d = d / d.max()
+    shape = [1] * grid.ndim
+    shape[axis] = d.size
+    return d.reshape(shape)
+
+
+def ansatz(pde: AbstractPDE, basis: Array, grid: Grid, data: Any):
+    """The affine ansatz `u = particular + transformed @ w` with the exact conditions built in.
+
+    Returns `(transformed, particular, conditions)`: `T(B)` (shape of `basis`), `u_p` (grid
+    shape, or None) and the conditions that remain least-squares rows.
+    """
+    transformed = pde.transform_basis(basis, grid, data)
+    grid.check_field(transformed, "pde.transform_basis(basis)", trailing=1)
+    particular = pde.particular(grid, data)
+    if particular is not None:
+        grid.check_field(particular, "pde.particular()", trailing=0)
+        particular = jnp.asarray(particular, basis.dtype)
+    conditions = tuple(pde.conditions(grid, data))
+    for cond in conditions:
+        if not isinstance(cond, Condition):
+            raise ValueError(
+                f"{type(pde).__name__}.conditions(): expected hcmoe.Condition objects (from "
+                f"hcmoe.initial, dirichlet, neumann, robin); got {type(cond).__name__}."
+            )
+        if not cond.exact:
+            continue
+        axis, face = grid.axis(cond.axis), cond.face_index(grid)
+        ramp = jnp.asarray(1.0 - _face_distance(grid, cond), basis.dtype)
+        target = jnp.expand_dims(cond.target_on_face(grid).astype(basis.dtype), axis)
+        trace = jnp.take(transformed, jnp.array([face]), axis=axis)
+        transformed = transformed - ramp[..., None] * trace
+        if particular is None:
+            particular = jnp.zeros(grid.shape, basis.dtype)
+        particular = particular + ramp * (target - jnp.take(particular, jnp.array([face]), axis=axis))
+    return transformed, particular, tuple(c for c in conditions if not c.exact)
 
 
 def require(data: Any, key: str, pde: AbstractPDE):

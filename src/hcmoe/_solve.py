@@ -22,12 +22,19 @@ class SolveStats(eqx.Module):
     - `residual_norm`: `||r_k(w_k)||_2` at the returned weights (PDE, condition and ridge rows).
     - `converged`: the solver reported success and the residual is finite.
     - `result`: the raw `optimistix.RESULTS` (or `lineax.RESULTS`) of each expert.
+    - `condition_error`: the largest unweighted residual `|L u - g|` of the expert's own
+      function over its least-squares condition rows (0 without any; exact conditions hold by
+      construction and are not counted).
+    - `points`: the flat grid indices (`numpy.unravel_index(points, grid.shape)`) of the PDE
+      points each expert used, shape `(*batch, experts, m)`, `-1` in padding slots.
     """
 
     num_steps: Int[Array, "*batch experts"]
     residual_norm: Float[Array, "*batch experts"]
     converged: Bool[Array, "*batch experts"]
     result: Any
+    condition_error: Float[Array, "*batch experts"] | None = None
+    points: Int[Array, "*batch experts m"] | None = None
 
     @property
     def num_failed(self) -> Array:
@@ -56,8 +63,11 @@ class ExpertProblem(eqx.Module):
 
     For operator `j`, `L_j u = stacks[j] @ w + offsets[j]` at the expert's sampled PDE points
     (shape `(m, N)` and `(m,)`); `coords` are those points' coordinates; `pde_valid` masks the
-    padding rows. Condition rows: `cond_matrix @ w + cond_offset - cond_target`, scaled by
-    `cond_scale` (the condition weight, zero on padding).
+    padding rows; `point_data` the data entries that are fields on the grid, gathered at those
+    points (they replace the whole-grid entries in `data` for `pde.residual`); `points` the
+    flat grid indices of the rows (-1: padding). Condition rows: `cond_matrix @ w +
+    cond_offset - cond_target`, scaled by `cond_scale` (weight and balance, zero on padding);
+    `cond_valid` marks real condition rows.
     """
 
     # `*experts`: the same type holds one expert's rows or the stack of all experts' rows.
@@ -69,12 +79,23 @@ class ExpertProblem(eqx.Module):
     cond_offset: Float[Array, "*experts c"]
     cond_target: Float[Array, "*experts c"]
     cond_scale: Float[Array, "*experts c"]
+    cond_valid: Bool[Array, "*experts c"]
+    point_data: dict[str, Array]
+    points: Int[Array, "*experts m"]
+
+
+def _data_at_points(problem: ExpertProblem, data: Any) -> Any:
+    if not problem.point_data:
+        return data
+    merged = dict(data)
+    merged.update(problem.point_data)
+    return merged
 
 
 def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float):
     """`r(w) = [F(A_j w + c_j) on PDE rows ; condition rows ; ridge * w]` for one expert."""
     values = {name: a @ w + problem.offsets[name] for name, a in problem.stacks.items()}
-    pde_rows = pde.residual(values, problem.coords, data)
+    pde_rows = pde.residual(values, problem.coords, _data_at_points(problem, data))
     mask = problem.pde_valid.reshape(problem.pde_valid.shape + (1,) * (pde_rows.ndim - 1))
     pde_rows = jnp.where(mask, pde_rows, 0.0).reshape(-1)
     cond_rows = problem.cond_scale * (
@@ -91,6 +112,7 @@ def jacobian(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridg
     multiply every stack by the `N x N` identity (`O(m N^2)` per operator).
     """
     values = {name: a @ w + problem.offsets[name] for name, a in problem.stacks.items()}
+    data = _data_at_points(problem, data)
     _, pde_jvp = jax.linearize(lambda v: pde.residual(v, problem.coords, data), values)
     in_axes = ({name: 1 for name in values},)
     columns = jax.vmap(pde_jvp, in_axes=in_axes, out_axes=-1)(problem.stacks)  # (m, ..., n)

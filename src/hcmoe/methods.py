@@ -51,7 +51,7 @@ from . import losses
 from ._constrain import constrain
 from ._grid import Grid
 from ._partition import AbstractPartition, as_partition
-from ._pde import AbstractPDE
+from ._pde import AbstractPDE, ansatz
 from ._solve import Solution
 from .models.fno import fno_input
 from .training import FitResult, fit, paper_optimizer, solver_metrics
@@ -136,6 +136,9 @@ class WeightedResidual(AbstractPDE):
     def transform_basis(self, basis, grid, data):
         return self.pde.transform_basis(basis, grid, data)
 
+    def residual_mask(self, grid):
+        return self.pde.residual_mask(grid)
+
 
 class Method(eqx.Module):
     """A backbone turned into a PDE solver by PI-SC, PI-HC or PI-HC-MoE (see the module
@@ -165,9 +168,8 @@ class Method(eqx.Module):
 
     def _soft(self, basis: Array, grid: Grid, data: Any) -> Solution:
         grid.check_field(basis, "backbone output", trailing=1)
-        transformed = self.pde.transform_basis(basis, grid, data)
+        transformed, particular, _ = ansatz(self.pde, basis, grid, data)  # exact conditions too
         u = jnp.sum(transformed, axis=-1)
-        particular = self.pde.particular(grid, data)
         if particular is not None:
             u = u + jnp.asarray(particular, u.dtype)
         weights = jnp.ones((1, basis.shape[-1]), basis.dtype)
@@ -294,6 +296,9 @@ def loss_fn(method: Method, data: Any, key: PRNGKeyArray) -> tuple[Array, dict[s
     aux = {"residual_loss": residual, "condition_loss": conditions}
     if solution.stats is not None:
         aux.update(solver_metrics(solution.stats))
+    if method.kind == "moe":
+        labels = method.labels()
+        aux["seam_jump"] = jnp.max(jax.vmap(lambda u: losses.seam_jump(u, labels))(solution.u))
     return residual + conditions, aux
 
 
