@@ -11,8 +11,8 @@ from . import (
     problems as problems,
     training as training,
 )
+from ._compiled import solve as solve
 from ._constrain import Constrained as Constrained, constrain as constrain
-from ._experts import solve as solve
 from ._grid import Grid as Grid, uniform_grid as uniform_grid
 from ._partition import (
     AbstractPartition as AbstractPartition,
@@ -26,8 +26,10 @@ from ._pde import (
     dirichlet as dirichlet,
     initial as initial,
     neumann as neumann,
+    require as require,
     robin as robin,
 )
+from ._pdedata import MissingDataError as MissingDataError, PDEData as PDEData
 from ._sharding import expert_mesh as expert_mesh
 from ._solve import Solution as Solution, SolveStats as SolveStats
 

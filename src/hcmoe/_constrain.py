@@ -13,74 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
-import jax.random as jr
 
-from ._experts import solve
+from ._compiled import call_options, check_options, constrained_solve
 from ._grid import Grid
 from ._partition import as_partition
 from ._pde import AbstractPDE
 from ._solve import Solution
-
-
-_SOLVE_OPTIONS = frozenset(
-    {
-        "solver", "max_steps", "rtol", "atol", "points_per_expert", "ridge", "init", "adjoint",
-        "linear_solver", "precision", "throw", "mesh",
-    }
-)
-
-
-def _check_options(options: dict) -> dict:
-    unknown = sorted(set(options) - _SOLVE_OPTIONS)
-    if unknown:
-        raise ValueError(
-            f"constrain: unknown option(s) {unknown}; expected any of {sorted(_SOLVE_OPTIONS)}."
-        )
-    if options.get("mesh") is not None:
-        from ._sharding import check_mesh
-
-        check_mesh(options["mesh"])  # a mesh without an "experts" axis fails here, not later
-    return dict(options)
-
-
-def constrained_solve(basis, pde, partition, grid: Grid, data, key, options: dict) -> Solution:
-    """Solve for one sample, or for a batch when `basis` has one extra leading axis.
-
-    A batched basis `(batch, *grid.shape, N)` is vmapped over its leading axis; every array
-    leaf of `data` must then carry the same leading batch axis, and `key` is split per sample.
-    """
-    if not isinstance(grid, Grid):
-        raise ValueError(
-            f"grid: expected an hcmoe.Grid (pass grid=... to constrain or to the call); "
-            f"got {type(grid).__name__}."
-        )
-    if basis.ndim == grid.ndim + 1:
-        return solve(basis, pde, partition, grid, data, key=key, **options)
-    if basis.ndim != grid.ndim + 2:
-        raise ValueError(
-            f"backbone output: expected shape {grid.shape} + (n_basis,) or a batch of those "
-            f"(batch, *{grid.shape}, n_basis); got {tuple(basis.shape)}."
-        )
-    batch = basis.shape[0]
-    for leaf in jax.tree_util.tree_leaves(data):
-        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch:
-            raise ValueError(
-                f"data: the backbone returned a batch of {batch} bases, so every data entry "
-                f"needs a leading batch axis of {batch}; got an entry of shape {jnp.shape(leaf)}."
-            )
-    keys = None if key is None else jr.split(key, batch)
-
-    def one(b, d, k):
-        return solve(b, pde, partition, grid, d, key=k, **options)
-
-    mesh = options.get("mesh")
-    if mesh is None:
-        return jax.vmap(one)(basis, data, keys)
-    from ._sharding import batch_map
-
-    return batch_map(one, mesh, basis, data, keys)
 
 
 class Constrained(eqx.Module):
@@ -97,17 +35,29 @@ class Constrained(eqx.Module):
     grid: Grid
     options: dict
 
-    def __call__(self, x, data=None, *, key=None, grid: Grid | None = None) -> Solution:
-        basis = self.model(x)
+    def __call__(
+        self, x, data=None, *, key=None, grid: Grid | None = None, **options
+    ) -> Solution:
         grid = self.grid if grid is None else grid
-        return constrained_solve(basis, self.pde, self.partition, grid, data, key, self.options)
+        return _call_equinox(self, x, data, key, grid, call_options(self.options, options))
+
+
+@eqx.filter_jit
+def _call_equinox(constrained: Constrained, x, data, key, grid, options) -> Solution:
+    """Backbone and solve in one jit: an eager call runs compiled code, not op by op."""
+    basis = constrained.model(x)
+    return constrained_solve(
+        basis, constrained.pde, constrained.partition, grid, data, key, options
+    )
 
 
 def _constrain_function(fn: Callable, pde, partition, grid, options) -> Callable:
-    def constrained(params, x, data=None, *, key=None, grid: Grid | None = None) -> Solution:
-        basis = fn(params, x)
+    def constrained(
+        params, x, data=None, *, key=None, grid: Grid | None = None, **call_time
+    ) -> Solution:
         used = grid if grid is not None else default_grid
-        return constrained_solve(basis, pde, partition, used, data, key, options)
+        used_options = call_options(options, call_time)
+        return _call_function(fn, params, x, pde, partition, used, data, key, used_options)
 
     default_grid = grid
     constrained.__doc__ = (
@@ -116,6 +66,11 @@ def _constrain_function(fn: Callable, pde, partition, grid, options) -> Callable
     )
     constrained.backbone = fn  # type: ignore[attr-defined]
     return constrained
+
+
+@eqx.filter_jit
+def _call_function(fn, params, x, pde, partition, grid, data, key, options) -> Solution:
+    return constrained_solve(fn(params, x), pde, partition, grid, data, key, options)
 
 
 def _is_nnx(model) -> bool:
@@ -150,7 +105,13 @@ def constrain(
     | function `f(params, x)` | a function | `g(params, x, data, key=k)` |
 
     Every call returns an `hcmoe.Solution`; `grid=` at call time overrides the default grid
-    (e.g. to evaluate at a finer resolution: a coordinate `Partition` applies to any grid).
+    (e.g. to evaluate at a finer resolution: a coordinate `Partition` applies to any grid),
+    and solve options given at call time override the wrap-time ones for that call only, e.g.
+    `m(x, data, points_per_expert=None)` to evaluate with every point.
+
+    The solve is jitted inside the wrapper (`equinox.filter_jit`) and compiles once per
+    configuration, so eager calls do not retrace; for training, jit the whole step
+    (`eqx.filter_jit`, `nnx.jit`, `jax.jit`) as usual: the inner jit is inlined.
 
     **Arguments:**
 
@@ -168,7 +129,7 @@ def constrain(
     partition = as_partition(partition)
     if grid is not None:
         partition.labels(grid)  # configuration errors surface now, not at the first call
-    options = _check_options(options)
+    options = check_options(options, "constrain")
     if _is_nnx(model):
         from ._flax import ConstrainedNNX
 

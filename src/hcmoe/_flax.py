@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as linen
 from flax import nnx
 
-from ._constrain import constrained_solve
+from ._compiled import call_options, constrained_solve
 from ._grid import Grid
 from ._solve import Solution
 
@@ -26,10 +26,13 @@ class ConstrainedNNX(nnx.Module):
         self.grid = nnx.static(grid)
         self.options = nnx.static(options)
 
-    def __call__(self, x, data=None, *, key=None, grid: Grid | None = None) -> Solution:
+    def __call__(
+        self, x, data=None, *, key=None, grid: Grid | None = None, **options
+    ) -> Solution:
         basis = self.model(x)
         grid = self.grid if grid is None else grid
-        return constrained_solve(basis, self.pde, self.partition, grid, data, key, self.options)
+        options = call_options(self.options, options)
+        return constrained_solve(basis, self.pde, self.partition, grid, data, key, options)
 
 
 class ConstrainedLinen(linen.Module):
@@ -46,7 +49,10 @@ class ConstrainedLinen(linen.Module):
     options: Any
 
     @linen.compact
-    def __call__(self, x, data=None, *, key=None, grid: Grid | None = None) -> Solution:
+    def __call__(
+        self, x, data=None, *, key=None, grid: Grid | None = None, **options
+    ) -> Solution:
         basis = self.backbone(x)
         grid = self.grid if grid is None else grid
-        return constrained_solve(basis, self.pde, self.partition, grid, data, key, self.options)
+        options = call_options(self.options, options)
+        return constrained_solve(basis, self.pde, self.partition, grid, data, key, options)

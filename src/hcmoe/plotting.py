@@ -6,7 +6,8 @@ through `pyplot`, so plotting works headless, opens no window, and figures are f
 other object (no `plt.close`). Every function returns the figure and, given `path`, also
 saves it there (the format follows the suffix).
 
-Needs the `examples` extra (`pip install hcmoe[examples]`).
+Needs matplotlib: the `examples` extra (`pip install "hcmoe[examples]"`) or the `plotting`
+extra (matplotlib alone); importing this module without it raises an `ImportError` that says so.
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.collections import LineCollection
-from matplotlib.figure import Figure
-from matplotlib.patheffects import withStroke
+
+
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure
+    from matplotlib.patheffects import withStroke
+except ImportError as error:
+    raise ImportError(
+        "hcmoe.plotting needs matplotlib, which is not installed (or failed to import: "
+        f"{error}). Install it with the examples extra: pip install \"hcmoe[examples]\" "
+        "(or matplotlib alone: pip install \"hcmoe[plotting]\")."
+    ) from error
 
 from ._grid import Grid
 from .training import read_metrics

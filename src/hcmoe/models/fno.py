@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._grid import Grid
+from ._input import grid_input
 
 
 def _per_axis(value, ndim: int, argname: str, kind: type) -> tuple:
@@ -206,12 +206,12 @@ class FNO(eqx.Module):
 
     ```python
     model = FNO(in_channels=3, n_basis=16, ndim=2, width=32, modes=8, key=jr.key(0))
-    basis = model(hcmoe.models.fno_input(grid, u0))      # (*grid.shape, 16)
+    basis = model(hcmoe.models.grid_input(grid, u0))     # (*grid.shape, 16)
     ```
 
     **Arguments:**
 
-    - `in_channels`: channels of the input field (`grid.ndim + 1` for `fno_input`).
+    - `in_channels`: channels of the input field (`grid.ndim + 1` for `grid_input`).
     - `n_basis`: output channels (basis functions).
     - `ndim`: number of grid axes (2 for `(t, x)`, 3 for `(t, x, y)`).
     - `width`: channels inside the Fourier layers.
@@ -309,7 +309,7 @@ class FNO(eqx.Module):
     def diffusion_sorption_paper(cls, key: PRNGKeyArray, **overrides) -> FNO:
         """The paper's diffusion–sorption backbone: FNO2D on `(t, x)`, 5 layers, width 64,
         8 modes, fc 128, N = 16 basis functions with GELU on the outputs. The input is
-        `fno_input(grid, u0)` (3 channels). Keywords override any field (e.g. `dtype`)."""
+        `grid_input(grid, u0)` (3 channels). Keywords override any field (e.g. `dtype`)."""
         options = dict(
             ndim=2, width=64, modes=8, n_layers=5, fc_width=128, output_activation=True
         )
@@ -318,7 +318,7 @@ class FNO(eqx.Module):
     @classmethod
     def navier_stokes_paper(cls, key: PRNGKeyArray, **overrides) -> FNO:
         """The paper's Navier–Stokes backbone: FNO3D on `(t, x, y)`, 8 layers, width 64,
-        8 modes, fc 256, N = 64 basis functions. The input is `fno_input(grid, w0)`
+        8 modes, fc 256, N = 64 basis functions. The input is `grid_input(grid, w0)`
         (4 channels). Keywords override any field."""
         options = dict(ndim=3, width=64, modes=8, n_layers=8, fc_width=256)
         return cls(4, 64, **(options | overrides), key=key)
@@ -339,49 +339,4 @@ class FNO(eqx.Module):
         return cls(4, 16, **(options | overrides), key=key)
 
 
-def fno_input(
-    grid: Grid,
-    initial_condition: ArrayLike,
-    *,
-    time_axis: str = "t",
-    normalize: bool = True,
-    dtype=None,
-) -> Float[Array, "*grid channels"]:
-    """The paper's FNO input: grid coordinates with the initial condition broadcast over time.
-
-    Channel `i < grid.ndim` is the coordinate of axis `i`; the last channel is the initial
-    condition, repeated at every time level. With `normalize=True` each coordinate is mapped
-    to `[0, 1]` over the axis' extent (a periodic axis' extent includes its full period), so
-    inputs are of order one whatever the physical units, and the same at every resolution.
-
-    **Arguments:**
-
-    - `grid`: the grid.
-    - `initial_condition`: the field at the first time level: shape `grid.shape` without
-        `time_axis`, or anything broadcastable to it (a scalar for a constant state).
-    - `time_axis`: name of the time axis.
-    - `normalize`: rescale coordinates to `[0, 1]`.
-    - `dtype`: output dtype (default: the initial condition's floating dtype).
-
-    **Returns:** an array of shape `(*grid.shape, grid.ndim + 1)`.
-    """
-    axis = grid.axis(time_axis)
-    initial_condition = jnp.asarray(initial_condition)
-    if dtype is None:
-        dtype = jnp.result_type(initial_condition.dtype, jnp.float32)
-    face_shape = grid.shape[:axis] + grid.shape[axis + 1 :]
-    try:
-        face = jnp.broadcast_to(initial_condition, face_shape)
-    except ValueError:
-        raise ValueError(
-            f"initial_condition: expected a shape broadcastable to {face_shape} (grid "
-            f"{grid.shape} without axis {time_axis!r}); got {initial_condition.shape}."
-        ) from None
-    channels = []
-    for name, coordinate in grid.mesh().items():
-        if normalize:
-            low, high = grid.extent(name)
-            coordinate = (coordinate - low) / (high - low)
-        channels.append(jnp.asarray(coordinate, dtype))
-    channels.append(jnp.broadcast_to(jnp.expand_dims(face, axis), grid.shape).astype(dtype))
-    return jnp.stack(channels, axis=-1)
+fno_input = grid_input  # the former name, kept as an alias

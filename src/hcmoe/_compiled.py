@@ -1,0 +1,116 @@
+"""Compile once: the jitted entry points behind `hcmoe.solve` and every `hcmoe.constrain` wrapper.
+
+Tracing a solve (operator stacks, the optimistix loop, the implicit adjoint) takes seconds, so
+an eager call must not trace it again. Both entry points are `equinox.filter_jit`-ed: array
+leaves (the basis, the data, the key, `init`) are traced; everything else (the PDE's constants,
+the grid, the partition, the solver, `points_per_expert`, the mesh) is static and part of the
+cache key, so the second eager call with the same configuration costs about what a jitted one
+does. Inside an outer `jit`, `vmap` or `grad` the inner jit is simply inlined.
+
+Both also wrap the data in `PDEData`, so a PDE reading a missing `data[key]` gets an error that
+names the PDE and the key.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+from . import _experts
+from ._grid import Grid
+from ._partition import as_partition
+from ._pdedata import wrap_data
+from ._solve import Solution
+
+
+SOLVE_OPTIONS = frozenset(
+    {
+        "solver", "max_steps", "rtol", "atol", "points_per_expert", "ridge", "init", "adjoint",
+        "linear_solver", "precision", "throw", "mesh", "condition_scope", "balance",
+    }
+)
+
+
+def check_options(options: dict, where: str) -> dict:
+    """The solve options, with a clear error for an unknown name or a mesh without experts."""
+    unknown = sorted(set(options) - SOLVE_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown option(s) {unknown}; expected any of {sorted(SOLVE_OPTIONS)}."
+        )
+    if options.get("mesh") is not None:
+        from ._sharding import check_mesh
+
+        check_mesh(options["mesh"])  # a mesh without an "experts" axis fails here, not later
+    return dict(options)
+
+
+def call_options(defaults: dict, overrides: dict) -> dict:
+    """The wrap-time options updated by those given at call time (checked the same way)."""
+    if not overrides:
+        return defaults
+    return {**defaults, **check_options(overrides, "call")}
+
+
+@eqx.filter_jit
+def _solve(basis, pde, partition, grid, data, key, options) -> Solution:
+    return _experts.solve(basis, pde, partition, grid, wrap_data(data, pde), key=key, **options)
+
+
+@functools.wraps(_experts.solve)
+def solve(basis, pde, partition, grid, data=None, *, key=None, **options) -> Solution:
+    options = check_options(options, "solve")
+    return _solve(basis, pde, as_partition(partition), grid, data, key, options)
+
+
+solve.__doc__ = (_experts.solve.__doc__ or "") + """
+    **Compilation:** `solve` is jitted (`equinox.filter_jit`) and caches its compilation per
+    configuration (PDE constants, grid, partition, options, array shapes), so calling it
+    eagerly in a loop compiles once. Under an outer `jit` / `vmap` / `grad` it is inlined.
+"""
+solve.__module__ = "hcmoe"
+
+
+@eqx.filter_jit
+def constrained_solve(basis, pde, partition, grid: Grid, data, key, options: dict) -> Solution:
+    """Solve for one sample, or for a batch when `basis` has one extra leading axis.
+
+    A batched basis `(batch, *grid.shape, N)` is vmapped over its leading axis; every array
+    leaf of `data` must then carry the same leading batch axis, and `key` is split per sample.
+    Jitted, so the constrained wrappers compile once per configuration.
+    """
+    if not isinstance(grid, Grid):
+        raise ValueError(
+            f"grid: expected an hcmoe.Grid (pass grid=... to constrain or to the call); "
+            f"got {type(grid).__name__}."
+        )
+    if basis.ndim == grid.ndim + 1:
+        return _experts.solve(basis, pde, partition, grid, wrap_data(data, pde), key=key, **options)
+    if basis.ndim != grid.ndim + 2:
+        raise ValueError(
+            f"backbone output: expected shape {grid.shape} + (n_basis,) or a batch of those "
+            f"(batch, *{grid.shape}, n_basis); got {tuple(basis.shape)}."
+        )
+    batch = basis.shape[0]
+    for leaf in jax.tree_util.tree_leaves(data):
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch:
+            raise ValueError(
+                f"data: the backbone returned a batch of {batch} bases, so every data entry "
+                f"needs a leading batch axis of {batch}; got an entry of shape {jnp.shape(leaf)}."
+            )
+    keys = None if key is None else jr.split(key, batch)
+
+    def one(b, d, k):
+        return _experts.solve(b, pde, partition, grid, d, key=k, **options)
+
+    data = wrap_data(data, pde)
+    mesh = options.get("mesh")
+    if mesh is None:
+        return jax.vmap(one)(basis, data, keys)
+    from ._sharding import batch_map
+
+    return batch_map(one, mesh, basis, data, keys)
