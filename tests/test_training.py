@@ -1,5 +1,7 @@
 import csv
 import json
+import os
+import signal
 from collections import namedtuple
 
 import equinox as eqx
@@ -13,6 +15,7 @@ import pytest
 import hcmoe
 from hcmoe import training
 from hcmoe.models import FNO, fno_input
+from hcmoe.training._batches import Batches
 
 
 def _data(n=48):
@@ -149,12 +152,12 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     with monkeypatch.context() as patch:
-        patch.setattr(training.eqx, "tree_serialise_leaves", half_write)
+        patch.setattr(eqx, "tree_serialise_leaves", half_write)
         with pytest.raises(OSError, match="disk full"):
             training.save_checkpoint(tmp_path, 2, changed, opt_state, key=jr.key(0))
     assert _checkpoint_files(tmp_path) == before  # no partial file, no temporary left
 
-    real_replace = training.os.replace
+    real_replace = os.replace
 
     def fail_on_record(src, dst):
         if str(dst).endswith("checkpoint.json"):
@@ -162,7 +165,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         real_replace(src, dst)
 
     with monkeypatch.context() as patch:
-        patch.setattr(training.os, "replace", fail_on_record)
+        patch.setattr(os, "replace", fail_on_record)
         with pytest.raises(OSError, match="committing"):
             training.save_checkpoint(tmp_path, 3, changed, opt_state, key=jr.key(0))
     loaded = training.load_checkpoint(tmp_path, model, opt_state)
@@ -178,7 +181,9 @@ def test_checkpoint_keeps_latest(tmp_path):
     assert _checkpoint_files(tmp_path) == [
         "checkpoint.json",
         "step_00000003.eqx",
+        "step_00000003.json",
         "step_00000004.eqx",
+        "step_00000004.json",
     ]
     assert training.load_checkpoint(tmp_path / "missing", model, None) is None
 
@@ -235,7 +240,7 @@ def test_callable_train_data():
 
 def test_batches_cover_each_epoch():
     data = {"i": np.arange(10)}
-    batches = training._Batches(data, 3, jr.key(0))
+    batches = Batches(data, 3, jr.key(0))
     epoch = np.concatenate([batches(s)["i"] for s in range(3)])
     assert len(set(epoch.tolist())) == 9
     assert not np.array_equal(batches(3)["i"], batches(0)["i"])
@@ -377,3 +382,119 @@ def test_trainable_filter_freezes_leaves():
     )
     np.testing.assert_array_equal(result.model.layers[0].weight, model.layers[0].weight)
     assert not np.array_equal(result.model.layers[1].weight, model.layers[1].weight)
+
+
+# -- checkpoints that survive damage, and Ctrl-C (issue 9) -------------------------------------
+def _two_checkpoints(tmp_path):
+    """A run of 8 steps with checkpoints after 4 and 8; the uninterrupted reference of 12."""
+    _fit(steps=8, checkpoint_dir=tmp_path, checkpoint_every=4)
+    return _fit(steps=12)
+
+
+def test_truncated_newest_checkpoint_resumes_from_the_older_one(tmp_path):
+    reference = _two_checkpoints(tmp_path)
+    newest = tmp_path / "step_00000008.eqx"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.warns(training.CheckpointWarning, match=r"step_00000008\.eqx: the file is trunc"):
+        loaded = training.load_checkpoint(tmp_path, _model(), _ADAM.init(_params_of(_model())))
+    assert loaded.step == 4
+    with pytest.warns(training.CheckpointWarning, match=str(newest)):
+        resumed = _fit(steps=12, checkpoint_dir=tmp_path, checkpoint_every=4)
+    assert resumed.step == 12
+    _assert_identical(resumed.model, reference.model)  # steps 5-8 were redone, identically
+
+
+def test_corrupt_newest_checkpoint_of_the_right_size_is_detected(tmp_path):
+    _two_checkpoints(tmp_path)
+    newest = tmp_path / "step_00000008.eqx"
+    payload = bytearray(newest.read_bytes())
+    payload[-8:] = b"\xff" * 8  # same size, other bytes: only the hash can tell
+    newest.write_bytes(bytes(payload))
+    with pytest.warns(training.CheckpointWarning, match="SHA-256 does not match"):
+        assert training.load_checkpoint(tmp_path, _model(), None).step == 4
+
+
+def test_damaged_record_is_rebuilt_from_the_step_records(tmp_path):
+    reference = _two_checkpoints(tmp_path)
+    record = tmp_path / "checkpoint.json"
+    record.write_text(record.read_text()[:40])  # cut mid-way, as a full disk would
+    with pytest.warns(training.CheckpointWarning, match=r"checkpoint\.json is damaged .* step 8"):
+        resumed = _fit(steps=12, checkpoint_dir=tmp_path, checkpoint_every=4)
+    _assert_identical(resumed.model, reference.model)
+    assert json.loads(record.read_text())["step"] == 12  # the next save repaired it
+
+
+def test_damaged_record_with_nothing_to_rebuild_from_is_a_clear_error(tmp_path):
+    _fit(steps=4, checkpoint_dir=tmp_path)
+    for path in tmp_path.glob("step_*.json"):
+        path.unlink()
+    (tmp_path / "checkpoint.json").write_text('{"format": "hcmoe-checkpoint", "ver')
+    with pytest.raises(ValueError, match=r"checkpoint\.json: the checkpoint record is damaged "
+                       r"\(not valid JSON.*resume=False"):
+        _fit(steps=8, checkpoint_dir=tmp_path)
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each_file(tmp_path):
+    _two_checkpoints(tmp_path)
+    for path in tmp_path.glob("step_*.eqx"):
+        path.write_bytes(b"")
+    with pytest.warns(training.CheckpointWarning):
+        with pytest.raises(ValueError, match=r"no intact checkpoint .*step_00000008\.eqx.*"
+                           r"step_00000004\.eqx"):
+            training.load_checkpoint(tmp_path, _model(), None)
+
+
+def _params_of(model):
+    return eqx.filter(model, eqx.is_inexact_array)
+
+
+class _SignalsWhenCollected:
+    """Sends SIGINT from `__del__`: where Python swallows exceptions ("Exception ignored"),
+    as it does for an interrupt that lands in JAX's garbage-collection callback."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+
+def _interrupt_at(step, how):
+    def eval_fn(model):
+        eval_fn.calls += 1
+        if eval_fn.calls == step:
+            if how == "collected":
+                _SignalsWhenCollected()  # collected at once: __del__ runs here
+            else:
+                signal.raise_signal(signal.SIGINT)
+        return {}
+
+    eval_fn.calls = 0
+    return eval_fn
+
+
+@pytest.mark.parametrize("how", ["collected", "direct"])
+def test_sigint_is_never_lost_and_checkpoints_the_finished_step(tmp_path, how):
+    reference = _fit(steps=10)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(steps=10, checkpoint_dir=tmp_path, eval_fn=_interrupt_at(6, how), eval_every=1)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = _fit(steps=10, checkpoint_dir=tmp_path)
+    _assert_identical(resumed.model, reference.model)
+
+
+def test_checkpoints_and_metrics_have_normal_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        _fit(steps=2, checkpoint_dir=tmp_path / "ckpt", metrics_path=tmp_path / "m.jsonl")
+    finally:
+        os.umask(previous)
+    written = [*(tmp_path / "ckpt").iterdir(), tmp_path / "m.jsonl", tmp_path / "m.csv"]
+    assert written and {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
+
+
+def test_read_metrics_skips_a_last_line_cut_short(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "st')
+    assert training.read_metrics(path) == [{"kind": "train", "step": 1}]
+    path.write_text('{"kind": "tr\n{"kind": "train", "step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 1: not a JSON metrics record"):
+        training.read_metrics(path)

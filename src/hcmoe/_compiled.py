@@ -14,6 +14,7 @@ names the PDE and the key.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import equinox as eqx
 import jax
@@ -27,11 +28,12 @@ from ._pdedata import wrap_data
 from ._solve import Solution
 
 
+# The keyword-only options of the core solve (except `key`), read from its signature so the
+# wrappers accept exactly what `_experts.solve` does.
 SOLVE_OPTIONS = frozenset(
-    {
-        "solver", "max_steps", "rtol", "atol", "points_per_expert", "ridge", "init", "adjoint",
-        "linear_solver", "precision", "throw", "mesh", "condition_scope", "balance",
-    }
+    name
+    for name, parameter in inspect.signature(_experts.solve).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "key"
 )
 
 

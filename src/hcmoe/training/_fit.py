@@ -1,0 +1,287 @@
+"""`fit`: one training loop for soft-constrained, hard-constrained and mixture-of-experts models.
+
+Ctrl-C is handled by the loop itself: the first SIGINT only raises a flag, the step in flight
+finishes, its metrics are logged, a checkpoint is written and `KeyboardInterrupt` is raised, so
+no interrupt is lost (an interrupt delivered while Python runs a garbage-collection callback
+would otherwise be printed as "Exception ignored" and swallowed) and no step is half done. A
+second Ctrl-C stops at once, abandoning the step in flight (the last checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from jaxtyping import Array, PRNGKeyArray
+from tqdm.auto import tqdm
+
+from .._files import atomic_write
+from ._batches import Batches
+from ._checkpoints import key_record, load_checkpoint, save_checkpoint
+from ._metrics import Logger, read_metrics, write_csv_beside
+
+
+LossFn = Callable[[Any, Any, PRNGKeyArray], tuple[Array, Mapping[str, Array]]]
+
+
+def _loss_and_aux(model, batch, key, loss_fn):
+    out = loss_fn(model, batch, key)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+        raise TypeError(
+            "loss_fn: expected to return `(loss, aux)` with `aux` a dict of scalar metrics "
+            f"(possibly empty); got {type(out).__name__}."
+        )
+    loss, aux = out
+    for name, value in [("loss", loss), *aux.items()]:
+        if jnp.shape(value) != ():
+            raise ValueError(
+                f"loss_fn: {name!r} must be a scalar (reduce over the batch); got shape "
+                f"{jnp.shape(value)}."
+            )
+    return loss, dict(aux)
+
+
+@eqx.filter_jit
+def _train_step(model, opt_state, batch, key, loss_fn, optimizer, trainable):
+    params, frozen = eqx.partition(model, trainable)
+
+    def loss_of_params(params):
+        return _loss_and_aux(eqx.combine(params, frozen), batch, key, loss_fn)
+
+    (loss, aux), grads = eqx.filter_value_and_grad(loss_of_params, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    model = eqx.apply_updates(model, updates)
+    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
+    return model, opt_state, metrics
+
+
+class _InterruptGuard:
+    """Within the loop, turns the first SIGINT into a flag checked between steps."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.received = True
+        print(
+            "\nfit: interrupted; finishing the current step and writing a checkpoint "
+            "(Ctrl-C again to stop at once).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def check(self):
+        if self.received:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class FitResult(NamedTuple):
+    """What `fit` returns: the trained model, the optimizer state, the number of completed
+    steps and the metric records (those kept from a resumed run included)."""
+
+    model: Any
+    opt_state: Any
+    step: int
+    history: list[dict[str, Any]]
+
+
+def _check_every(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+        raise ValueError(f"{name}: expected a positive integer or None; got {value!r}.")
+
+
+def _resume(checkpoint_dir, model, opt_state, key, metrics_path):
+    checkpoint = load_checkpoint(checkpoint_dir, model, opt_state)
+    if checkpoint is None:
+        return 0, model, opt_state, []
+    saved_key = checkpoint.record.get("key")
+    if saved_key != key_record(key):
+        raise ValueError(
+            f"key: the checkpoint in {checkpoint_dir} was written by a run with key "
+            f"{saved_key}; got {key_record(key)}. Resume with the same key (a different key "
+            "would not reproduce the run), pass resume=False, or use a new checkpoint_dir."
+        )
+    history = []
+    if metrics_path is not None:
+        history = [r for r in read_metrics(metrics_path) if r["step"] <= checkpoint.step]
+    return checkpoint.step, checkpoint.model, checkpoint.opt_state, history
+
+
+def fit(
+    model,
+    loss_fn: LossFn,
+    train_data,
+    *,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    batch_size: int,
+    key: PRNGKeyArray,
+    eval_fn: Callable[[Any], Mapping[str, Any]] | None = None,
+    eval_every: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 2,
+    resume: bool = True,
+    metrics_path: str | os.PathLike | None = None,
+    log_every: int = 10,
+    progress: bool = True,
+    trainable=eqx.is_inexact_array,
+) -> FitResult:
+    """Train `model` for `steps` optimizer steps of `loss_fn` on batches of `train_data`.
+
+    Each step is `(loss, aux), g = ∇ loss_fn(model, batch, key_s)`; `model ← model +
+    optimizer.update(g)`, jitted with `eqx.filter_jit`; the gradient and the optimizer see the
+    leaves selected by `trainable` (default: every floating-point array of `model`).
+
+    The progress bar shows the loss, every `aux` metric (e.g. `solver_steps` and
+    `non_converged` from `solver_metrics`) and the latest evaluation. Every `log_every` steps
+    a record with the window means of the loss, the aux metrics, the gradient norm, the
+    learning rate (when the optimizer injects it, as `paper_optimizer` does) and the speed is
+    appended to `metrics_path` (JSON lines, `"kind": "train"`); evaluations are records with
+    `"kind": "eval"`. At the end (and at every checkpoint) a CSV with the same stem is
+    written beside it. A non-finite loss raises `FloatingPointError` at the next log.
+
+    With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps, at the
+    end, and on `KeyboardInterrupt` (so an interrupted run loses no step). Ctrl-C (SIGINT) is
+    handled by `fit` itself while it runs in the main thread: the step in flight finishes, is
+    logged and checkpointed, then `KeyboardInterrupt` is raised; a second Ctrl-C stops at once.
+    A truncated or corrupt newest checkpoint is skipped with a `CheckpointWarning` and the
+    newest intact one is resumed. With `resume=True`
+    a run starts from the directory's latest checkpoint and continues to `steps`; metric
+    records after that checkpoint are dropped, and the result is identical to an
+    uninterrupted run.
+
+    **Arguments:**
+
+    - `model`: an Equinox module (or any pytree; floating-point arrays are trained).
+    - `loss_fn`: `loss_fn(model, batch, key) -> (loss, aux)`, `loss` a scalar and `aux` a
+        dict of scalar metrics (may be empty). It handles the batch axis itself (`jax.vmap`).
+    - `train_data`: a pytree of arrays with a shared leading sample axis (NumPy arrays stay
+        on the host until batched), or a pure function `(step, key) -> batch`.
+    - `optimizer`: an optax transformation, e.g. `paper_optimizer()`.
+    - `steps`: total optimizer steps (a resumed run counts the steps it already has).
+    - `batch_size`: samples per step (ignored when `train_data` is a function).
+    - `key`: PRNG key for batch order and the per-step loss keys.
+    - `eval_fn`: `eval_fn(model) -> dict` of scalar metrics, run every `eval_every` steps and
+        after the last step.
+    - `eval_every`: steps between evaluations (`None`: only at the end).
+    - `checkpoint_dir`: directory for checkpoints (`None`: no checkpoints, no resume).
+    - `checkpoint_every`: steps between checkpoints (`None`: only at the end).
+    - `keep_checkpoints`: number of checkpoint files kept.
+    - `resume`: continue from `checkpoint_dir`'s latest checkpoint if there is one.
+    - `metrics_path`: JSON-lines metrics file (`None`: keep records in memory only).
+    - `log_every`: steps per metrics record and progress-bar update.
+    - `progress`: show a tqdm progress bar.
+    - `trainable`: an `eqx.partition` filter spec choosing the trained leaves (a function of
+        a leaf, or a pytree of bools shaped like `model`), e.g. to freeze a backbone part or
+        arrays held by a wrapper (such as solver options).
+
+    **Returns:** a `FitResult(model, opt_state, step, history)`.
+
+    **Raises:** `ValueError` for invalid options, a checkpoint of another run (other key) or
+    a checkpoint that does not fit the model; `TypeError` if `loss_fn` does not return
+    `(loss, aux)`; `FloatingPointError` for a non-finite loss.
+    """
+    if not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps: expected a non-negative integer; got {steps!r}.")
+    for name, value in [
+        ("eval_every", eval_every),
+        ("checkpoint_every", checkpoint_every),
+        ("log_every", log_every),
+    ]:
+        _check_every(name, value)
+    if log_every is None:
+        raise ValueError("log_every: expected a positive integer; got None.")
+    if eval_every is not None and eval_fn is None:
+        raise ValueError("eval_every: given without an eval_fn.")
+    data_key, loss_key = jr.split(key)
+    batches = Batches(train_data, batch_size, data_key)
+    opt_state = optimizer.init(eqx.filter(model, trainable))
+
+    step, history = 0, []
+    if checkpoint_dir is not None and resume:
+        step, model, opt_state, history = _resume(
+            checkpoint_dir, model, opt_state, key, metrics_path
+        )
+    if metrics_path is not None:
+        atomic_write(Path(metrics_path), "".join(json.dumps(r) + "\n" for r in history).encode())
+
+    def checkpoint():
+        if checkpoint_dir is not None:
+            save_checkpoint(
+                checkpoint_dir, step, model, opt_state, key=key, keep=keep_checkpoints
+            )
+            write_csv_beside(metrics_path, history)
+
+    start_time = time.perf_counter()
+    last_checkpoint = last_eval = step
+    with (
+        _InterruptGuard() as interrupt,
+        tqdm(total=steps, initial=min(step, steps), disable=not progress, unit="step") as bar,
+    ):
+        logger = Logger(metrics_path, history, bar, start_time)
+        try:
+            while step < steps:
+                batch = batches(step)
+                model, opt_state, metrics = _train_step(
+                    model,
+                    opt_state,
+                    batch,
+                    jr.fold_in(loss_key, step),
+                    loss_fn,
+                    optimizer,
+                    trainable,
+                )
+                step += 1
+                bar.update()
+                logger.append(metrics)
+                do_eval = eval_every is not None and step % eval_every == 0
+                do_checkpoint = checkpoint_every is not None and step % checkpoint_every == 0
+                if step % log_every == 0 or step == steps or do_eval or do_checkpoint:
+                    logger.flush(step, opt_state)
+                if do_eval:
+                    logger.evaluation(step, eval_fn(model))
+                    last_eval = step
+                if do_checkpoint:
+                    checkpoint()
+                    last_checkpoint = step
+                interrupt.check()  # a Ctrl-C during this step stops here, the step complete
+        except KeyboardInterrupt:
+            logger.flush(step, opt_state)
+            if step != last_checkpoint:
+                checkpoint()
+            raise
+        if eval_fn is not None and (last_eval != step or step == 0):
+            logger.evaluation(step, eval_fn(model))
+        if step != last_checkpoint:
+            checkpoint()
+        interrupt.check()
+    write_csv_beside(metrics_path, history)
+    return FitResult(model, opt_state, step, history)
+
