@@ -19,12 +19,16 @@ it is regenerated.
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
+import hashlib
 import itertools
 import json
 import logging
 import math
 import os
-import tempfile
+import shutil
+import sys
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -37,6 +41,8 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
+
+from ._files import atomic_write
 
 
 __all__ = [
@@ -79,21 +85,6 @@ def normalise_params(params: Mapping[str, Any]) -> dict[str, Any]:
 def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     stem = Path(path).expanduser()
     return stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".json")
-
-
-def _atomic_write(target: Path, write: Callable[[Any], None]) -> None:
-    """Write `target` through a temporary file in its directory, then `os.replace` it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_cached(path: str | os.PathLike, params: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
@@ -142,9 +133,9 @@ def save_cached(
     }
     # Invalidate first: between the two replaces below, no manifest vouches for the archive.
     manifest_path.unlink(missing_ok=True)
-    _atomic_write(archive, lambda f: np.savez(f, **arrays, **{_TOKEN: np.array(token)}))
+    atomic_write(archive, lambda f: np.savez(f, **arrays, **{_TOKEN: np.array(token)}))
     text = json.dumps(manifest, indent=2, sort_keys=True, default=_jsonable).encode()
-    _atomic_write(manifest_path, lambda f: f.write(text))
+    atomic_write(manifest_path, text)
 
 
 def cached(
@@ -156,12 +147,17 @@ def cached(
 ) -> dict[str, np.ndarray]:
     """Load the dataset at `path` if it was made with `params`; otherwise `generate()` and save it.
 
+    While `generate()` runs, the batches `map_batched` finishes are kept as chunks in
+    `<path>.parts/`, so an interrupted generation continues from them when `cached` is called
+    again with the same `params` (other parameters discard them). They are deleted once the
+    dataset is saved.
+
     **Arguments:**
 
     - `path`: the cache path without extension (`<path>.npz` and `<path>.json` are written).
     - `params`: JSON-serialisable parameters that determine the data; any change regenerates.
     - `generate`: a zero-argument callable returning a dict of arrays.
-    - `rebuild`: regenerate even when a matching cache exists.
+    - `rebuild`: regenerate from scratch even when a matching cache (or chunks) exist.
 
     **Returns:** the dict of NumPy arrays.
     """
@@ -169,9 +165,89 @@ def cached(
         arrays = load_cached(path, params)
         if arrays is not None:
             return arrays
-    arrays = {name: np.asarray(value) for name, value in generate().items()}
+    parts, normalised = _parts_dir(path), normalise_params(params)
+    _discard_stale_parts(parts, normalised, fresh=rebuild)
+    context = _GENERATION.set(_Generation(parts, normalised))
+    try:
+        arrays = {name: np.asarray(value) for name, value in generate().items()}
+    except KeyboardInterrupt:
+        if any(parts.glob("*/chunk_*.npz")):
+            print(f"\nhcmoe: generation interrupted; the finished batches are kept in {parts} "
+                  "and a rerun continues from them.", file=sys.stderr, flush=True)
+        raise
+    finally:
+        _GENERATION.reset(context)
     save_cached(path, arrays, params)
+    shutil.rmtree(parts, ignore_errors=True)
     return arrays
+
+
+# -- resumable generation ----------------------------------------------------------------------
+_PARTS_MANIFEST = "params.json"
+_FINGERPRINT = "__hcmoe_inputs_sha256__"
+
+
+@dataclasses.dataclass
+class _Generation:
+    """The chunk directory of the `cached` generation in progress; one subdirectory per
+    `map_batched` call, in call order (a deterministic `generate` makes the same calls)."""
+
+    directory: Path
+    params: dict
+    calls: int = 0
+
+    def next_directory(self) -> Path:
+        manifest = self.directory / _PARTS_MANIFEST
+        if not manifest.exists():  # created on first use: no directory for plain generators
+            atomic_write(manifest, json.dumps(self.params, sort_keys=True).encode())
+        self.calls += 1
+        return self.directory / f"call_{self.calls:03d}"
+
+
+_GENERATION: contextvars.ContextVar[_Generation | None] = contextvars.ContextVar(
+    "hcmoe_generation", default=None
+)
+
+
+def _parts_dir(path) -> Path:
+    stem = Path(path).expanduser()
+    return stem.with_name(stem.name + ".parts")
+
+
+def _discard_stale_parts(parts: Path, params: dict, *, fresh: bool) -> None:
+    """Keep the chunks of an earlier run with the same parameters; discard any others."""
+    try:
+        same = not fresh and json.loads((parts / _PARTS_MANIFEST).read_text()) == params
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(parts, ignore_errors=True)
+
+
+def _fingerprint(leaves, count: int) -> str:
+    """A hash of one batch's inputs: a chunk is reused only for the very same inputs."""
+    digest = hashlib.sha256(str(count).encode())
+    for leaf in leaves:
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{leaf.dtype.str}{leaf.shape}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
+
+
+def _save_chunk(path: Path, leaves: list[np.ndarray], fingerprint: str) -> None:
+    named = {f"leaf_{i}": leaf for i, leaf in enumerate(leaves)}
+    atomic_write(path, lambda f: np.savez(f, **named, **{_FINGERPRINT: np.array(fingerprint)}))
+
+
+def _load_chunk(path: Path, fingerprint: str, num_leaves: int) -> list[np.ndarray] | None:
+    """The leaves of a chunk written for these inputs, or None (missing, stale, damaged)."""
+    try:
+        with open(path, "rb") as file, np.load(file, allow_pickle=False) as npz:
+            if str(npz[_FINGERPRINT]) != fingerprint:
+                return None
+            return [npz[f"leaf_{i}"] for i in range(num_leaves)]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 def _leading_size(leaves, argname: str) -> int:
@@ -191,11 +267,17 @@ def map_batched(
     batch_size: int,
     progress: bool = True,
     desc: str | None = None,
+    resume_dir: str | os.PathLike | None = None,
 ) -> PyTree[np.ndarray]:
     """Apply a per-sample `fn` to every sample of `inputs`, `batch_size` at a time.
 
     `fn` is vmapped and jitted once; the last batch is padded (by repeating its final sample)
     so every call has the same shape. Shows a tqdm progress bar unless `progress=False`.
+
+    Resumable: with `resume_dir` (or, by default, inside `hcmoe.data.cached`, which provides
+    one) each finished batch is written atomically as a chunk there, and a later call with the
+    same inputs loads the chunks it finds instead of recomputing them; the progress bar starts
+    at the samples already done.
 
     **Returns:** `fn`'s outputs stacked along a leading axis, as NumPy arrays.
     """
@@ -203,20 +285,59 @@ def map_batched(
 
     leaves, treedef = jtu.tree_flatten(inputs)
     n = _leading_size(leaves, "inputs")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int; got {batch_size!r}.")
     batch_size = min(batch_size, n)
+    directory = _chunk_directory(resume_dir)
     batched_fn = jax.jit(jax.vmap(fn))
-    outputs = []
-    with tqdm(total=n, desc=desc, disable=not progress, unit="sample") as bar:
-        for start in range(0, n, batch_size):
-            index = np.minimum(np.arange(start, start + batch_size), n - 1)
-            batch = treedef.unflatten([jnp.asarray(np.asarray(leaf)[index]) for leaf in leaves])
-            count = min(batch_size, n - start)
-            out = jax.device_get(batched_fn(batch))
-            outputs.append(jtu.tree_map(lambda a: np.asarray(a)[:count], out))
+    batches = []
+    for start in range(0, n, batch_size):
+        index = np.minimum(np.arange(start, start + batch_size), n - 1)
+        batches.append((start, min(batch_size, n - start), [np.asarray(x)[index] for x in leaves]))
+    done = _restore_chunks(directory, batches, batched_fn, treedef)
+    outputs = {}
+    restored = sum(batches[i][1] for i in done)
+    with tqdm(total=n, initial=restored, desc=desc, disable=not progress, unit="sample") as bar:
+        if restored:
+            bar.set_postfix_str(f"resumed {restored} from {directory}", refresh=False)
+        for i, (start, count, batch_leaves) in enumerate(batches):
+            if i in done:
+                outputs[i] = done[i]
+                continue
+            batch = treedef.unflatten([jnp.asarray(x) for x in batch_leaves])
+            out = jtu.tree_map(lambda a: np.asarray(a)[:count], jax.device_get(batched_fn(batch)))
+            if directory is not None:
+                _save_chunk(directory / f"chunk_{start:09d}.npz", jtu.tree_leaves(out),
+                            _fingerprint(batch_leaves, count))
+            outputs[i] = out
             bar.update(count)
-    return jtu.tree_map(lambda *parts: np.concatenate(parts), *outputs)
+    ordered = [outputs[i] for i in range(len(batches))]
+    return jtu.tree_map(lambda *parts: np.concatenate(parts), *ordered)
+
+
+def _chunk_directory(resume_dir) -> Path | None:
+    if resume_dir is not None:
+        return Path(resume_dir).expanduser()
+    generation = _GENERATION.get()
+    return None if generation is None else generation.next_directory()
+
+
+def _restore_chunks(directory, batches, batched_fn, treedef) -> dict[int, PyTree]:
+    """The outputs of the batches whose chunks are on disk, by batch number."""
+    if directory is None or not any(directory.glob("chunk_*.npz")):
+        return {}
+    example = treedef.unflatten([jnp.asarray(x) for x in batches[0][2]])
+    out_treedef = jtu.tree_structure(jax.eval_shape(batched_fn, example))
+    done = {}
+    for i, (start, count, batch_leaves) in enumerate(batches):
+        chunk = _load_chunk(directory / f"chunk_{start:09d}.npz",
+                            _fingerprint(batch_leaves, count), out_treedef.num_leaves)
+        if chunk is not None:
+            done[i] = out_treedef.unflatten(chunk)
+    if done:
+        _logger.info("hcmoe: resuming from %d of %d batches in %s.", len(done), len(batches),
+                     directory)
+    return done
 
 
 def batches(
