@@ -74,6 +74,10 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("outputs/custom_pde"))
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
+    if args.steps < 1:  # checked before any work, as a one-line argparse error
+        parser.error(f"--steps: expected a positive integer; got {args.steps}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: expected a directory; {args.out} is a file")
 
     pde = AdvectionDiffusion()
     grid = hcmoe.uniform_grid(t=(0.0, 1.0, 21), x=(0.0, 1.0, 48), periodic=("x",))

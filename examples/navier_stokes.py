@@ -78,7 +78,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in CONFIGS[args.size].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    check_args(parser, args)
     return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag checked before any data is generated: a one-line argparse error each."""
+    for name in ("epochs", "batch_size", "points_per_expert", "n_train", "n_test"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive integer; got {value}")
+    if args.seed < 0:
+        parser.error(f"--seed: expected a non-negative integer; got {args.seed}")
+    n_train = args.n_train or navier_stokes.SIZES[args.size]["n_train"]
+    if args.batch_size > n_train:
+        parser.error(
+            f"--batch-size: expected at most the {n_train} training trajectories (--n-train); "
+            f"got {args.batch_size}"
+        )
+    for name in ("out", "data_dir"):
+        path = getattr(args, name)
+        if path is not None and path.exists() and not path.is_dir():
+            parser.error(f"--{name.replace('_', '-')}: expected a directory; {path} is a file")
 
 
 def test_sets(test, args):

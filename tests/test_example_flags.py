@@ -1,0 +1,69 @@
+"""Examples check every flag before any work: a one-line argparse error, no traceback, no data
+generated (issue 9). Covers examples/navier_stokes.py and examples/custom_pde.py."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"hcmoe_flags_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rejects(main, argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2  # argparse's usage error, not a traceback
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--epochs", "0"], "--epochs: expected a positive integer; got 0"),
+        (["--batch-size", "0"], "--batch-size: expected a positive integer; got 0"),
+        (["--points-per-expert", "-3"], "--points-per-expert: expected a positive integer"),
+        (["--n-train", "0"], "--n-train: expected a positive integer; got 0"),
+        (["--n-test", "-1"], "--n-test: expected a positive integer; got -1"),
+        (["--seed", "-1"], "--seed: expected a non-negative integer"),
+        (["--n-train", "4", "--batch-size", "8"], "--batch-size: expected at most the 4"),
+        (["--size", "huge"], "invalid choice: 'huge'"),
+        (["--method", "pinn"], "invalid choice: 'pinn'"),
+    ],
+)
+def test_navier_stokes_flags(flags, message, tmp_path, monkeypatch, capsys):
+    example = _load("navier_stokes")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("data generation started before the flags were checked")
+
+    monkeypatch.setattr(example.navier_stokes, "make_dataset", no_work)
+    argv = ["--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"), *flags]
+    _rejects(example.main, argv, message, capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_navier_stokes_paths_must_be_directories(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    _rejects(_load("navier_stokes").main, ["--data-dir", str(tmp_path / "file")],
+             "--data-dir: expected a directory", capsys)
+
+
+def test_custom_pde_flags(tmp_path, capsys):
+    example = _load("custom_pde")
+    _rejects(example.main, ["--steps", "-5", "--out", str(tmp_path)],
+             "--steps: expected a positive integer; got -5", capsys)
+    (tmp_path / "file").write_text("")
+    _rejects(example.main, ["--out", str(tmp_path / "file")], "--out: expected a directory",
+             capsys)
