@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import hcmoe  # noqa: E402
-from hcmoe.models import fno_input  # noqa: E402
+from hcmoe.models import grid_input  # noqa: E402
 from hcmoe.problems import heat  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main(argv=None):
     pde, grid = heat.Heat(), heat.make_grid(nt=17, nx=33)
     u0 = heat.sample_initial_conditions(jr.key(0), 80, grid)
     solution = jax.vmap(lambda c: heat.reference_solution(c, grid))(u0)
-    inputs = jax.vmap(lambda c: fno_input(grid, c))(u0)  # coordinates + u0 over time
+    inputs = jax.vmap(lambda c: grid_input(grid, c))(u0)  # coordinates + u0 over time
     train, test = slice(0, 64), slice(64, 80)
 
     model = hcmoe.constrain(ConvBasis(8, rngs=nnx.Rngs(0)), pde, None, grid=grid)
