@@ -2,6 +2,7 @@
 gives the same data (issue 9); cache files have normal permissions."""
 
 import os
+import signal
 
 import jax.numpy as jnp
 import numpy as np
@@ -107,3 +108,27 @@ def test_cache_files_have_normal_permissions(tmp_path):
         os.umask(previous)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
     assert modes == {"ds.npz": "0o644", "ds.json": "0o644"}
+
+
+class _SignalsWhenCollected:
+    """Sends SIGINT from `__del__`, where Python would swallow the KeyboardInterrupt."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_during_generation_is_never_lost(tmp_path, monkeypatch):
+    x = np.linspace(0.0, 1.0, 10)
+    real, written = data._save_chunk, []
+
+    def save(path, leaves, fingerprint):
+        real(path, leaves, fingerprint)
+        written.append(path.name)
+        if len(written) == 2:
+            _SignalsWhenCollected()  # collected at once: the interrupt lands in __del__
+
+    monkeypatch.setattr(data, "_save_chunk", save)
+    with pytest.raises(KeyboardInterrupt):
+        data.cached(tmp_path / "ds", {"n": 10}, _generator(x))
+    assert len(written) == 2  # stopped after the batch in flight, which was saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -43,6 +43,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._files import atomic_write
+from ._interrupt import InterruptGuard
 
 
 __all__ = [
@@ -297,7 +298,14 @@ def map_batched(
     done = _restore_chunks(directory, batches, batched_fn, treedef)
     outputs = {}
     restored = sum(batches[i][1] for i in done)
-    with tqdm(total=n, initial=restored, desc=desc, disable=not progress, unit="sample") as bar:
+    message = "hcmoe: interrupted; finishing the batch in flight" + (
+        f" and keeping the finished ones in {directory} (Ctrl-C again to stop at once)."
+        if directory is not None else " (Ctrl-C again to stop at once)."
+    )
+    with (
+        InterruptGuard(message) as interrupt,
+        tqdm(total=n, initial=restored, desc=desc, disable=not progress, unit="sample") as bar,
+    ):
         if restored:
             bar.set_postfix_str(f"resumed {restored} from {directory}", refresh=False)
         for i, (start, count, batch_leaves) in enumerate(batches):
@@ -311,6 +319,7 @@ def map_batched(
                             _fingerprint(batch_leaves, count))
             outputs[i] = out
             bar.update(count)
+            interrupt.check()  # a Ctrl-C during this batch stops here, the batch saved
     ordered = [outputs[i] for i in range(len(batches))]
     return jtu.tree_map(lambda *parts: np.concatenate(parts), *ordered)
 

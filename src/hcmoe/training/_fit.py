@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,6 +25,7 @@ from jaxtyping import Array, PRNGKeyArray
 from tqdm.auto import tqdm
 
 from .._files import atomic_write
+from .._interrupt import InterruptGuard
 from ._batches import Batches
 from ._checkpoints import key_record, load_checkpoint, save_checkpoint
 from ._metrics import Logger, read_metrics, write_csv_beside
@@ -65,40 +63,6 @@ def _train_step(model, opt_state, batch, key, loss_fn, optimizer, trainable):
     model = eqx.apply_updates(model, updates)
     metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
     return model, opt_state, metrics
-
-
-class _InterruptGuard:
-    """Within the loop, turns the first SIGINT into a flag checked between steps."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-
-    def __enter__(self):
-        main = threading.current_thread() is threading.main_thread()
-        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now
-        self.received = True
-        print(
-            "\nfit: interrupted; finishing the current step and writing a checkpoint "
-            "(Ctrl-C again to stop at once).",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def check(self):
-        if self.received:
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc_info):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 class FitResult(NamedTuple):
@@ -242,7 +206,10 @@ def fit(
     start_time = time.perf_counter()
     last_checkpoint = last_eval = step
     with (
-        _InterruptGuard() as interrupt,
+        InterruptGuard(
+            "fit: interrupted; finishing the current step and writing a checkpoint (Ctrl-C "
+            "again to stop at once)."
+        ) as interrupt,
         tqdm(total=steps, initial=min(step, steps), disable=not progress, unit="step") as bar,
     ):
         logger = Logger(metrics_path, history, bar, start_time)
