@@ -53,7 +53,8 @@ def _cases(size: dict) -> dict[str, tuple]:
     data, key, pde = {"u0": u0}, jr.key(1), Burgers()
     partition = hcmoe.Partition(t=1, x=4)
     options = dict(grid=grid, points_per_expert=size["points"])
-    x = hcmoe.models.grid_input(grid, u0)
+    grid_input = getattr(hcmoe.models, "grid_input", None) or hcmoe.models.fno_input  # old name
+    x = grid_input(grid, u0)
     backbone = hcmoe.models.FNO.diffusion_sorption_small(jr.key(0))
     basis = backbone(x)
     cases = {}

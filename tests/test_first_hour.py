@@ -226,12 +226,6 @@ def test_missing_data_names_the_pde_and_key(getkey):
                                                          {"u0": jnp.stack([data["u0"]] * 2)})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_solve._data_at_points rebuilds the data as a plain dict when grid-field entries "
-    "are gathered; it should keep the PDEData wrapper (wrap_data(merged, pde)). Remove this "
-    "marker once it does.",
-)
 def test_missing_data_next_to_a_grid_field_names_the_pde_and_key(getkey):
     data = {**data_for(GRID), "source": jnp.zeros(GRID.shape)}  # a field on the grid
     with pytest.raises(ValueError, match=r"NeedsForcing needs data\['forcing'\]"):
@@ -364,3 +358,19 @@ def test_readme_jitted_training_idiom_runs(getkey):
         model, opt_state, value = namespace["step"](model, opt_state, x, data, jr.key(step))
         losses.append(float(value))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+@pytest.mark.slow  # ~20-40 s; the trace-count tests above guard the same in the default suite
+def test_eager_calls_cost_about_a_jitted_call(tmp_path):
+    """The benchmark at toy size: a generous bound (before this fix the ratio was ~500)."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "eager.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--repeats", "5",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "eager_smoke.json").read_text())["results"]
+    assert set(results) >= {"hcmoe.solve", "constrain(equinox)", "constrain(function)"}
+    for name, record in results.items():
+        assert record["ratio"] < 10, (name, record)
