@@ -24,9 +24,10 @@ from ._solve import Solution
 class Constrained(eqx.Module):
     """An Equinox backbone wrapped by the hard-constraint layer (see `hcmoe.constrain`).
 
-    `constrained(x, data, key=key)` runs `model(x)` and returns the `Solution`. It is an
-    `eqx.Module`, so `eqx.filter_grad` / `eqx.filter_jit` / optax training work unchanged; only
-    `model` holds trainable arrays.
+    `constrained(x, data, key=key, **options)` runs `model(x)` and the solve (compiled together,
+    once per configuration) and returns the `Solution`; solve options given at call time
+    override the wrap-time ones. It is an `eqx.Module`, so `eqx.filter_grad` /
+    `eqx.filter_jit` / optax training work unchanged; only `model` holds trainable arrays.
     """
 
     model: Any

@@ -15,8 +15,10 @@ from ._solve import Solution
 class ConstrainedNNX(nnx.Module):
     """A Flax NNX backbone wrapped by the hard-constraint layer.
 
-    `m(x, data, key=k)` returns an `hcmoe.Solution`. The backbone is the attribute `model`, so
-    `nnx.grad`, `nnx.jit` and `nnx.Optimizer(m, ...)` see exactly its parameters.
+    `m(x, data, key=k, **options)` returns an `hcmoe.Solution` (call-time solve options
+    override the wrap-time ones; the solve is compiled once per configuration, the backbone
+    runs as Flax runs it). The backbone is the attribute `model`, so `nnx.grad`, `nnx.jit` and
+    `nnx.Optimizer(m, ...)` see exactly its parameters.
     """
 
     def __init__(self, model: nnx.Module, pde, partition, grid: Grid | None, options: dict):
@@ -38,8 +40,9 @@ class ConstrainedNNX(nnx.Module):
 class ConstrainedLinen(linen.Module):
     """A Flax Linen backbone wrapped by the hard-constraint layer.
 
-    `params = m.init(rng, x, data)`; `m.apply(params, x, data, key=k)` returns an
-    `hcmoe.Solution`. The parameters are the backbone's, under the name `backbone`.
+    `params = m.init(rng, x, data)`; `m.apply(params, x, data, key=k, **options)` returns an
+    `hcmoe.Solution` (call-time solve options override the wrap-time ones). The parameters are
+    the backbone's, under the name `backbone`.
     """
 
     backbone: linen.Module
