@@ -121,6 +121,11 @@ def test_eager_wrapper_calls_do_not_retrace(family, getkey):
     for shift in (0.1, 0.2, 0.3):
         call({"u0": data["u0"] + shift})
     assert pde_cls.traces == traced
+    # call-time options in every family: the same configuration reuses the compilation
+    assert jnp.all(jnp.isfinite(call(data, points_per_expert=None).u))
+    assert pde_cls.traces == traced
+    with pytest.raises(ValueError, match=r"call: unknown option\(s\) \['point'\]"):
+        call(data, point=3)
 
 
 def test_solve_under_outer_jit_vmap_and_grad(getkey):

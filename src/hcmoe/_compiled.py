@@ -37,8 +37,26 @@ SOLVE_OPTIONS = frozenset(
 )
 
 
+_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(_experts.solve).parameters.items()
+    if name in SOLVE_OPTIONS
+}
+
+
+def _is_default(name: str, value) -> bool:
+    default = _DEFAULTS[name]
+    if value is default:
+        return True
+    plain = (bool, int, float, str)
+    return type(value) is type(default) and isinstance(value, plain) and value == default
+
+
 def check_options(options: dict, where: str) -> dict:
-    """The solve options, with a clear error for an unknown name or a mesh without experts."""
+    """The solve options, with a clear error for an unknown name or a mesh without experts.
+
+    Options equal to the solve's defaults are dropped, so `points_per_expert=None` and no
+    option at all are one configuration (one compilation)."""
     unknown = sorted(set(options) - SOLVE_OPTIONS)
     if unknown:
         raise ValueError(
@@ -48,14 +66,16 @@ def check_options(options: dict, where: str) -> dict:
         from ._sharding import check_mesh
 
         check_mesh(options["mesh"])  # a mesh without an "experts" axis fails here, not later
-    return dict(options)
+    return {name: value for name, value in options.items() if not _is_default(name, value)}
 
 
 def call_options(defaults: dict, overrides: dict) -> dict:
     """The wrap-time options updated by those given at call time (checked the same way)."""
     if not overrides:
-        return defaults
-    return {**defaults, **check_options(overrides, "call")}
+        return dict(defaults)  # a plain dict (Linen freezes its attributes): one cache key
+    check_options(overrides, "call")
+    merged = {**defaults, **overrides}
+    return {name: value for name, value in merged.items() if not _is_default(name, value)}
 
 
 @eqx.filter_jit
