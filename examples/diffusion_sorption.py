@@ -21,6 +21,16 @@ boundaries) and `training.png`; `<out>/<size>/results.md` compares every method 
 The residual is weighted by 500 (`--residual-weight`): time measured in units of the horizon, so
 the PDE rows (otherwise of order 1e-3) are not negligible next to the IC/BC rows in the constraint
 solve and in the loss. `--residual-weight 1` uses the physical units.
+
+`--formulation hcmoe` (default) poses the problem as `diffusion_sorption.FORMULATIONS` says: the
+IC exact by construction, boundary rows where the finite-volume reference puts them, global
+condition rows, PDE rows from the second level on; `--formulation paper` as the paper's release.
+PI-HC-MoE blends overlapping experts (`--overlap`, 0 for the paper's piecewise prediction).
+`--total-points` gives PI-HC the points of all experts (equal total points); by default each
+method gets `--points-per-expert` per expert, the paper's semantics.
+
+`--extrapolate`: the paper's third experiment. Train on `t <= 400`, predict the whole horizon
+and report the error on `t > 400` only (the backbone sees time in units of the full horizon).
 """
 
 from __future__ import annotations
@@ -37,7 +47,9 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # the constraint solves run in float64
 
+import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
+import numpy as np  # noqa: E402
 
 import hcmoe  # noqa: E402
 from hcmoe import methods, plotting, training  # noqa: E402
@@ -72,6 +84,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-train", type=int, help="default: the size's (256 / 8000)")
     parser.add_argument("--n-test", type=int, help="default: the size's (64 / 1000)")
     parser.add_argument("--residual-weight", type=float, default=500.0)
+    parser.add_argument("--formulation", choices=diffusion_sorption.FORMULATIONS,
+                        default="hcmoe")
+    parser.add_argument("--overlap", type=float, default=0.3,
+                        help="PI-HC-MoE blending half-width in x (0: the paper's piecewise)")
+    parser.add_argument("--total-points", action="store_true",
+                        help="PI-HC gets the points of all experts together")
+    parser.add_argument("--extrapolate", action="store_true",
+                        help="train on t <= 400, test on t > 400 (the paper's third experiment)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/diffusion_sorption"))
     parser.add_argument("--data-dir", type=Path, help="dataset cache (default ~/.cache/hcmoe)")
@@ -81,19 +101,57 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in CONFIGS[args.size].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    for name in ("steps", "batch_size", "points_per_expert", "experts", "n_train", "n_test"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive int; got {value}")
+    if not args.residual_weight > 0:
+        parser.error(f"--residual-weight: expected a positive number; got {args.residual_weight}")
+    if not args.overlap >= 0:
+        parser.error(f"--overlap: expected a non-negative number; got {args.overlap}")
+    try:  # the partition's own checks, before any data is made
+        hcmoe.Partition(t=1, x=args.experts, overlap=args.overlap).blend(
+            diffusion_sorption.grid(args.size))
+    except ValueError as error:
+        parser.error(f"--experts/--overlap: {error}")
     return args
 
 
+T_TRAIN = 400.0  # --extrapolate: training horizon
+
+
+def train_grid(args, grid):
+    """The grid trained on: the whole one, or its levels with t <= 400 (--extrapolate)."""
+    if not args.extrapolate:
+        return grid
+    t = grid.coords("t")
+    return grid.with_coords(t=t[t <= T_TRAIN + 1e-9])
+
+
+def run_directory(args):
+    name = args.size + ("_extrapolate" if args.extrapolate else "")
+    if args.formulation != "hcmoe":
+        name += f"_{args.formulation}"
+    return args.out / name
+
+
 def run(kind: str, args, train, test, grid) -> dict:
-    directory = args.out / args.size / kind
+    directory = run_directory(args) / kind
+    points = args.points_per_expert
+    if kind == "hc" and args.total_points:
+        points *= args.experts
+    fit_grid = train_grid(args, grid)
     method = methods.make_method(
         kind,
         args.backbone(jr.key(args.seed)),  # the same initial backbone for every method
-        diffusion_sorption.DiffusionSorption(),
-        grid,
-        hcmoe.Partition(t=1, x=args.experts),
+        diffusion_sorption.formulation(args.formulation),
+        fit_grid,
+        hcmoe.Partition(t=1, x=args.experts, overlap=args.overlap),
+        # The backbone sees time in units of the full horizon, on either grid.
+        inputs=methods.InitialConditionInput("u0", extents={"t": grid.extent("t")}),
         residual_weight=args.residual_weight,
-        points_per_expert=args.points_per_expert,
+        points_per_expert=points,
+        balance="mean" if args.formulation == "hcmoe" else "sum",
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)
     test_data = {"u0": test["u0"]}
@@ -104,7 +162,7 @@ def run(kind: str, args, train, test, grid) -> dict:
         batch_size=args.batch_size,
         key=jr.key(args.seed + 1),
         optimizer=training.paper_optimizer(decay_every=args.decay_every),
-        eval_data=(test_data, test["u"]),
+        eval_data=None if args.extrapolate else (test_data, test["u"]),
         eval_every=args.eval_every,
         eval_batch_size=args.eval_batch_size,
         run_dir=directory,
@@ -113,16 +171,25 @@ def run(kind: str, args, train, test, grid) -> dict:
         progress=args.progress,
     )
     evaluation = methods.evaluate(
-        result.model, test_data, test["u"], batch_size=args.eval_batch_size
+        result.model, test_data, test["u"], grid=grid, batch_size=args.eval_batch_size,
+        num_predictions=len(test["u0"]) if args.extrapolate else 1,
     )
     row = methods.result_row(result.model, evaluation, result.history)
+    if args.extrapolate:  # the error on t > 400 only
+        late = grid.coords("t") > T_TRAIN + 1e-9
+        errors = np.asarray(hcmoe.losses.relative_l2(
+            jnp.asarray(evaluation.predictions[:, late]), jnp.asarray(test["u"][:, late]),
+            batch_ndim=1))
+        row.update(rel_l2_mean=float(errors.mean()), rel_l2_std=float(errors.std()),
+                   rel_l2=errors.tolist(), rel_l2_whole_horizon=evaluation.mean)
     (directory / "results.json").write_text(json.dumps(row, indent=2))
     plotting.plot_prediction(
-        evaluation.predictions[0], test["u"][0], grid=grid, labels=result.model.labels(),
+        evaluation.predictions[0], test["u"][0], grid=grid, labels=result.model.labels(grid),
         title=f"{method.name}, test sample 0", path=directory / "prediction.png",
     )
     plotting.plot_training_curves(
-        result.history, keys=["loss", "rel_l2"], title=method.name,
+        result.history, keys=["loss"] if args.extrapolate else ["loss", "rel_l2"],
+        title=method.name,
         path=directory / "training.png",
     )
     print(methods.results_table([row]))
@@ -131,7 +198,7 @@ def run(kind: str, args, train, test, grid) -> dict:
 
 def summarise(args, grid) -> str:
     """Compare every method run so far at this size: results.md, results.json, comparison.png."""
-    directory = args.out / args.size
+    directory = run_directory(args)
     rows = [
         json.loads((directory / kind / "results.json").read_text())
         for kind in methods.KINDS
@@ -141,6 +208,9 @@ def summarise(args, grid) -> str:
     record = {
         "problem": "diffusion-sorption",
         "size": args.size,
+        "formulation": args.formulation,
+        "extrapolate": args.extrapolate,
+        "overlap": args.overlap,
         "grid": list(grid.shape),
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, "

@@ -42,6 +42,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-test", type=int, default=32, help="held-out trajectories")
     parser.add_argument("--points-per-expert", type=int, default=400)
     parser.add_argument("--experts", type=int, default=4, help="PI-HC-MoE blocks along x")
+    parser.add_argument("--overlap", type=float, default=0.3,
+                        help="PI-HC-MoE blending half-width in x (0: piecewise, the paper's)")
+    parser.add_argument("--scope", choices=("global", "owned"), default="global",
+                        help="which experts get the IC/BC rows")
+    parser.add_argument("--exact-ic", action=argparse.BooleanOptionalAction, default=True,
+                        help="build the initial condition into the ansatz")
+    parser.add_argument("--ic-weight", type=float, default=1.0)
+    parser.add_argument("--bc-weight", type=float, default=10.0)
+    parser.add_argument("--initial-layer", type=float, default=0.0,
+                        help="impose the PDE only at t > t0 + this (s)")
+    parser.add_argument("--balance", choices=("mean", "sum"), default="mean")
+    parser.add_argument("--ridge", type=float, default=1e-4)
+    parser.add_argument("--max-steps", type=int, default=50, help="LM iteration cap")
+    parser.add_argument("--time-derivative", choices=("central", "backward"), default="central")
+    parser.add_argument("--boundary", choices=("ghost", "cell"), default="ghost",
+                        help="boundary rows as the finite-volume reference poses them (ghost) "
+                        "or on the outermost cell centres (cell)")
+    parser.add_argument("--total-points", action="store_true",
+                        help="give PI-HC the points of all experts together (equal total points)")
     parser.add_argument("--methods", nargs="+", choices=methods.KINDS, default=list(methods.KINDS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/quickstart"))
@@ -49,7 +68,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--tiny", action="store_true", help="a seconds-long smoke run (tests, CI): tiny grid"
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "n_train", "n_test", "points_per_expert", "experts"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: expected a positive int; got "
+                         f"{getattr(args, name)}")
+    for name in ("overlap", "ic_weight", "bc_weight", "initial_layer"):
+        value = getattr(args, name)
+        if not value >= 0:
+            parser.error(f"--{name.replace('_', '-')}: expected a non-negative number; got {value}")
+    return args
 
 
 def make_data(args):
@@ -78,18 +106,49 @@ def backbone(args, key):
     return FNO.diffusion_sorption_small(key)
 
 
+def pde(args):
+    """The diffusion–sorption PDE as every method poses it (same for all three)."""
+    return diffusion_sorption.DiffusionSorption(
+        scope=args.scope,
+        exact_initial=args.exact_ic,
+        initial_weight=args.ic_weight,
+        boundary_weight=args.bc_weight,
+        initial_layer=args.initial_layer,
+        boundary=args.boundary,
+        time_derivative=args.time_derivative,
+    )
+
+
+def physics_loss(pde_, grid, data, u):
+    """Mean physics loss (PDE residual + conditions, the training loss) of fields `u`."""
+    weighted = methods.WeightedResidual(pde_, 500.0)
+
+    def one(d, v):
+        v = jax.numpy.asarray(v, "float64")
+        return hcmoe.losses.residual_loss(v, weighted, grid, d) + hcmoe.losses.condition_loss(
+            v, weighted, grid, d)
+
+    return float(jax.numpy.mean(jax.jit(jax.vmap(one))(data, u)))
+
+
 def run_method(kind, args, train, test, grid):
     """Train one method, evaluate it on the held-out split, save its figure; a results row."""
+    points = args.points_per_expert
+    if kind == "hc" and args.total_points:
+        points *= args.experts
     method = methods.make_method(
         kind,
         backbone(args, jr.key(args.seed)),  # the same initial backbone for every method
-        diffusion_sorption.DiffusionSorption(),
+        pde(args),
         grid,
-        hcmoe.Partition(t=1, x=args.experts),
+        hcmoe.Partition(t=1, x=args.experts, overlap=args.overlap),
         # Time in units of the 500 s horizon: the PDE rows would otherwise be ~1e-3 next to
         # the IC/BC rows, in the solve and in the loss.
         residual_weight=500.0,
-        points_per_expert=args.points_per_expert,
+        points_per_expert=points,
+        balance=args.balance,
+        ridge=args.ridge,
+        max_steps=args.max_steps,
     )
     print(f"\n== {method.name} ==", flush=True)
     start = time.perf_counter()
@@ -107,7 +166,20 @@ def run_method(kind, args, train, test, grid):
         progress=args.progress,
     )
     train_seconds = time.perf_counter() - start
-    evaluation = methods.evaluate(result.model, {"u0": test["u0"]}, test["u"])
+    evaluation = methods.evaluate(
+        result.model, {"u0": test["u0"]}, test["u"], num_predictions=len(test["u0"])
+    )
+    predictions = evaluation.predictions
+    labels = result.model.labels()
+    seams = None
+    if labels is not None and kind == "moe":
+        # Largest cell-to-cell change across each interface, over the test set: prediction
+        # against the reference (whose change there is the physics).
+        def jumps(fields):
+            per = [hcmoe.losses.interface_jumps(jax.numpy.asarray(u), labels) for u in fields]
+            return {f"{a}-{b}": float(max(p[(a, b)] for p in per)) for (a, b) in per[0]}
+
+        seams = {"prediction": jumps(predictions), "reference": jumps(test["u"])}
     plotting.plot_prediction(
         evaluation.predictions[0],
         test["u"][0],
@@ -127,6 +199,8 @@ def run_method(kind, args, train, test, grid):
         "solver_steps": evaluation.solver_steps,
         "non_converged": evaluation.non_converged,
         "steps": result.step,
+        "physics_loss": physics_loss(pde(args), grid, {"u0": test["u0"]}, predictions),
+        "interface_jumps": seams,
     }
 
 
@@ -135,17 +209,26 @@ def main(argv=None) -> list[dict]:
     if args.tiny:
         args.n_train, args.n_test = min(args.n_train, 8), min(args.n_test, 4)
         args.points_per_expert = min(args.points_per_expert, 16)
+        args.overlap = min(args.overlap, 0.1)
     start = time.perf_counter()
     train, test, grid = make_data(args)
     print(
         f"diffusion-sorption: {len(train['u0'])} train / {len(test['u0'])} test trajectories "
         f"on {grid} ({time.perf_counter() - start:.0f} s)"
     )
+    reference_loss = physics_loss(pde(args), grid, {"u0": test["u0"]}, test["u"])
     rows = [run_method(kind, args, train, test, grid) for kind in args.methods]
     table = methods.results_table(rows)
     total = time.perf_counter() - start
     print(f"\nHeld-out relative L2 error ({len(test['u0'])} trajectories), {total:.0f} s in all:")
     print(table)
+    print(f"physics loss of the reference solutions: {reference_loss:.3g}; of the predictions: "
+          + ", ".join(f"{r['method']} {r['physics_loss']:.3g}" for r in rows))
+    for row in rows:
+        if row["interface_jumps"]:
+            pred, ref = row["interface_jumps"]["prediction"], row["interface_jumps"]["reference"]
+            print("largest change across each interface (prediction / reference): "
+                  + ", ".join(f"{k}: {pred[k]:.3f} / {ref[k]:.3f}" for k in pred))
     plotting.plot_method_comparison(
         {row["method"]: row["rel_l2"] for row in rows},
         title="diffusion-sorption (quickstart)",
@@ -156,6 +239,8 @@ def main(argv=None) -> list[dict]:
         "machine": f"{platform.machine()} {platform.processor() or ''} "
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}".strip(),
         "grid": list(grid.shape),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "reference_physics_loss": reference_loss,
         "total_seconds": total,
         "results": rows,
     }

@@ -81,3 +81,39 @@ def test_flax_backbones(name):
 def test_custom_pde(tmp_path):
     rows = _load("custom_pde").main(["--steps", "3", "--out", str(tmp_path), "--no-progress"])
     _check_rows(rows, ["PI-SC", "PI-HC"])
+
+
+@pytest.mark.parametrize("name", ["quickstart", "diffusion_sorption"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "-5"], "--steps: expected a positive int"),
+        (["--batch-size", "0"], "--batch-size: expected a positive int"),
+        (["--experts", "0"], "--experts: expected a positive int"),
+        (["--points-per-expert", "0"], "--points-per-expert: expected a positive int"),
+        (["--overlap", "-0.1"], "--overlap: expected a non-negative number"),
+    ],
+)
+def test_example_flags_are_checked_before_any_work(name, flags, message, capsys):
+    example = _load(name)
+    with pytest.raises(SystemExit) as error:
+        example.parse_args(flags)
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_diffusion_sorption_example_checks_the_partition_up_front(capsys):
+    with pytest.raises(SystemExit):
+        _load("diffusion_sorption").parse_args(["--experts", "4", "--overlap", "5"])
+    assert "--experts/--overlap" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_diffusion_sorption_extrapolation(tmp_path):
+    example = _load("diffusion_sorption")
+    example.main(["--steps", "2", "--n-train", "8", "--n-test", "4", "--extrapolate",
+                  "--out", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
+                  "--no-progress", "--method", "sc", "moe"])
+    record = json.loads((tmp_path / "runs/small_extrapolate/results.json").read_text())
+    _check_rows(record["results"], ["PI-SC", "PI-HC-MoE"])
+    assert all("rel_l2_whole_horizon" in row for row in record["results"])

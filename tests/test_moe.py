@@ -72,6 +72,8 @@ def test_interior_experts_recover_non_constant_solution_with_global_conditions()
         (dict(t=(0.0, 1.0, 9), x=(0.0, 2.0, 40)), dict(t=3, x=2, overlap={"x": 0.3}), ()),
         (dict(t=(0.0, 1.0, 3), x=(0.0, 1.0, 32), y=(0.0, 1.0, 16)),
          dict(x=2, y=4, overlap=0.1), ("x", "y")),
+        (dict(t=(0.0, 1.0, 3), x=(0.0, 1.0, 41)), dict(x=4, overlap=0.3), ()),  # wide: normalised
+        (dict(t=(0.0, 1.0, 3), x=(0.0, 1.0, 40)), dict(x=4, overlap=0.3), ("x",)),
     ],
 )
 def test_partition_of_unity_sums_to_one_and_is_supported_on_members(axes, blocks, periodic):
@@ -307,8 +309,8 @@ def test_sampled_points_are_reported_and_respect_the_residual_mask(getkey):
 
 def test_bad_overlap_is_a_clear_error():
     grid = small_grid()
-    with pytest.raises(ValueError, match="more than half a block's width"):
-        hcmoe.Partition(x=4, overlap=0.2).blend(grid)
+    with pytest.raises(ValueError, match="more than the axis' extent"):
+        hcmoe.Partition(x=4, overlap=1.5).blend(grid)
     with pytest.raises(ValueError, match="non-negative float"):
         hcmoe.Partition(x=4, overlap=-0.1)
     with pytest.raises(ValueError, match="not split by this partition"):

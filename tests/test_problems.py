@@ -133,12 +133,20 @@ def test_diffusion_sorption_boundaries_and_robustness():
     pde = ds.DiffusionSorption()
     initial, inflow, outflow = pde.conditions(grid, {"u0": single[0]})
     assert float(jnp.abs(condition_residual(initial, single, grid)).max()) == 0.0
+    # Ghost-cell rows (the default): the finite-volume reference meets them to O(dx^2) for
+    # t > t0, and they carry no weight on the IC's level, where u = c contradicts them.
+    for cond in (inflow, outflow):
+        weight = np.asarray(cond.weight_on_face(grid))
+        assert weight[0] == 0.0 and np.all(weight[1:] == 1.0)
+        assert float(jnp.abs(condition_residual(cond, single, grid)[1:]).max()) < 1e-3
+    # "cell": u = 1 on the first centre, half a cell inside the ghost value 1: there the
+    # residual is about one cell's difference u[0] - u[1], O(dx).
     late = grid.coords("t") >= 100
-    # The ghost value 1 sits half a cell outside the first centre, so there the Dirichlet
-    # residual is about one cell's difference u[0] - u[1]: O(dx).
-    inflow_gap = -condition_residual(inflow, single, grid)[late]
+    _, inflow_cell, outflow_cell = ds.DiffusionSorption(boundary="cell").conditions(
+        grid, {"u0": single[0]})
+    inflow_gap = -condition_residual(inflow_cell, single, grid)[late]
     np.testing.assert_allclose(inflow_gap, (single[:, 0] - single[:, 1])[late], rtol=0.2)
-    outflow_residual = condition_residual(outflow, single, grid)[late]
+    outflow_residual = condition_residual(outflow_cell, single, grid)[late]
     assert float(jnp.abs(outflow_residual).max()) < grid.spacing("x")
 
 

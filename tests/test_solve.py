@@ -18,6 +18,7 @@ from .helpers import (
     small_grid,
 )
 
+
 # Some partitions here give an expert no condition row on purpose (owned scope).
 pytestmark = pytest.mark.filterwarnings("ignore::hcmoe.ConditionWarning")
 

@@ -114,7 +114,7 @@ def _condition_rows(transformed, particular, conditions, grid, members, scope, p
         offsets.append(offset[index])
         targets.append(target[index])
         scales.append(jnp.where(valid, weight[index] * jnp.asarray(factor, dtype), 0.0))
-        valids.append(valid)
+        valids.append(valid & (weight[index] != 0))  # zero-weight rows are not conditions
     if conditions and warn:
         empty = np.flatnonzero(~has_rows).tolist()
         if empty:
@@ -248,9 +248,10 @@ def solve(
     where `A_{k,j}` are the rows of `L_j T(B)` at the expert's (sampled) points, and returns
     `u = u_p + T(B) w_k` on block `k` (blended, `u = u_p + sum_k phi_k T(B) w_k`, for a
     `Partition(..., overlap=...)`). Conditions with `exact=True` are part of the ansatz
-    `u_p + T(B) w` (see `hcmoe.Condition`); the others are rows. Gradients with respect to `basis` (and `data`) flow
-    through the solve by the implicit function theorem (`optimistix.ImplicitAdjoint`), or
-    through `lineax`'s differentiable solve when `pde.linear`.
+    `u_p + T(B) w` (see `hcmoe.Condition`); the others are rows. Gradients with respect to
+    `basis` (and `data`) flow through the solve by the implicit function theorem
+    (`optimistix.ImplicitAdjoint`), or through `lineax`'s differentiable solve when
+    `pde.linear`.
 
     **Arguments:**
 

@@ -208,6 +208,68 @@ class FiniteDifference(AbstractOperator):
         return jnp.moveaxis(out, 0, axis)
 
 
+def _backward_stencils(n: int, accuracy: int):
+    """First derivative from the point and the `accuracy` points before it (BDF weights);
+    the first points use as many earlier points as there are (point 0: a forward stencil)."""
+    if accuracy + 1 > n:
+        raise ValueError(
+            f"BackwardDifference: accuracy {accuracy} needs {accuracy + 1} points along the "
+            f"axis; the grid has {n}."
+        )
+    width = accuracy + 1
+    index = np.empty((n, width), dtype=np.int32)
+    weight = np.zeros((n, width), dtype=np.float64)
+    for i in range(n):
+        if i == 0:
+            offsets = np.arange(width)
+        else:
+            offsets = -np.arange(min(i, accuracy) + 1)[::-1]
+        points = i + offsets
+        index[i] = np.concatenate([points, np.full(width - points.size, i)])
+        weight[i, : points.size] = fd_weights(offsets, 1)
+    return index, weight
+
+
+class BackwardDifference(AbstractOperator):
+    """The first derivative along an axis from the current and earlier points only (the BDF
+    formulas: `accuracy=1` is backward Euler, `2` is BDF2; the first points use the lower
+    orders that fit, point 0 a forward stencil). In time, a residual built on it is an
+    implicit, A-stable time-stepping scheme: its discrete solution is determined level by
+    level by the initial and boundary conditions, and a small residual means a small error,
+    which central differences in time (leapfrog, unstable for diffusion) do not give.
+
+    **Arguments:**
+
+    - `axis`: the grid axis name, usually `"t"` (not periodic).
+    - `accuracy`: 1 or more: the number of earlier points used.
+    """
+
+    axis: str = eqx.field(static=True)
+    accuracy: int = eqx.field(static=True, default=2)
+
+    def __check_init__(self):
+        if not isinstance(self.accuracy, int) or self.accuracy < 1:
+            raise ValueError(
+                f"BackwardDifference: accuracy must be an int >= 1; got {self.accuracy!r}."
+            )
+
+    def __call__(self, field, grid):
+        if grid.is_periodic(self.axis):
+            raise ValueError(
+                f"BackwardDifference: axis {self.axis!r} is periodic; use FiniteDifference."
+            )
+        axis = grid.axis(self.axis)
+        n = grid.shape[axis]
+        index, weight = _backward_stencils(n, self.accuracy)
+        weight = weight / grid.spacing(self.axis)
+        moved = jnp.moveaxis(field, axis, 0)
+        out = 0
+        for j in range(index.shape[1]):
+            w = jnp.asarray(weight[:, j], dtype=field.dtype).reshape((n,) + (1,) * (field.ndim - 1))
+            out = out + w * moved[index[:, j]]
+        return jnp.moveaxis(out, 0, axis)
+
+
 # --------------------------------------------------------------------------------------------
 # Spectral operators (periodic axes)
 # --------------------------------------------------------------------------------------------

@@ -61,7 +61,9 @@ class Partition(AbstractPartition):
 
     - `**blocks`: number of blocks per axis name (positive ints).
     - `overlap`: half-width of the blending zone at each interface, in the axis's coordinates:
-      a float for every split axis, or a dict `{axis: delta}`. At most half a block's width.
+      a float for every split axis, or a dict `{axis: delta}`. Up to half a block's width the
+      windows sum to one as they are; wider overlaps (each expert reaching into several
+      neighbours) are normalised by their sum.
     """
 
     blocks: tuple[tuple[str, int], ...] = eqx.field(static=True)
@@ -142,11 +144,10 @@ class Partition(AbstractPartition):
                 windows.append((labels[None] == np.arange(count)[:, None]).astype(np.float64))
                 continue
             low, high = grid.extent(name)
-            width = (high - low) / count
-            if delta > width / 2:
+            if delta > high - low:
                 raise ValueError(
-                    f"overlap: {delta} along {name!r} is more than half a block's width "
-                    f"({width / 2:g}); use at most that, or fewer blocks."
+                    f"overlap: {delta} along {name!r} is more than the axis' extent "
+                    f"({high - low:g}); every expert would see the whole axis."
                 )
             windows.append(_windows(grid.coords(name), low, high, count, delta,
                                     grid.is_periodic(name)))
@@ -182,7 +183,7 @@ def _windows(x, low, high, count, delta, periodic) -> np.ndarray:
     the ends of a non-periodic axis, wrap-around on a periodic one."""
     width = (high - low) / count
     period = high - low
-    out = np.empty((count, x.size))
+    out = np.empty((count, x.size))  # bumps; normalised below
     for j in range(count):
         centre = low + (j + 0.5) * width
         d = x - centre
@@ -194,7 +195,9 @@ def _windows(x, low, high, count, delta, periodic) -> np.ndarray:
             up = np.ones_like(d) if j == 0 else up
             down = np.ones_like(d) if j == count - 1 else down
         out[j] = up * down
-    return out
+    # Up to half a block's width the bumps already sum to one (each ramp pairs with its
+    # neighbour's mirror image); wider overlaps are normalised (Shepard), still C^1.
+    return out / out.sum(axis=0, keepdims=True)
 
 
 class LabelPartition(AbstractPartition):

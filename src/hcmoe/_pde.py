@@ -249,7 +249,8 @@ def ansatz(pde: AbstractPDE, basis: Array, grid: Grid, data: Any):
         transformed = transformed - ramp[..., None] * trace
         if particular is None:
             particular = jnp.zeros(grid.shape, basis.dtype)
-        particular = particular + ramp * (target - jnp.take(particular, jnp.array([face]), axis=axis))
+        trace = jnp.take(particular, jnp.array([face]), axis=axis)
+        particular = particular + ramp * (target - trace)
     return transformed, particular, tuple(c for c in conditions if not c.exact)
 
 

@@ -13,6 +13,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._levenberg_marquardt import LevenbergMarquardt
 from ._pde import AbstractPDE
+from ._pdedata import PDEData
 
 
 class SolveStats(eqx.Module):
@@ -89,7 +90,8 @@ def _data_at_points(problem: ExpertProblem, data: Any) -> Any:
         return data
     merged = dict(data)
     merged.update(problem.point_data)
-    return merged
+    owner = getattr(data, "owner", None)
+    return merged if owner is None else PDEData(merged, owner)  # keeps its missing-key error
 
 
 def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float):

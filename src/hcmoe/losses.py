@@ -10,6 +10,7 @@ from jaxtyping import Array, Float
 
 from ._grid import Grid
 from ._pde import AbstractPDE, residual_mask
+from ._pdedata import wrap_data
 
 
 def _check_prediction(u, grid: Grid, name: str = "u"):
@@ -20,6 +21,7 @@ def pointwise_residual(u: Float[Array, "*grid"], pde: AbstractPDE, grid: Grid, d
     """`F(L_1 u, ..., L_J u)` at every grid point, with the PDE's own operators (also where
     `pde.residual_mask` leaves the PDE out)."""
     _check_prediction(u, grid)
+    data = wrap_data(data, pde)
     values = {name: op(u, grid) for name, op in pde.operators().items()}
     coords = {name: jnp.asarray(c, u.dtype) for name, c in grid.mesh().items()}
     return pde.residual(values, coords, data)
@@ -49,6 +51,7 @@ def condition_loss(
     """`sum_c mean_face_c((weight_c (L_c u - g_c))^2)` over the PDE's conditions (exact ones
     included: they are ~0 by construction). The weight enters squared, as in the solve."""
     _check_prediction(u, grid)
+    data = wrap_data(data, pde)
     total = jnp.zeros((), u.dtype)
     for cond in pde.conditions(grid, data):
         face = jnp.take(cond.operator(u, grid), cond.face_index(grid), axis=grid.axis(cond.axis))

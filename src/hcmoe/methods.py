@@ -86,9 +86,19 @@ class InitialConditionInput(eqx.Module):
 
     - `name`: the entry of the PDE data holding the initial condition (e.g. `"u0"`, `"w0"`).
       None: the data's only entry.
+    - `extents`: fixed `(low, high)` per axis name for the normalisation, e.g.
+      `{"t": (0.0, 500.0)}`, so that grids covering different spans (train on `t <= 400`,
+      predict up to 500) see the same coordinates for the same physical point. Axes not named
+      are normalised over the grid's own extent.
     """
 
     name: str | None = eqx.field(static=True, default=None)
+    extents: tuple[tuple[str, tuple[float, float]], ...] = eqx.field(static=True, default=())
+
+    def __init__(self, name: str | None = None, extents=None):
+        self.name = name
+        self.extents = tuple((str(k), (float(lo), float(hi)))
+                             for k, (lo, hi) in dict(extents or {}).items())
 
     def __call__(self, grid: Grid, data: Mapping[str, Array]) -> Array:
         name = self.name
@@ -102,7 +112,13 @@ class InitialConditionInput(eqx.Module):
             (name,) = data
         if name not in data:
             raise ValueError(f"inputs: data has no entry {name!r}; got {sorted(data)}.")
-        return fno_input(grid, data[name])
+        x = fno_input(grid, data[name])
+        for axis_name, (low, high) in self.extents:
+            axis = grid.axis(axis_name)
+            own_low, own_high = grid.extent(axis_name)
+            physical = x[..., axis] * (own_high - own_low) + own_low
+            x = x.at[..., axis].set((physical - low) / (high - low))
+        return x
 
 
 class WeightedResidual(AbstractPDE):

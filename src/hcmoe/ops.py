@@ -2,6 +2,7 @@
 
 from ._ops import (
     AbstractOperator as AbstractOperator,
+    BackwardDifference as BackwardDifference,
     Combination as Combination,
     Compose as Compose,
     FiniteDifference as FiniteDifference,

@@ -42,10 +42,12 @@ from ._common import (
 
 
 __all__ = [
+    "FORMULATIONS",
     "SIZES",
     "DiffusionSorption",
     "grid",
     "make_dataset",
+    "formulation",
     "make_grid",
     "reference_solution",
     "sample_initial_conditions",
@@ -54,7 +56,10 @@ __all__ = [
 AXES = ("t", "x")
 T_FINAL = 500.0
 _GAMMA = 1.0 - 1.0 / np.sqrt(2.0)
-_FORMULATION = ("scope", "exact_initial", "initial_weight", "boundary_weight", "initial_layer")
+_FORMULATION = (
+    "scope", "exact_initial", "initial_weight", "boundary_weight", "initial_layer", "boundary",
+    "time_derivative",
+)
 SIZES: dict[str, dict[str, Any]] = {
     "small": {"nt": 26, "nx": 64, "n_train": 256, "n_test": 64, "max_dt": 1.0},
     "paper": {"nt": 101, "nx": 1024, "n_train": 8000, "n_test": 1000, "max_dt": 1.0},
@@ -83,10 +88,23 @@ class DiffusionSorption(AbstractPDE):
     - `exact_initial = False`: True builds the IC into the ansatz (exact by construction,
       see `hcmoe.Condition`) instead of least-squares rows.
     - `initial_weight = boundary_weight = 1`: condition weights (`hcmoe.Condition`).
-    - `initial_layer = 0`: the PDE is imposed only at `t > t_0 + initial_layer` (in the PDE
-      rows and in `hcmoe.losses`). The IC jumps from `c` to 1 at `x = 0`; a grid of ~20 s time
-      steps does not resolve the layer this opens, and there the reference's own discrete
-      residual is as large as `u_t` itself (see `examples/results/README.md`).
+    - `initial_layer = 0`: the PDE is imposed at `t > t_0 + initial_layer` (in the PDE rows
+      and in `hcmoe.losses`); by default at every level but the initial one, where the IC
+      holds instead (and where the jump from `c` to 1 at `x = 0` makes the one-sided `u_t`
+      meaningless). Leaving out further levels is possible but unwise with central
+      differences in time: the levels left out are then pinned by nothing (on the small grid,
+      `initial_layer=20` lets the exact minimiser of the physics loss drift 38-60% from the
+      reference, against 0.9-1.7% for the default; `examples/results/README.md`).
+    - `boundary = "ghost"`: where the boundary conditions sit. `"ghost"` (default) matches the
+      finite volumes of PDEBench and of `reference_solution`: the inflow value 1 is the value
+      of the ghost cell `dx/2` *outside* the domain, `u(x_0) - dx u_x(x_0) = 1`, and the
+      outflow `u = D u_x` on the last cell; both for `t > t_0` only (the IC holds at `t_0`,
+      where `u = c` contradicts them). On the small grid the reference meets these rows to
+      2e-9 (mean square), against 3e-3 for `u(x_0) = 1` on the first cell centre (`"cell"`,
+      the published statement taken literally, with rows at every `t`).
+    - `time_derivative = "central"`: `u_t` by central differences (the paper's), or
+      `"backward"`: BDF2 (BDF1 on the first step), so that the discrete PDE is an implicit,
+      stable time-stepping scheme from the IC (see `hcmoe.ops.BackwardDifference`).
     """
 
     D: float = 5e-4
@@ -100,6 +118,12 @@ class DiffusionSorption(AbstractPDE):
     initial_weight: float = 1.0
     boundary_weight: float = 1.0
     initial_layer: float = eqx.field(static=True, default=0.0)
+    boundary: str = eqx.field(static=True, default="ghost")
+    time_derivative: str = eqx.field(static=True, default="central")
+
+    def __check_init__(self):
+        check_choice("boundary", self.boundary, ("ghost", "cell"))
+        check_choice("time_derivative", self.time_derivative, ("central", "backward"))
 
     def retardation(self, u: ArrayLike) -> Array:
         """The retardation factor `R(u)`, guarded at `u <= 0`."""
@@ -113,32 +137,62 @@ class DiffusionSorption(AbstractPDE):
         return sorption * ((u + self.eps) ** self.n_f - self.eps**self.n_f)
 
     def operators(self) -> dict[str, ops.AbstractOperator]:
-        return {
-            "u": ops.Identity(),
-            "u_t": ops.FiniteDifference("t"),
-            "u_xx": ops.FiniteDifference("x", order=2),
-        }
+        if self.time_derivative == "backward":
+            u_t = ops.BackwardDifference("t", accuracy=2)
+        else:
+            u_t = ops.FiniteDifference("t")
+        return {"u": ops.Identity(), "u_t": u_t, "u_xx": ops.FiniteDifference("x", order=2)}
 
     def residual(self, values: dict[str, Array], coords: dict[str, ArrayLike], data: Any) -> Array:
         return values["u_t"] - self.D / self.retardation(values["u"]) * values["u_xx"]
 
     def conditions(self, grid: Grid, data: Any) -> tuple[Condition, ...]:
         u0 = require(data, "u0", self)
+        ic = initial(u0, weight=self.initial_weight, scope=self.scope, exact=self.exact_initial)
+        if self.boundary == "cell":
+            return (
+                ic,
+                dirichlet("x", "low", 1.0, weight=self.boundary_weight, scope=self.scope),
+                robin("x", "high", a=1.0, b=-self.D, value=0.0, weight=self.boundary_weight,
+                      scope=self.scope),
+            )
+        # Boundary rows for t > t0 only: per-point weights, zero on the IC's time level.
+        weight = np.full(grid.shape[grid.axis("t")], float(self.boundary_weight))
+        weight[0] = 0.0
+        dx = grid.spacing("x")
         return (
-            initial(u0, weight=self.initial_weight, scope=self.scope, exact=self.exact_initial),
-            dirichlet("x", "low", 1.0, weight=self.boundary_weight, scope=self.scope),
-            robin("x", "high", a=1.0, b=-self.D, value=0.0, weight=self.boundary_weight,
-                  scope=self.scope),
+            ic,
+            robin("x", "low", a=1.0, b=-dx, value=1.0, weight=weight, scope=self.scope),
+            robin("x", "high", a=1.0, b=-self.D, value=0.0, weight=weight, scope=self.scope),
         )
 
     def residual_mask(self, grid: Grid):
-        if self.initial_layer <= 0:
-            return None
         t = grid.coords("t")
         keep = t > t[0] + self.initial_layer
         shape = [1] * grid.ndim
         shape[grid.axis("t")] = t.size
         return np.broadcast_to(keep.reshape(shape), grid.shape).copy()
+
+
+FORMULATIONS: dict[str, dict[str, Any]] = {
+    # This library's: the IC by construction, boundary rows where the finite-volume reference
+    # puts them (for t > t0), every expert meets every condition, PDE rows from t1 on.
+    # Boundary rows weighted 10 (x100 in the objective): the reference meets them to 5e-5
+    # but the PDE rows only to 0.2 RMS on the small grid (the unresolved initial layer), so
+    # they deserve more trust; 10 was the best of {1, 10, 38} on quickstart seeds 0-1 for both
+    # PI-HC and PI-HC-MoE (38 made training unstable). A measured choice, not a derived one.
+    "hcmoe": dict(scope="global", exact_initial=True, boundary="ghost", boundary_weight=10.0),
+    # The paper's release as published: IC and boundary rows as least squares on the
+    # outermost cell centres at every level, given to every expert.
+    "paper": dict(scope="global", exact_initial=False, boundary="cell"),
+}
+
+
+def formulation(name: str = "hcmoe", **overrides) -> DiffusionSorption:
+    """`DiffusionSorption` posed as in `FORMULATIONS[name]` (`"hcmoe"` or `"paper"`), with
+    any field overridden."""
+    check_choice("formulation", name, FORMULATIONS)
+    return DiffusionSorption(**{**FORMULATIONS[name], **overrides})
 
 
 def make_grid(*, nt: int, nx: int, t_final: float = T_FINAL) -> Grid:
