@@ -163,7 +163,7 @@ def run(kind: str, args, train, test, grid) -> dict:
         key=jr.key(args.seed + 1),
         optimizer=training.paper_optimizer(decay_every=args.decay_every),
         eval_data=None if args.extrapolate else (test_data, test["u"]),
-        eval_every=args.eval_every,
+        eval_every=None if args.extrapolate else args.eval_every,
         eval_batch_size=args.eval_batch_size,
         run_dir=directory,
         checkpoint_every=args.checkpoint_every,

@@ -20,8 +20,8 @@ from .helpers import ForcedBurgers, ForcedHeat, basis_with_exact, data_for, smal
 def test_stack_jacobian_matches_jacfwd(getkey, pde):
     grid = small_grid(nt=6, nx=9)
     basis = jr.normal(getkey(), grid.shape + (4,))
-    labels = hcmoe.Partition(x=2).labels(grid)
-    problems, _, _ = build_problems(basis, pde, grid, data_for(grid), labels, 2, 20, getkey())
+    partition = hcmoe.Partition(x=2)
+    problems, _, _ = build_problems(basis, pde, grid, data_for(grid), partition, 20, getkey())
     w = jr.normal(getkey(), (4,))
     for k in range(2):
         problem = jax.tree_util.tree_map(lambda a: a[k], problems)
