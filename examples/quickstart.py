@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--balance", choices=("mean", "sum"), default="mean")
     parser.add_argument("--ridge", type=float, default=1e-4)
     parser.add_argument("--max-steps", type=int, default=50, help="LM iteration cap")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="start LM from one Gauss-Newton step")
     parser.add_argument("--time-derivative", choices=("central", "backward"), default="central")
     parser.add_argument("--boundary", choices=("ghost", "cell"), default="ghost",
                         help="boundary rows as the finite-volume reference poses them (ghost) "
@@ -149,6 +151,7 @@ def run_method(kind, args, train, test, grid):
         balance=args.balance,
         ridge=args.ridge,
         max_steps=args.max_steps,
+        warm_start=args.warm_start,
     )
     print(f"\n== {method.name} ==", flush=True)
     start = time.perf_counter()

@@ -317,3 +317,24 @@ def test_bad_overlap_is_a_clear_error():
         hcmoe.Partition(x=4, overlap={"t": 0.1})
     with pytest.raises(ValueError, match="condition_scope"):
         hcmoe.solve(jnp.ones(grid.shape + (2,)), Straight(), None, grid, condition_scope="all")
+
+
+def test_warm_start_reaches_the_same_minimiser_with_the_same_gradient(getkey):
+    grid = small_grid()
+    basis = basis_with_exact(grid, getkey()) * 5.0  # true weights far from the ones of init
+    basis = basis + 0.05 * jr.normal(getkey(), basis.shape)
+    readout = jr.normal(getkey(), grid.shape)
+    opts = dict(rtol=1e-12, atol=1e-12, max_steps=200, ridge=1e-3, condition_scope="global")
+    partition = hcmoe.Partition(x=2, overlap=0.2)
+
+    def run(b, warm):
+        sol = hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid), warm_start=warm,
+                          **opts)
+        return jnp.sum(sol.u * readout), sol
+
+    (cold_value, cold), cold_grad = jax.value_and_grad(run, has_aux=True)(basis, False)
+    (warm_value, warm), warm_grad = jax.value_and_grad(run, has_aux=True)(basis, True)
+    assert bool(jnp.all(cold.stats.converged)) and bool(jnp.all(warm.stats.converged))
+    np.testing.assert_allclose(warm.weights, cold.weights, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(warm_grad, cold_grad, rtol=1e-6, atol=1e-9)
+    assert int(jnp.sum(warm.stats.num_steps)) < int(jnp.sum(cold.stats.num_steps))

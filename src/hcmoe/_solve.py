@@ -125,6 +125,17 @@ def jacobian(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridg
     return jnp.concatenate([pde_rows, cond_rows, ridge_rows])
 
 
+def _gauss_newton_start(w, problem, pde, data, ridge):
+    """One undamped Gauss–Newton step from `w`, or `w` itself if the step does not help."""
+    r = residual(w, problem, pde, data, ridge)
+    jac = jacobian(w, problem, pde, data, ridge)
+    gram = jac.T @ jac  # includes ridge^2 I from the ridge rows
+    step = jax.scipy.linalg.solve(gram, jac.T @ r, assume_a="pos")
+    candidate = w - step
+    better = jnp.linalg.norm(residual(candidate, problem, pde, data, ridge)) < jnp.linalg.norm(r)
+    return jnp.where(better & jnp.all(jnp.isfinite(candidate)), candidate, w)
+
+
 def solve_expert(
     problem: ExpertProblem,
     init: Array,
@@ -136,8 +147,13 @@ def solve_expert(
     ridge: float,
     adjoint,
     linear_solver: lx.AbstractLinearSolver | None = None,
+    warm_start: bool = False,
 ):
     """Solve one expert's problem; returns `(w, num_steps, residual_norm, result, ok)`.
+
+    `warm_start`: start the nonlinear solve from one Gauss–Newton step off `init` (kept only
+    if it lowers the residual), computed without gradient: the solution, and by the implicit
+    function theorem its gradient, do not depend on where the solve starts.
 
     `linear_solver` solves the linear PDEs' single least-squares problem (default `lx.QR()`:
     `lx.Normal(lx.Cholesky())` is 2-8x faster for m >> N but squares the condition number,
@@ -162,6 +178,10 @@ def solve_expert(
         ok = sol.result == lx.RESULTS.successful
         result = sol.result
     else:
+        if warm_start:
+            init = _gauss_newton_start(jax.lax.stop_gradient(init),
+                                       jax.lax.stop_gradient(problem), pde,
+                                       jax.lax.stop_gradient(data), ridge)
         if isinstance(solver, LevenbergMarquardt):
             solver = solver.with_jacobian(
                 eqx.Partial(jacobian, problem=problem, pde=pde, data=data, ridge=ridge)
