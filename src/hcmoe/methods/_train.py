@@ -1,0 +1,108 @@
+"""The physics loss shared by the three methods and the training driver."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, PRNGKeyArray
+
+from .. import losses
+from ..training import FitResult, fit, paper_optimizer, solver_metrics
+from ._evaluate import evaluate
+from ._method import Method, predict
+
+
+def loss_fn(method: Method, data: Any, key: PRNGKeyArray) -> tuple[Array, dict[str, Array]]:
+    """The physics loss of every method on a batch of PDE data (a `training.fit` loss).
+
+    `loss = mean over samples of residual_loss(u) + condition_loss(u)`, both on the whole
+    training grid. `aux`: the two terms and, for PI-HC(-MoE), `training.solver_metrics`
+    (mean solver steps, number of non-converged expert solves, largest residual norm).
+    """
+    solution = predict(method, data, key=key)
+    grid, pde = method.grid, method.pde
+
+    def terms(u, d):
+        return losses.residual_loss(u, pde, grid, d), losses.condition_loss(u, pde, grid, d)
+
+    residual, conditions = jax.vmap(terms)(solution.u, data)
+    residual, conditions = jnp.mean(residual), jnp.mean(conditions)
+    aux = {"residual_loss": residual, "condition_loss": conditions}
+    if solution.stats is not None:
+        aux.update(solver_metrics(solution.stats))
+    if method.kind == "moe":
+        labels = method.labels()
+        aux["seam_jump"] = jnp.max(jax.vmap(lambda u: losses.seam_jump(u, labels))(solution.u))
+    return residual + conditions, aux
+
+
+def train(
+    method: Method,
+    train_data: Any,
+    *,
+    steps: int,
+    batch_size: int,
+    key: PRNGKeyArray,
+    optimizer: optax.GradientTransformation | None = None,
+    eval_data: tuple[Any, Any] | None = None,
+    eval_every: int | None = None,
+    eval_batch_size: int = 16,
+    run_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+    log_every: int = 10,
+    progress: bool = True,
+) -> FitResult:
+    """Train a method with `loss_fn` through `hcmoe.training.fit`.
+
+    The progress bar shows the loss, its residual and condition terms, the mean solver
+    steps and the number of non-converged expert solves, and the latest held-out error.
+
+    **Arguments:**
+
+    - `method`: a `Method`.
+    - `train_data`: PDE data of the training samples (leading sample axis), e.g.
+      `{"u0": (n, nx)}`: the loss needs no solutions.
+    - `steps`, `batch_size`, `key`: see `fit`.
+    - `optimizer`: default `training.paper_optimizer()` (Adam, clipping at global norm 1,
+      1e-3 halved every 800 steps down to 1e-4).
+    - `eval_data`: `(data, references)` of a held-out split: evaluated every `eval_every` steps
+      and at the end (`rel_l2`, `rel_l2_std` in the metrics).
+    - `eval_batch_size`: see `evaluate`.
+    - `run_dir`: directory for `checkpoints/`, `metrics.jsonl` and `metrics.csv`; a run
+      resumes from its checkpoints (`resume=True`) without losing a step.
+    - `checkpoint_every`, `log_every`, `progress`: see `fit`.
+
+    **Returns:** `fit`'s `FitResult` (the trained method in `.model`).
+    """
+    eval_fn = None
+    if eval_data is not None:
+        test_data, references = eval_data
+
+        def eval_fn(model):
+            result = evaluate(model, test_data, references, batch_size=eval_batch_size)
+            return {"rel_l2": result.mean, "rel_l2_std": result.std}
+
+    run_dir = None if run_dir is None else Path(run_dir)
+    return fit(
+        method,
+        loss_fn,
+        train_data,
+        optimizer=paper_optimizer() if optimizer is None else optimizer,
+        steps=steps,
+        batch_size=batch_size,
+        key=key,
+        eval_fn=eval_fn,
+        eval_every=eval_every,
+        checkpoint_dir=None if run_dir is None else run_dir / "checkpoints",
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        metrics_path=None if run_dir is None else run_dir / "metrics.jsonl",
+        log_every=log_every,
+        progress=progress,
+    )
