@@ -200,12 +200,18 @@ class FiniteDifference(AbstractOperator):
         n = grid.shape[axis]
         index, weight = _fd_stencils(n, self.order, self.accuracy, grid.is_periodic(self.axis))
         weight = weight / grid.spacing(self.axis) ** self.order
-        moved = jnp.moveaxis(field, axis, 0)
-        out = 0
-        for j in range(index.shape[1]):
-            w = jnp.asarray(weight[:, j], dtype=field.dtype).reshape((n,) + (1,) * (field.ndim - 1))
-            out = out + w * moved[index[:, j]]
-        return jnp.moveaxis(out, 0, axis)
+        return _apply_stencils(field, axis, index, weight)
+
+
+def _apply_stencils(field, axis: int, index: np.ndarray, weight: np.ndarray):
+    """`out[i] = sum_j weight[i, j] * field[index[i, j]]` along `axis` (per-point stencils)."""
+    n = index.shape[0]
+    moved = jnp.moveaxis(field, axis, 0)
+    out = 0
+    for j in range(index.shape[1]):
+        w = jnp.asarray(weight[:, j], dtype=field.dtype).reshape((n,) + (1,) * (field.ndim - 1))
+        out = out + w * moved[index[:, j]]
+    return jnp.moveaxis(out, 0, axis)
 
 
 def _backward_stencils(n: int, accuracy: int):
@@ -262,12 +268,7 @@ class BackwardDifference(AbstractOperator):
         n = grid.shape[axis]
         index, weight = _backward_stencils(n, self.accuracy)
         weight = weight / grid.spacing(self.axis)
-        moved = jnp.moveaxis(field, axis, 0)
-        out = 0
-        for j in range(index.shape[1]):
-            w = jnp.asarray(weight[:, j], dtype=field.dtype).reshape((n,) + (1,) * (field.ndim - 1))
-            out = out + w * moved[index[:, j]]
-        return jnp.moveaxis(out, 0, axis)
+        return _apply_stencils(field, axis, index, weight)
 
 
 # --------------------------------------------------------------------------------------------
