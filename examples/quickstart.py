@@ -10,6 +10,12 @@ solver, trains the same small FNO three ways — soft constraint (PI-SC), one ha
 expert (PI-HC) and four experts along x (PI-HC-MoE) — with the same physics loss (PDE residual
 plus IC/BC terms, no solution data), prints a comparison table on the held-out split and saves
 figures (prediction, reference and error with the expert boundaries) to `--out`.
+
+The problem is posed as `diffusion_sorption.FORMULATIONS["hcmoe"]` (the flags below change one
+piece at a time): the initial condition exact by construction, boundary rows where the
+finite-volume reference puts them (t > t0), weight 10, given to every expert, PDE rows from the
+second time level on; PI-HC-MoE experts overlap by 0.3 in x and are blended by a C1 partition
+of unity. `examples/results/README.md` has the measurements behind each choice.
 """
 
 from __future__ import annotations
