@@ -50,21 +50,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=4, help="PI-HC-MoE blocks along x")
     parser.add_argument("--overlap", type=float, default=0.3,
                         help="PI-HC-MoE blending half-width in x (0: piecewise, the paper's)")
-    parser.add_argument("--scope", choices=("global", "owned"), default="global",
+    # Formulation flags: unset ones take diffusion_sorption.FORMULATIONS["hcmoe"]'s values.
+    parser.add_argument("--scope", choices=("global", "owned"),
                         help="which experts get the IC/BC rows")
-    parser.add_argument("--exact-ic", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--exact-ic", action=argparse.BooleanOptionalAction,
                         help="build the initial condition into the ansatz")
-    parser.add_argument("--ic-weight", type=float, default=1.0)
-    parser.add_argument("--bc-weight", type=float, default=10.0)
-    parser.add_argument("--initial-layer", type=float, default=0.0,
+    parser.add_argument("--ic-weight", type=float)
+    parser.add_argument("--bc-weight", type=float)
+    parser.add_argument("--initial-layer", type=float,
                         help="impose the PDE only at t > t0 + this (s)")
     parser.add_argument("--balance", choices=("mean", "sum"), default="mean")
     parser.add_argument("--ridge", type=float, default=1e-4)
     parser.add_argument("--max-steps", type=int, default=50, help="LM iteration cap")
     parser.add_argument("--warm-start", action="store_true",
                         help="start LM from one Gauss-Newton step")
-    parser.add_argument("--time-derivative", choices=("central", "backward"), default="central")
-    parser.add_argument("--boundary", choices=("ghost", "cell"), default="ghost",
+    parser.add_argument("--time-derivative", choices=("central", "backward"))
+    parser.add_argument("--boundary", choices=("ghost", "cell"),
                         help="boundary rows as the finite-volume reference poses them (ghost) "
                         "or on the outermost cell centres (cell)")
     parser.add_argument("--total-points", action="store_true",
@@ -77,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
+    default = diffusion_sorption.formulation("hcmoe")
+    for name, field in _FORMULATION_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(default, field))
     for name in ("steps", "batch_size", "n_train", "n_test", "points_per_expert", "experts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive int; got "
@@ -114,22 +119,28 @@ def backbone(args, key):
     return FNO.diffusion_sorption_small(key)
 
 
+RESIDUAL_WEIGHT = diffusion_sorption.T_FINAL  # time in units of the horizon (training and loss)
+_FORMULATION_FLAGS = {  # flag -> DiffusionSorption field
+    "scope": "scope",
+    "exact_ic": "exact_initial",
+    "ic_weight": "initial_weight",
+    "bc_weight": "boundary_weight",
+    "initial_layer": "initial_layer",
+    "boundary": "boundary",
+    "time_derivative": "time_derivative",
+}
+
+
 def pde(args):
     """The diffusion–sorption PDE as every method poses it (same for all three)."""
-    return diffusion_sorption.DiffusionSorption(
-        scope=args.scope,
-        exact_initial=args.exact_ic,
-        initial_weight=args.ic_weight,
-        boundary_weight=args.bc_weight,
-        initial_layer=args.initial_layer,
-        boundary=args.boundary,
-        time_derivative=args.time_derivative,
+    return diffusion_sorption.formulation(
+        "hcmoe", **{field: getattr(args, name) for name, field in _FORMULATION_FLAGS.items()}
     )
 
 
 def physics_loss(pde_, grid, data, u):
     """Mean physics loss (PDE residual + conditions, the training loss) of fields `u`."""
-    weighted = methods.WeightedResidual(pde_, 500.0)
+    weighted = methods.WeightedResidual(pde_, RESIDUAL_WEIGHT)
 
     def one(d, v):
         v = jax.numpy.asarray(v, "float64")
@@ -152,7 +163,7 @@ def run_method(kind, args, train, test, grid):
         hcmoe.Partition(t=1, x=args.experts, overlap=args.overlap),
         # Time in units of the 500 s horizon: the PDE rows would otherwise be ~1e-3 next to
         # the IC/BC rows, in the solve and in the loss.
-        residual_weight=500.0,
+        residual_weight=RESIDUAL_WEIGHT,
         points_per_expert=points,
         balance=args.balance,
         ridge=args.ridge,

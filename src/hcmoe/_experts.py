@@ -19,7 +19,7 @@ from ._grid import Grid
 from ._levenberg_marquardt import LevenbergMarquardt
 from ._partition import AbstractPartition, ExpertRows, as_partition
 from ._pde import SCOPES, AbstractPDE, ansatz, residual_mask
-from ._solve import ExpertProblem, Solution, SolveStats, solve_expert
+from ._solve import ExpertProblem, Solution, SolveStats, condition_residual, solve_expert
 
 
 _PRECISIONS = (None, "float64", "float32", "input")
@@ -177,8 +177,9 @@ def build_problems(
     dtype of `basis`.
     """
     dtype = basis.dtype
-    transformed, particular, conditions = ansatz(pde, basis, grid, data)
-    any_exact = particular is not None and len(conditions) < len(pde.conditions(grid, data))
+    transformed, particular, all_conditions = ansatz(pde, basis, grid, data)
+    conditions = tuple(c for c in all_conditions if not c.exact)
+    any_exact = len(conditions) < len(all_conditions)
     operators = pde.operators()
     if not operators:
         raise ValueError(f"{type(pde).__name__}.operators() returned no operators.")
@@ -372,7 +373,7 @@ def solve(
 
 def condition_error(problem: ExpertProblem, w: Array) -> Array:
     """Largest unweighted condition residual `|L u - g|` over an expert's condition rows."""
-    rows = problem.cond_matrix @ w + problem.cond_offset - problem.cond_target
+    rows = condition_residual(problem, w)
     return jnp.max(jnp.where(problem.cond_valid, jnp.abs(rows), 0.0))
 
 

@@ -157,7 +157,6 @@ class Partition(AbstractPartition):
         d = len(windows)
         phi = phi.transpose([2 * a for a in range(d)] + [2 * a + 1 for a in range(d)])
         return phi.reshape((-1,) + grid.shape)  # experts in row-major order of the counts
-        return phi
 
     def __repr__(self):
         parts = [f"{n}={c}" for n, c in self.blocks]

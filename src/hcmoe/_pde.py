@@ -63,15 +63,7 @@ class Condition(eqx.Module):
 
     def weight_on_face(self, grid: Grid) -> Array:
         """`weight` broadcast to the face (per-point weights)."""
-        shape = self.face_shape(grid)
-        weight = jnp.asarray(self.weight)
-        try:
-            return jnp.broadcast_to(weight, shape)
-        except ValueError:
-            raise ValueError(
-                f"{self.name} on axis {self.axis!r}: weight must be a scalar or broadcast to "
-                f"the face shape {shape}; got shape {weight.shape}."
-            ) from None
+        return self._on_face(grid, self.weight, "weight must be a scalar or")
 
     def face_shape(self, grid: Grid) -> tuple[int, ...]:
         axis = grid.axis(self.axis)
@@ -82,14 +74,17 @@ class Condition(eqx.Module):
 
     def target_on_face(self, grid: Grid) -> Array:
         """`target` broadcast to the face, with a clear error when it does not fit."""
+        return self._on_face(grid, self.target, "target must")
+
+    def _on_face(self, grid: Grid, value, requirement: str) -> Array:
         shape = self.face_shape(grid)
-        target = jnp.asarray(self.target)
+        value = jnp.asarray(value)
         try:
-            return jnp.broadcast_to(target, shape)
+            return jnp.broadcast_to(value, shape)
         except ValueError:
             raise ValueError(
-                f"{self.name} on axis {self.axis!r}: target must broadcast to the face shape "
-                f"{shape}; got shape {target.shape}."
+                f"{self.name} on axis {self.axis!r}: {requirement} broadcast to the face shape "
+                f"{shape}; got shape {value.shape}."
             ) from None
 
 
@@ -225,7 +220,8 @@ def ansatz(pde: AbstractPDE, basis: Array, grid: Grid, data: Any):
     """The affine ansatz `u = particular + transformed @ w` with the exact conditions built in.
 
     Returns `(transformed, particular, conditions)`: `T(B)` (shape of `basis`), `u_p` (grid
-    shape, or None) and the conditions that remain least-squares rows.
+    shape, or None) and every condition of the PDE (those without `exact` remain
+    least-squares rows).
     """
     transformed = pde.transform_basis(basis, grid, data)
     grid.check_field(transformed, "pde.transform_basis(basis)", trailing=1)
@@ -251,7 +247,7 @@ def ansatz(pde: AbstractPDE, basis: Array, grid: Grid, data: Any):
             particular = jnp.zeros(grid.shape, basis.dtype)
         trace = jnp.take(particular, jnp.array([face]), axis=axis)
         particular = particular + ramp * (target - trace)
-    return transformed, particular, tuple(c for c in conditions if not c.exact)
+    return transformed, particular, conditions
 
 
 def require(data: Any, key: str, pde: AbstractPDE):

@@ -94,15 +94,19 @@ def _data_at_points(problem: ExpertProblem, data: Any) -> Any:
     return merged if owner is None else PDEData(merged, owner)  # keeps its missing-key error
 
 
+def condition_residual(problem: ExpertProblem, w: Array) -> Array:
+    """`L u - g` at the expert's condition rows, unweighted (`cond_matrix @ w + cond_offset -
+    cond_target`)."""
+    return problem.cond_matrix @ w + problem.cond_offset - problem.cond_target
+
+
 def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float):
     """`r(w) = [F(A_j w + c_j) on PDE rows ; condition rows ; ridge * w]` for one expert."""
     values = {name: a @ w + problem.offsets[name] for name, a in problem.stacks.items()}
     pde_rows = pde.residual(values, problem.coords, _data_at_points(problem, data))
     mask = problem.pde_valid.reshape(problem.pde_valid.shape + (1,) * (pde_rows.ndim - 1))
     pde_rows = jnp.where(mask, pde_rows, 0.0).reshape(-1)
-    cond_rows = problem.cond_scale * (
-        problem.cond_matrix @ w + problem.cond_offset - problem.cond_target
-    )
+    cond_rows = problem.cond_scale * condition_residual(problem, w)
     return jnp.concatenate([pde_rows.astype(w.dtype), cond_rows, ridge * w])
 
 
