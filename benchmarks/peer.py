@@ -8,7 +8,8 @@ and K = 4 experts (blocks 1 (t) x K (x)) and each implementation:
 - `forward`: the constrained prediction u (LM, rtol = atol = 1e-4, `--max-steps` cap, 50).
 - `fwd+grad`: the gradient with respect to the basis of the scalar loss `sum(u * R) / size`
   (R a fixed random field), what a training step differentiates through the layer.
-- `setup`: the forward with the LM capped at one step: everything but the iterations.
+- `setup`: the forward with the LM capped at one step (everything but the iterations, plus
+  the first one).
 - `backward`: per round, fwd+grad minus forward; the median of those.
 - `per LM step`: (forward - setup) / (steps - 1), with `steps` the largest LM step count over
   the experts (the vmapped loop runs every expert until the slowest stops).
@@ -45,7 +46,8 @@ script prints a line starting with "peer.py: skipped" and exits 0.
 **The two problems: same rows, as far as the release allows.** Each expert solves, from w = 1,
 with ridge rows 1e-4 w and plain sums of squares (`hcmoe.solve(..., balance="sum")`):
 
-- PDE rows `u_t - D / R(u) u_xx` at `--points` points drawn at random from the expert's block,
+- PDE rows `u_t - D / R(u) u_xx` at `--points` points drawn at random from the expert's block
+  (hcmoe's `DiffusionSorption.residual`, the same formula and guard as the release's),
   every time level included (the release samples the whole block, the IC level too), in
   physical units (t in [0, 500], x the cell centres);
 - the IC rows of the whole t = 0 line, divided by u0 (the release's relative IC error), given to
@@ -54,24 +56,36 @@ with ridge rows 1e-4 w and plain sums of squares (`hcmoe.solve(..., balance="sum
   expert (the release's global boundary rows); the release takes that u_x in its normalised
   x / max(x), so hcmoe's row is `u - D max(x) u_x`.
 
-Where they differ:
+By default (`--points-from release --stencils release`) the two least-squares problems are
+identical: hcmoe is given the release's own PDE points (the release's sampler called with the
+release's key splits, passed to hcmoe as the PDE's `residual_mask`, `points_per_expert=None`)
+and the release's first differences (`ops.Linear` of `jnp.gradient`: central inside, two-point
+one-sided at the ends; u_xx = that applied twice). The script prints, per K, the relative L2
+difference of the two predictions (overall and per expert) and of the two gradients: for
+converged experts they agree to ~1e-11 (u) and ~1e-7 (gradient) at the paper size.
 
-- *the points*: each implementation draws its own (same number per expert, different random
-  draws), so the timed predictions agree only to the sampling noise of a random basis. A check
-  solve (untimed) gives hcmoe the release's own points (the release's sampler called with the
-  same keys, passed as `residual_mask`) and the release's stencils, and prints how close the two
-  predictions and gradients then are: that is the test that both solve the same problem.
-- *the stencils* (`--stencils`, timed runs): with `hcmoe` (default) hcmoe uses its own operators,
-  `FiniteDifference("t")` for u_t, `Compose(FiniteDifference("x"), FiniteDifference("x"))` for
-  u_xx (the release's 5-point-wide interior stencil) and `FiniteDifference("x")` in the Robin
-  row: the same as the release inside, second-order one-sided stencils at the edges where the
-  release has first-order two-point ones. `release` gives hcmoe the release's first differences
-  exactly (`ops.Linear` of `jnp.gradient`, full-grid): identical rows, at the cost of hcmoe's
-  stencil path. The check solve always uses `release`.
+Where they still differ:
+
 - *the solver*: hcmoe's default LM (normal equations, optimistix's trust-region search and
   termination) against the release's `optimistix.LevenbergMarquardt` (QR); same tolerances and
-  cap, so they can stop at slightly different iterates and step counts.
-- the release's boundary rows at t_0 are absent; hcmoe's are present with weight 0.
+  cap. An expert that hits the cap (at K = 4 the experts near the Robin boundary do) stops at a
+  solver-dependent iterate, so its block, and the gradient through it, differ more.
+- *the draw of the points is not timed on hcmoe's side*: with the release's points the rows are
+  fixed at trace time, while the release draws (permutation + nonzero) on every call, inside
+  its setup. `--points-from hcmoe` times hcmoe with its own draw (`points_per_expert`, a top-k
+  over the block per call): the rows are then a different random set, and the LM step counts
+  can differ a lot (paper size, K = 1: 31-33 steps against the release's 22 on this basis).
+- *the stencils*: `ops.Linear` runs on the full grid. `--stencils hcmoe` times hcmoe's own
+  operators instead: `FiniteDifference("t")` for u_t, `Compose(FiniteDifference("x"),
+  FiniteDifference("x"))` for u_xx (the release's 5-point-wide interior stencil) and
+  `FiniteDifference("x")` in the Robin row, i.e. the same rows inside and second-order
+  one-sided stencils at the edges where the release has first-order two-point ones (the step
+  counts change: 18 against 22 in one run). With either option the same-rows check (the
+  release's points and stencils) is still solved, untimed, and printed.
+- the release has no boundary rows at t_0; hcmoe has them with weight 0.
+- gradients of the timed runs are only comparable on the same points: the cotangent reaches
+  the basis at the sampled points' stencils, so with different draws the two gradient fields
+  differ by O(1) however well each is computed.
 """
 
 from __future__ import annotations
@@ -112,8 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, nargs="+", default=list(EXPERTS))
     p.add_argument("--max-steps", type=int, default=50, help="LM iteration cap (paper: 50)")
     p.add_argument("--tol", type=float, default=1e-4, help="LM rtol = atol (paper: 1e-4)")
-    p.add_argument("--stencils", choices=("hcmoe", "release"), default="hcmoe",
+    p.add_argument("--stencils", choices=("hcmoe", "release"), default="release",
                    help="hcmoe's derivative operators in the timed runs (see the docstring)")
+    p.add_argument("--points-from", choices=("hcmoe", "release"), default="release",
+                   help="hcmoe's PDE points in the timed runs: its own draw, or the release's")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared random basis")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output (default results/peer.json, results/peer_small.json)")
@@ -328,6 +344,7 @@ def run(args, rel, root: Path) -> dict:
             _, subkey = jax.random.split(keys[k])
             block = rel.generate_single_mask(rel.DenseGrid(blocks[k]), points, subkey)
             mask[:, k * width:(k + 1) * width] = np.asarray(block.mask)
+        assert mask.sum() == experts * points
         return mask
 
     # ---- hcmoe's side: the public API, the same rows ----
@@ -357,12 +374,19 @@ def run(args, rel, root: Path) -> dict:
         a, b = np.asarray(a), np.asarray(b)
         return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
+    def per_block(a, b, experts) -> list[float]:
+        """`rel_diff` on each expert's block (1 (t) x K (x), equal widths)."""
+        a, b = np.split(np.asarray(a), experts, axis=1), np.split(np.asarray(b), experts, axis=1)
+        return [rel_diff(p, q) for p, q in zip(a, b)]
+
     results = []
     for experts in args.experts:
         print(f"\nK = {experts}: compiling ... (load average {load_avg()})", flush=True)
         keys = {"hcmoe": hcmoe_key, "release": release_key}
+        release_mask = release_points(experts)
+        timed_mask = release_mask if args.points_from == "release" else None
         solvers = {
-            "hcmoe": lambda steps: hcmoe_solver(experts, steps, args.stencils),
+            "hcmoe": lambda steps: hcmoe_solver(experts, steps, args.stencils, mask=timed_mask),
             "release": lambda steps: release_solver(experts, steps),
         }
         compiled, compile_s, memory, outputs = {}, {}, {}, {}
@@ -386,23 +410,23 @@ def run(args, rel, root: Path) -> dict:
                                                  outputs["release/fwd+grad"]),
         }
 
-        # Same problem: hcmoe on the release's points with the release's stencils.
-        check = hcmoe_solver(experts, args.max_steps, "release", mask=release_points(experts))
-        check_u = eqx.filter_jit(check)(basis, hcmoe_key)
-        check_grad = jax.jit(with_grad(check))(basis, hcmoe_key)
+        # Same problem: hcmoe on the release's points with the release's stencils (by default
+        # the timed configuration already is that one).
+        if args.points_from == args.stencils == "release":
+            check_u, check_grad = outputs["hcmoe/forward"], outputs["hcmoe/fwd+grad"]
+        else:
+            check = hcmoe_solver(experts, args.max_steps, "release", mask=release_mask)
+            check_u = eqx.filter_jit(check)(basis, hcmoe_key)
+            check_grad = jax.jit(with_grad(check))(basis, hcmoe_key)
         same_rows = {
             "u_relative_difference": rel_diff(check_u["u"], outputs["release/forward"]["u"]),
+            "u_relative_difference_per_expert": per_block(
+                check_u["u"], outputs["release/forward"]["u"], experts),
             "grad_relative_difference": rel_diff(check_grad, outputs["release/fwd+grad"]),
             "hcmoe_steps": np.asarray(check_u["steps"]).tolist(),
         }
-        print(f"K = {experts}: LM steps per expert: hcmoe {steps['hcmoe']}, release "
-              f"{steps['release']} (converged: hcmoe {converged['hcmoe']}, release "
-              f"{converged['release']}); predictions: timed runs differ by "
-              f"{timed_agreement['u_relative_difference']:.2e} (relative L2; gradients "
-              f"{timed_agreement['grad_relative_difference']:.2e}); on the release's points and "
-              f"stencils by {same_rows['u_relative_difference']:.2e} (gradients "
-              f"{same_rows['grad_relative_difference']:.2e}, hcmoe steps "
-              f"{same_rows['hcmoe_steps']})", flush=True)
+        print_agreement(experts, steps, converged, timed_agreement, same_rows,
+                        same=args.points_from == args.stencils == "release")
 
         load_before = load_avg()
         order = [f"{impl}/{what}" for what in ("forward", "fwd+grad", "setup")
@@ -424,6 +448,7 @@ def run(args, rel, root: Path) -> dict:
         "config": {"size": args.size, "grid": {"t": nt, "x": nx}, "n_basis": N_BASIS,
                    "points_per_expert": points, "u0": U0, "ridge": RIDGE, "tol": args.tol,
                    "max_steps": args.max_steps, "rounds": args.rounds, "stencils": args.stencils,
+                   "points_from": args.points_from,
                    "basis_seed": args.seed, "dtype": "float64"},
         "release": {"path": str(root), "sources_sha256_16": release_fingerprint(root),
                     "shims": rel.shims},
@@ -458,11 +483,28 @@ def summarize_k(experts, timing, steps, compile_s, memory, common) -> dict:
         "forward": common.ratio(timing, "hcmoe/forward", "release/forward"),
         "fwd_grad": common.ratio(timing, "hcmoe/fwd+grad", "release/fwd+grad"),
         "setup": common.ratio(timing, "hcmoe/setup", "release/setup"),
-        "backward": h["backward_ms"] / r["backward_ms"] if r["backward_ms"] > 0 else None,
+        "backward": (h["backward_ms"] / r["backward_ms"]
+                     if min(h["backward_ms"], r["backward_ms"]) > 0 else None),
         "per_lm_step": (h["per_lm_step_ms"] / r["per_lm_step_ms"]
                         if h["per_lm_step_ms"] and r["per_lm_step_ms"] else None),
     }
     return {"experts": experts, "hcmoe": h, "release": r, "ratio_hcmoe_over_release": ratios}
+
+
+def print_agreement(experts, steps, converged, timed, same_rows, *, same: bool) -> None:
+    """LM steps and how close the two predictions (and gradients) are."""
+    per_expert = ", ".join(f"{v:.1e}" for v in same_rows["u_relative_difference_per_expert"])
+    print(f"K = {experts}: LM steps per expert: hcmoe {steps['hcmoe']}, release "
+          f"{steps['release']}; converged: hcmoe {converged['hcmoe']}, release "
+          f"{converged['release']}")
+    if not same:
+        print(f"K = {experts}: timed runs (different rows): u differs by "
+              f"{timed['u_relative_difference']:.2e} (relative L2), gradients by "
+              f"{timed['grad_relative_difference']:.2e}")
+    print(f"K = {experts}: same rows (the release's points and stencils): u differs by "
+          f"{same_rows['u_relative_difference']:.2e} (relative L2; per expert {per_expert}), "
+          f"gradients by {same_rows['grad_relative_difference']:.2e}; hcmoe steps "
+          f"{same_rows['hcmoe_steps']}", flush=True)
 
 
 def _ms(value) -> str:
@@ -484,6 +526,10 @@ def print_table(records, load_before, load_after) -> None:
         fmt = {k: "-" if v is None else f"{v:.2f}x" for k, v in q.items()}
         print(f"| {rec['experts']} | hcmoe / release | {fmt['forward']} | {fmt['fwd_grad']} "
               f"| {fmt['setup']} | {fmt['backward']} | {fmt['per_lm_step']} | |")
+        mib = {impl: rec[impl]["peak_bytes"]["fwd+grad"] for impl in ("hcmoe", "release")}
+        if all(mib.values()):
+            print(f"K = {rec['experts']}: XLA peak of fwd+grad: hcmoe "
+                  f"{mib['hcmoe'] / 2**20:.1f} MiB, release {mib['release'] / 2**20:.1f} MiB")
 
 
 def write(path: Path, payload: dict) -> None:
@@ -596,7 +642,9 @@ def main(argv=None) -> int:
     global ReleaseRows, StaticMask
     ReleaseRows, StaticMask = _define_pde()
     print(f"release: {root} (sources {release_fingerprint(root)}); shims: {'; '.join(rel.shims)}")
+    load_start = load_avg()
     payload = run(args, rel, root)
+    payload["load_average_start"] = load_start
     payload["load_average_end"] = load_avg()
     write(args.out, payload)
     return 0
