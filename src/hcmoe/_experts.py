@@ -16,6 +16,7 @@ import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._grid import Grid
+from ._joint import COUPLINGS, joint_init, per_expert, windowed_basis
 from ._levenberg_marquardt import LevenbergMarquardt
 from ._partition import AbstractPartition, ExpertRows, as_partition
 from ._pde import SCOPES, AbstractPDE, ansatz, residual_mask
@@ -239,6 +240,7 @@ def solve(
     condition_scope: str | None = None,
     balance: str = "mean",
     warm_start: bool = False,
+    coupling: str = "independent",
 ) -> Solution:
     r"""Make the basis combination satisfy the PDE, independently on every expert's block.
 
@@ -297,6 +299,12 @@ def solve(
     - `warm_start`: start LM from one Gauss–Newton step off `init` (kept only where it lowers
       the residual); the answer is the same minimiser, reached in fewer iterations when the
       learned weights are far from `init`.
+    - `coupling`: `"independent"` (default, the paper): each expert solves its own problem.
+      `"joint"`: the weights of all experts minimise the residual of the blended field
+      `u = u_p + sum_k T(phi_k B) w_k` together (PI-HC on the windowed basis
+      `[phi_1 B, ..., phi_K B]`, with `K * points_per_expert` PDE points drawn over the
+      whole domain); one `K n_basis`-unknown solve, on one device (no `mesh`). `stats` then
+      describe that one solve (leading axis 1). See `hcmoe._joint`.
 
     **Returns:** a `Solution` with `u`, `weights` (`(K, n_basis)`) and `stats`.
 
@@ -329,6 +337,25 @@ def solve(
         raise ValueError(
             f"points_per_expert: expected a positive int or None; got {points_per_expert!r}."
         )
+    if coupling not in COUPLINGS:
+        raise ValueError(f"coupling: expected one of {COUPLINGS}; got {coupling!r}.")
+    if coupling == "joint" and num_experts > 1:
+        if mesh is not None:
+            raise ValueError(
+                "mesh: coupling='joint' is one solve for the weights of every expert and runs "
+                "on one device; pass mesh=None, or coupling='independent' to shard the experts."
+            )
+        joint = solve(
+            windowed_basis(basis, partition, grid), pde, None, grid, data, key=key,
+            solver=solver, max_steps=max_steps, rtol=rtol, atol=atol,
+            points_per_expert=None if points_per_expert is None
+            else num_experts * int(points_per_expert),
+            ridge=ridge, init=joint_init(init, num_experts, basis.shape[-1]), adjoint=adjoint,
+            linear_solver=linear_solver, precision=precision, throw=throw,
+            condition_scope=condition_scope, balance=balance, warm_start=warm_start,
+        )
+        joint = per_expert(joint, num_experts)
+        return Solution(joint.u.astype(out_dtype), joint.weights.astype(out_dtype), joint.stats)
     problems, transformed, particular = build_problems(
         basis, pde, grid, data, partition, points_per_expert, key,
         condition_scope=condition_scope, balance=balance,

@@ -1,0 +1,126 @@
+"""`coupling="joint"`: the experts' weights minimise the residual of the blended field together."""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import hcmoe
+from hcmoe import losses
+from hcmoe._experts import assemble
+from hcmoe._joint import windowed_basis, windows
+from hcmoe.problems import diffusion_sorption
+
+from .helpers import (
+    ForcedBurgers, basis_with_exact, data_for, exact_field, finite_difference_jvp, small_grid,
+)
+
+
+def _ds_case(key, nt=7, nx=24, n=4):
+    grid = diffusion_sorption.make_grid(nt=nt, nx=nx)
+    pde = diffusion_sorption.formulation("hcmoe")
+    u0 = jnp.full((nx,), 0.3)
+    k1, k2 = jr.split(key)
+    mesh = grid.mesh()
+    t, x = jnp.asarray(mesh["t"]) / diffusion_sorption.T_FINAL, jnp.asarray(mesh["x"])
+    smooth = [jnp.exp(-x / (0.1 + 0.3 * t)), 1.0 - x, t * x]
+    noise = [0.2 * jr.normal(k, grid.shape) for k in jr.split(k1, n - len(smooth))]
+    basis = jnp.stack(smooth + noise, axis=-1)
+    return grid, pde, {"u0": u0}, basis
+
+
+@pytest.mark.parametrize("partition", [hcmoe.Partition(x=4, overlap=0.2), hcmoe.Partition(x=3)])
+def test_windows_sum_to_one_and_the_windowed_basis_is_expert_major(getkey, partition):
+    grid = small_grid(nt=5, nx=21)
+    phi = windows(partition, grid)
+    np.testing.assert_allclose(phi.sum(axis=0), 1.0, atol=1e-12)
+    basis = jr.normal(getkey(), grid.shape + (3,))
+    aug = windowed_basis(basis, partition, grid)
+    assert aug.shape == grid.shape + (3 * phi.shape[0],)
+    for k in range(phi.shape[0]):
+        np.testing.assert_allclose(aug[..., 3 * k : 3 * k + 3], phi[k][..., None] * basis)
+
+
+def test_joint_is_pi_hc_on_the_windowed_basis_with_the_experts_points(getkey):
+    grid, pde, data, basis = _ds_case(getkey())
+    partition = hcmoe.Partition(x=4, overlap=0.2)
+    key = getkey()
+    joint = hcmoe.solve(basis, pde, partition, grid, data, key=key, points_per_expert=20,
+                        coupling="joint")
+    direct = hcmoe.solve(windowed_basis(basis, partition, grid), pde, None, grid, data,
+                         key=key, points_per_expert=80)
+    assert joint.weights.shape == (4, basis.shape[-1])
+    np.testing.assert_allclose(joint.weights.reshape(-1), direct.weights[0], atol=1e-12)
+    np.testing.assert_allclose(joint.u, direct.u, atol=1e-12)
+    assert joint.stats.num_steps.shape == (1,)
+    assert joint.stats.points.shape == (1, 80)
+    # The exact initial condition holds, and the prediction is the blended field
+    # u_p + sum_k phi_k T(B) w_k (the windows depend on x only, so they commute with T).
+    np.testing.assert_allclose(joint.u[0], data["u0"], atol=1e-12)
+    transformed, particular, _ = hcmoe._pde.ansatz(pde, basis, grid, data)
+    blended = assemble(transformed, particular, joint.weights, partition.labels(grid),
+                       partition.blend(grid))
+    np.testing.assert_allclose(joint.u, blended, atol=1e-10)
+
+
+def test_joint_loss_is_at_most_the_independent_experts_blended_loss(getkey):
+    """With every point, the joint weights minimise m * (residual_loss + condition_loss) (+ the
+    tiny ridge) of the blended field; the independent experts' weights are one candidate."""
+    grid, pde, data, basis = _ds_case(getkey(), nt=9, nx=32, n=5)
+    partition = hcmoe.Partition(x=4, overlap=0.15)
+    opts = dict(ridge=1e-8, max_steps=200, rtol=1e-10, atol=1e-10)
+    joint = hcmoe.solve(basis, pde, partition, grid, data, coupling="joint", **opts)
+    independent = hcmoe.solve(basis, pde, partition, grid, data, **opts)
+    assert bool(jnp.all(joint.stats.converged))
+
+    def loss(u):
+        return float(losses.residual_loss(u, pde, grid, data)
+                     + losses.condition_loss(u, pde, grid, data))
+
+    assert loss(joint.u) <= loss(independent.u) * (1 + 1e-6)
+    assert loss(joint.u) < 0.9 * loss(independent.u)  # and here clearly below it
+
+
+def test_joint_recovers_exact_solution_and_gradients_match_finite_differences(getkey):
+    grid = small_grid()
+    partition = hcmoe.Partition(x=2, overlap=0.2)
+    basis = basis_with_exact(grid, getkey(), n_basis=3)
+    tight = dict(rtol=1e-12, atol=1e-12, max_steps=100, ridge=0.0, coupling="joint")
+    sol = hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid), **tight)
+    assert bool(jnp.all(sol.stats.converged))
+    np.testing.assert_allclose(sol.u, exact_field(grid), atol=1e-8)
+
+    noisy = basis + 0.05 * jr.normal(getkey(), basis.shape)
+    readout = jr.normal(getkey(), grid.shape)
+    opts = dict(rtol=1e-13, atol=1e-13, max_steps=200, ridge=1e-3, coupling="joint")
+
+    def loss(b):
+        return jnp.sum(hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid),
+                                   **opts).u * readout)
+
+    direction = jr.normal(getkey(), basis.shape)
+    grad = jax.grad(loss)(noisy)
+    fd = finite_difference_jvp(loss, noisy, direction, eps=1e-5)
+    assert float(jnp.sum(grad * direction)) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
+
+
+def test_joint_init_and_bad_options(getkey):
+    grid, pde, data, basis = _ds_case(getkey())
+    partition = hcmoe.Partition(x=2, overlap=0.2)
+    n = basis.shape[-1]
+    ones = hcmoe.solve(basis, pde, partition, grid, data, coupling="joint")
+    tiled = hcmoe.solve(basis, pde, partition, grid, data, coupling="joint",
+                        init=jnp.ones((2, n)))
+    np.testing.assert_allclose(ones.weights, tiled.weights, atol=1e-12)
+    with pytest.raises(ValueError, match="init: expected shape"):
+        hcmoe.solve(basis, pde, partition, grid, data, coupling="joint", init=jnp.ones(n + 1))
+    with pytest.raises(ValueError, match="coupling: expected one of"):
+        hcmoe.solve(basis, pde, partition, grid, data, coupling="together")
+    mesh = hcmoe.expert_mesh(1)
+    with pytest.raises(ValueError, match="mesh: coupling='joint'"):
+        hcmoe.solve(basis, pde, partition, grid, data, coupling="joint", mesh=mesh)
+    # One expert: "joint" is plain PI-HC.
+    single = hcmoe.solve(basis, pde, None, grid, data, coupling="joint")
+    plain = hcmoe.solve(basis, pde, None, grid, data)
+    np.testing.assert_allclose(single.u, plain.u, atol=1e-12)
