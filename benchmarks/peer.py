@@ -56,32 +56,37 @@ with ridge rows 1e-4 w and plain sums of squares (`hcmoe.solve(..., balance="sum
   expert (the release's global boundary rows); the release takes that u_x in its normalised
   x / max(x), so hcmoe's row is `u - D max(x) u_x`.
 
-By default (`--points-from release --stencils release`) the two least-squares problems are
-identical: hcmoe is given the release's own PDE points (the release's sampler called with the
-release's key splits, passed to hcmoe as the PDE's `residual_mask`, `points_per_expert=None`)
-and the release's first differences (`ops.Linear` of `jnp.gradient`: central inside, two-point
-one-sided at the ends; u_xx = that applied twice). The script prints, per K, the relative L2
-difference of the two predictions (overall and per expert) and of the two gradients: for
-converged experts they agree to ~1e-11 (u) and ~1e-7 (gradient) at the paper size.
+Two hcmoe variants are timed against the release in the same rounds, both on the release's own
+PDE points (the release's sampler called with the release's key splits, given to hcmoe as the
+PDE's `residual_mask`, `points_per_expert=None`):
 
-Where they still differ:
+- `hcmoe`: the release's first differences (`ops.Linear` of `jnp.gradient`: central inside,
+  two-point one-sided at the ends; u_xx = that applied twice), so the two least-squares problems
+  are identical: the script prints, per K, the relative L2 difference of the two predictions
+  (overall and per expert) and of the two gradients; for converged experts they agree to ~1e-11
+  (u) and ~1e-7 (gradient) at the paper size, and the LM step counts match.
+- `hcmoe-fd`: hcmoe's own operators, `FiniteDifference("t")` for u_t,
+  `Compose(FiniteDifference("x"), FiniteDifference("x"))` for u_xx (the release's 5-point-wide
+  interior stencil) and `FiniteDifference("x")` in the Robin row: the same rows inside,
+  second-order one-sided stencils at the edges where the release has first-order two-point
+  ones. This is hcmoe's stencil path (`ops.Linear` is a full-grid callable, opaque to it); the
+  edge rows differ, and so can the LM step counts (18 against 22 in one paper-size K = 1 run),
+  which moves the forward time; the per-step column does not depend on them.
+
+`--stencils release` or `--stencils hcmoe` times one variant only.
+
+Where the problems still differ:
 
 - *the solver*: hcmoe's default LM (normal equations, optimistix's trust-region search and
   termination) against the release's `optimistix.LevenbergMarquardt` (QR); same tolerances and
-  cap. An expert that hits the cap (at K = 4 the experts near the Robin boundary do) stops at a
-  solver-dependent iterate, so its block, and the gradient through it, differ more.
+  cap. An expert that hits the cap (at K = 4 the experts of the right half do, on this basis)
+  stops at a solver-dependent iterate, so its block, and the gradient through it, differ more.
 - *the draw of the points is not timed on hcmoe's side*: with the release's points the rows are
   fixed at trace time, while the release draws (permutation + nonzero) on every call, inside
   its setup. `--points-from hcmoe` times hcmoe with its own draw (`points_per_expert`, a top-k
-  over the block per call): the rows are then a different random set, and the LM step counts
-  can differ a lot (paper size, K = 1: 31-33 steps against the release's 22 on this basis).
-- *the stencils*: `ops.Linear` runs on the full grid. `--stencils hcmoe` times hcmoe's own
-  operators instead: `FiniteDifference("t")` for u_t, `Compose(FiniteDifference("x"),
-  FiniteDifference("x"))` for u_xx (the release's 5-point-wide interior stencil) and
-  `FiniteDifference("x")` in the Robin row, i.e. the same rows inside and second-order
-  one-sided stencils at the edges where the release has first-order two-point ones (the step
-  counts change: 18 against 22 in one run). With either option the same-rows check (the
-  release's points and stencils) is still solved, untimed, and printed.
+  over the block per call); the rows are then a different random set, the LM step counts can
+  differ a lot (paper size, K = 1: 31-33 steps against the release's 22 on this basis), and the
+  same-rows check is solved separately (untimed).
 - the release has no boundary rows at t_0; hcmoe has them with weight 0.
 - gradients of the timed runs are only comparable on the same points: the cotangent reaches
   the basis at the sampled points' stencils, so with different draws the two gradient fields
@@ -91,6 +96,7 @@ Where they still differ:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -113,6 +119,7 @@ N_BASIS = 16
 U0 = 0.1
 RIDGE = 1e-4
 STUBBED = ("tensorflow", "loguru", "jaxopt")
+VARIANTS = {"release": "hcmoe", "hcmoe": "hcmoe-fd"}  # --stencils value -> name in the tables
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -126,8 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, nargs="+", default=list(EXPERTS))
     p.add_argument("--max-steps", type=int, default=50, help="LM iteration cap (paper: 50)")
     p.add_argument("--tol", type=float, default=1e-4, help="LM rtol = atol (paper: 1e-4)")
-    p.add_argument("--stencils", choices=("hcmoe", "release"), default="release",
-                   help="hcmoe's derivative operators in the timed runs (see the docstring)")
+    p.add_argument("--stencils", choices=sorted(VARIANTS), nargs="+",
+                   default=["release", "hcmoe"],
+                   help="hcmoe variants timed: with the release's first differences ('hcmoe') "
+                        "and/or with its own FiniteDifference operators ('hcmoe-fd')")
     p.add_argument("--points-from", choices=("hcmoe", "release"), default="release",
                    help="hcmoe's PDE points in the timed runs: its own draw, or the release's")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared random basis")
@@ -348,7 +357,7 @@ def run(args, rel, root: Path) -> dict:
         return mask
 
     # ---- hcmoe's side: the public API, the same rows ----
-    def hcmoe_solver(experts, max_steps, stencils, mask=None):
+    def hcmoe_solver(experts, max_steps, *, stencils, mask=None):
         pde = ReleaseRows(physics=physics, x_scale=float(x.max()), stencils=stencils,
                           points_mask=None if mask is None else StaticMask(mask))
         partition = hcmoe.Partition(x=experts)
@@ -379,22 +388,23 @@ def run(args, rel, root: Path) -> dict:
         a, b = np.split(np.asarray(a), experts, axis=1), np.split(np.asarray(b), experts, axis=1)
         return [rel_diff(p, q) for p, q in zip(a, b)]
 
+    # The hcmoe variants timed: "hcmoe" with the release's stencils, "hcmoe-fd" with its own.
+    variants = {VARIANTS[stencils]: stencils for stencils in args.stencils}
     results = []
     for experts in args.experts:
         print(f"\nK = {experts}: compiling ... (load average {load_avg()})", flush=True)
-        keys = {"hcmoe": hcmoe_key, "release": release_key}
         release_mask = release_points(experts)
         timed_mask = release_mask if args.points_from == "release" else None
-        solvers = {
-            "hcmoe": lambda steps: hcmoe_solver(experts, steps, args.stencils, mask=timed_mask),
-            "release": lambda steps: release_solver(experts, steps),
-        }
+        solvers = {name: (functools.partial(hcmoe_solver, experts, stencils=stencils,
+                                            mask=timed_mask), hcmoe_key)
+                   for name, stencils in variants.items()}
+        solvers["release"] = (functools.partial(release_solver, experts), release_key)
         compiled, compile_s, memory, outputs = {}, {}, {}, {}
-        for impl, make in solvers.items():
+        for impl, (make, key) in solvers.items():
             fns = {"forward": make(args.max_steps), "setup": make(1)}
             fns["fwd+grad"] = with_grad(fns["forward"])
             for what, fn in fns.items():
-                c = common.compile_fn(fn, basis, keys[impl])
+                c = common.compile_fn(fn, basis, key)
                 name = f"{impl}/{what}"
                 compiled[name] = c.call
                 compile_s[name] = round(c.lower_s + c.compile_s, 3)
@@ -403,19 +413,20 @@ def run(args, rel, root: Path) -> dict:
         steps = {impl: np.asarray(outputs[f"{impl}/forward"]["steps"]).tolist() for impl in solvers}
         converged = {impl: np.asarray(outputs[f"{impl}/forward"]["converged"]).tolist()
                      for impl in solvers}
-        timed_agreement = {
-            "u_relative_difference": rel_diff(outputs["hcmoe/forward"]["u"],
-                                              outputs["release/forward"]["u"]),
-            "grad_relative_difference": rel_diff(outputs["hcmoe/fwd+grad"],
-                                                 outputs["release/fwd+grad"]),
+        agreement = {
+            name: {"u_relative_difference": rel_diff(outputs[f"{name}/forward"]["u"],
+                                                     outputs["release/forward"]["u"]),
+                   "grad_relative_difference": rel_diff(outputs[f"{name}/fwd+grad"],
+                                                        outputs["release/fwd+grad"])}
+            for name in variants
         }
 
         # Same problem: hcmoe on the release's points with the release's stencils (by default
-        # the timed configuration already is that one).
-        if args.points_from == args.stencils == "release":
+        # the timed "hcmoe" variant already is that one).
+        if args.points_from == "release" and "hcmoe" in variants:
             check_u, check_grad = outputs["hcmoe/forward"], outputs["hcmoe/fwd+grad"]
         else:
-            check = hcmoe_solver(experts, args.max_steps, "release", mask=release_mask)
+            check = hcmoe_solver(experts, args.max_steps, stencils="release", mask=release_mask)
             check_u = eqx.filter_jit(check)(basis, hcmoe_key)
             check_grad = jax.jit(with_grad(check))(basis, hcmoe_key)
         same_rows = {
@@ -425,8 +436,7 @@ def run(args, rel, root: Path) -> dict:
             "grad_relative_difference": rel_diff(check_grad, outputs["release/fwd+grad"]),
             "hcmoe_steps": np.asarray(check_u["steps"]).tolist(),
         }
-        print_agreement(experts, steps, converged, timed_agreement, same_rows,
-                        same=args.points_from == args.stencils == "release")
+        print_agreement(experts, steps, converged, agreement, same_rows, args.points_from)
 
         load_before = load_avg()
         order = [f"{impl}/{what}" for what in ("forward", "fwd+grad", "setup")
@@ -435,10 +445,10 @@ def run(args, rel, root: Path) -> dict:
         timing = common.time_interleaved({n: compiled[n] for n in order}, repeats=args.rounds,
                                          warmup=1)
         load_after = load_avg()
-        record = summarize_k(experts, timing, steps, compile_s, memory, common)
+        record = summarize_k(experts, list(solvers), timing, steps, compile_s, memory, common)
         for impl in solvers:
-            record[impl]["converged"] = converged[impl]
-        record |= {"timed_agreement": timed_agreement, "same_rows_check": same_rows,
+            record["impls"][impl]["converged"] = converged[impl]
+        record |= {"agreement_with_release": agreement, "same_rows_check": same_rows,
                    "load_average_before": load_before, "load_average_after": load_after,
                    "timing_wall_s": round(time.perf_counter() - t0, 2)}
         results.append(record)
@@ -447,8 +457,8 @@ def run(args, rel, root: Path) -> dict:
     return {
         "config": {"size": args.size, "grid": {"t": nt, "x": nx}, "n_basis": N_BASIS,
                    "points_per_expert": points, "u0": U0, "ridge": RIDGE, "tol": args.tol,
-                   "max_steps": args.max_steps, "rounds": args.rounds, "stencils": args.stencils,
-                   "points_from": args.points_from,
+                   "max_steps": args.max_steps, "rounds": args.rounds,
+                   "hcmoe_variants": variants, "points_from": args.points_from,
                    "basis_seed": args.seed, "dtype": "float64"},
         "release": {"path": str(root), "sources_sha256_16": release_fingerprint(root),
                     "shims": rel.shims},
@@ -456,18 +466,18 @@ def run(args, rel, root: Path) -> dict:
     }
 
 
-def summarize_k(experts, timing, steps, compile_s, memory, common) -> dict:
+def summarize_k(experts, impls, timing, steps, compile_s, memory, common) -> dict:
     import numpy as np
 
-    impls = {}
-    for impl in ("hcmoe", "release"):
+    out = {}
+    for impl in impls:
         fwd = np.asarray(timing[f"{impl}/forward"]["times_s"])
         grad = np.asarray(timing[f"{impl}/fwd+grad"]["times_s"])
         n = min(fwd.size, grad.size)
         forward_ms = 1e3 * timing[f"{impl}/forward"]["median_s"]
         setup_ms = 1e3 * timing[f"{impl}/setup"]["median_s"]
         max_steps = max(steps[impl])
-        impls[impl] = {
+        out[impl] = {
             "forward_ms": forward_ms,
             "fwd_grad_ms": 1e3 * timing[f"{impl}/fwd+grad"]["median_s"],
             "setup_ms": setup_ms,
@@ -478,29 +488,32 @@ def summarize_k(experts, timing, steps, compile_s, memory, common) -> dict:
             "peak_bytes": {w: memory[f"{impl}/{w}"] for w in ("forward", "fwd+grad", "setup")},
             "timing": {w: timing[f"{impl}/{w}"] for w in ("forward", "fwd+grad", "setup")},
         }
-    h, r = impls["hcmoe"], impls["release"]
+    r = out["release"]
+
+    def quotient(a, b):
+        return a / b if a is not None and b is not None and min(a, b) > 0 else None
+
     ratios = {
-        "forward": common.ratio(timing, "hcmoe/forward", "release/forward"),
-        "fwd_grad": common.ratio(timing, "hcmoe/fwd+grad", "release/fwd+grad"),
-        "setup": common.ratio(timing, "hcmoe/setup", "release/setup"),
-        "backward": (h["backward_ms"] / r["backward_ms"]
-                     if min(h["backward_ms"], r["backward_ms"]) > 0 else None),
-        "per_lm_step": (h["per_lm_step_ms"] / r["per_lm_step_ms"]
-                        if h["per_lm_step_ms"] and r["per_lm_step_ms"] else None),
+        impl: {
+            "forward": common.ratio(timing, f"{impl}/forward", "release/forward"),
+            "fwd_grad": common.ratio(timing, f"{impl}/fwd+grad", "release/fwd+grad"),
+            "setup": common.ratio(timing, f"{impl}/setup", "release/setup"),
+            "backward": quotient(out[impl]["backward_ms"], r["backward_ms"]),
+            "per_lm_step": quotient(out[impl]["per_lm_step_ms"], r["per_lm_step_ms"]),
+        }
+        for impl in impls if impl != "release"
     }
-    return {"experts": experts, "hcmoe": h, "release": r, "ratio_hcmoe_over_release": ratios}
+    return {"experts": experts, "impls": out, "ratio_over_release": ratios}
 
 
-def print_agreement(experts, steps, converged, timed, same_rows, *, same: bool) -> None:
-    """LM steps and how close the two predictions (and gradients) are."""
+def print_agreement(experts, steps, converged, agreement, same_rows, points_from) -> None:
+    """LM steps and how close the predictions (and gradients) are."""
+    print(f"K = {experts}: LM steps per expert: {steps}; converged: {converged}")
+    for name, a in agreement.items():
+        print(f"K = {experts}: {name} vs release (points from {points_from}): u differs by "
+              f"{a['u_relative_difference']:.2e} (relative L2), gradients by "
+              f"{a['grad_relative_difference']:.2e}")
     per_expert = ", ".join(f"{v:.1e}" for v in same_rows["u_relative_difference_per_expert"])
-    print(f"K = {experts}: LM steps per expert: hcmoe {steps['hcmoe']}, release "
-          f"{steps['release']}; converged: hcmoe {converged['hcmoe']}, release "
-          f"{converged['release']}")
-    if not same:
-        print(f"K = {experts}: timed runs (different rows): u differs by "
-              f"{timed['u_relative_difference']:.2e} (relative L2), gradients by "
-              f"{timed['grad_relative_difference']:.2e}")
     print(f"K = {experts}: same rows (the release's points and stencils): u differs by "
           f"{same_rows['u_relative_difference']:.2e} (relative L2; per expert {per_expert}), "
           f"gradients by {same_rows['grad_relative_difference']:.2e}; hcmoe steps "
@@ -514,22 +527,32 @@ def _ms(value) -> str:
 def print_table(records, load_before, load_after) -> None:
     print(f"\n(ms, medians; load average before {load_before}, after {load_after})")
     print("| K | impl | forward | fwd + grad | setup (1 LM step) | backward | per LM step "
-          "| LM steps |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| LM steps | XLA peak fwd+grad |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for rec in records:
-        for impl in ("hcmoe", "release"):
-            d = rec[impl]
+        for impl, d in rec["impls"].items():
+            peak = d["peak_bytes"]["fwd+grad"]
+            peak = "-" if peak is None else f"{peak / 2**20:.0f} MiB"
             print(f"| {rec['experts']} | {impl} | {_ms(d['forward_ms'])} | {_ms(d['fwd_grad_ms'])} "
                   f"| {_ms(d['setup_ms'])} | {_ms(d['backward_ms'])} | {_ms(d['per_lm_step_ms'])} "
-                  f"| {d['lm_steps']} |")
-        q = rec["ratio_hcmoe_over_release"]
-        fmt = {k: "-" if v is None else f"{v:.2f}x" for k, v in q.items()}
-        print(f"| {rec['experts']} | hcmoe / release | {fmt['forward']} | {fmt['fwd_grad']} "
-              f"| {fmt['setup']} | {fmt['backward']} | {fmt['per_lm_step']} | |")
-        mib = {impl: rec[impl]["peak_bytes"]["fwd+grad"] for impl in ("hcmoe", "release")}
-        if all(mib.values()):
-            print(f"K = {rec['experts']}: XLA peak of fwd+grad: hcmoe "
-                  f"{mib['hcmoe'] / 2**20:.1f} MiB, release {mib['release'] / 2**20:.1f} MiB")
+                  f"| {d['lm_steps']} | {peak} |")
+        for impl, q in rec["ratio_over_release"].items():
+            fmt = {k: "-" if v is None else f"{v:.2f}x" for k, v in q.items()}
+            print(f"| {rec['experts']} | {impl} / release | {fmt['forward']} | {fmt['fwd_grad']} "
+                  f"| {fmt['setup']} | {fmt['backward']} | {fmt['per_lm_step']} | | |")
+
+
+def hcmoe_changes() -> list[str] | None:
+    """Uncommitted changes to hcmoe's sources at run time (`git status --porcelain src`):
+    the commit alone does not say what was measured when the tree is dirty."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent.parent, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.splitlines() if done.returncode == 0 else None
 
 
 def write(path: Path, payload: dict) -> None:
@@ -643,7 +666,11 @@ def main(argv=None) -> int:
     ReleaseRows, StaticMask = _define_pde()
     print(f"release: {root} (sources {release_fingerprint(root)}); shims: {'; '.join(rel.shims)}")
     load_start = load_avg()
+    changes = hcmoe_changes()
+    if changes:
+        print(f"note: hcmoe's sources have uncommitted changes: {changes}")
     payload = run(args, rel, root)
+    payload["hcmoe_uncommitted_changes"] = changes
     payload["load_average_start"] = load_start
     payload["load_average_end"] = load_avg()
     write(args.out, payload)
