@@ -204,7 +204,9 @@ def test_uneven_blocks_and_label_partitions(getkey):
 def test_other_optimistix_solvers(getkey):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey())
-    for solver in (optx.GaussNewton(rtol=1e-12, atol=1e-12), optx.Dogleg(rtol=1e-12, atol=1e-12)):
+    # rtol = atol = 1e-10: at 1e-12 the Cauchy test sits at rounding level (residual ~6e-14),
+    # where Dogleg's termination flips with the compiler's fusion choices.
+    for solver in (optx.GaussNewton(rtol=1e-10, atol=1e-10), optx.Dogleg(rtol=1e-10, atol=1e-10)):
         sol = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
                           solver=solver, max_steps=100, ridge=0.0)
         assert bool(jnp.all(sol.stats.converged))

@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._grid import Grid
 from ._joint import COUPLINGS, joint_init, per_expert, windowed_basis
 from ._levenberg_marquardt import LevenbergMarquardt
+from ._ops import operators_at_points
 from ._partition import AbstractPartition, ExpertRows, as_partition
 from ._pde import SCOPES, AbstractPDE, ansatz, residual_mask
 from ._solve import ExpertProblem, Solution, SolveStats, condition_residual, solve_expert
@@ -58,7 +59,8 @@ def _sample_rows(rows: ExpertRows, points: int | None, key) -> tuple[Array, Arra
     """Per expert, `points` rows drawn without replacement from its own rows.
 
     Experts owning fewer rows than asked use all of theirs (the extra slots are padding with
-    zero weight). `points=None` takes every row.
+    zero weight). `points=None` takes every row. The rows drawn are those with the `points`
+    smallest of i.i.d. uniform scores (a uniformly random subset), listed in grid order.
     """
     if points is None or points >= rows.width:
         return jnp.asarray(rows.index), jnp.asarray(rows.valid)
@@ -69,10 +71,36 @@ def _sample_rows(rows: ExpertRows, points: int | None, key) -> tuple[Array, Arra
         )
     scores = jr.uniform(key, rows.index.shape)
     scores = jnp.where(jnp.asarray(rows.valid), scores, 2.0)  # padding sorts last
-    _, position = jax.lax.top_k(-scores, points)
+    position = _lowest(scores, points)
     index = jnp.take_along_axis(jnp.asarray(rows.index), position, axis=1)
     valid = jnp.take_along_axis(jnp.asarray(rows.valid), position, axis=1)
     return index, valid
+
+
+def _lowest(scores: Array, count: int) -> Array:
+    """Per row of non-negative `scores` `(K, n)`, the positions of its `count` smallest
+    entries in increasing order (ties at the threshold: the lower positions, as `top_k`).
+
+    The same set as `jax.lax.top_k(-scores, count)` without a sort (XLA's CPU sort of 10^5
+    keys costs tens of ms): the threshold is found by bisection on the scores' bit patterns
+    (non-negative floats order as their unsigned integers), one vectorised count per bit.
+    """
+    wide = scores.dtype == jnp.float64
+    bits = jax.lax.bitcast_convert_type(scores, jnp.uint64 if wide else jnp.uint32)
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = low + (high - low) // 2
+        enough = jnp.sum(bits <= middle[:, None], axis=1) >= count
+        return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+    bounds = (jnp.min(bits, axis=1), jnp.max(bits, axis=1))
+    _, threshold = jax.lax.fori_loop(0, 64 if wide else 32, halve, bounds)
+    below = bits < threshold[:, None]
+    tied = bits == threshold[:, None]
+    room = count - jnp.sum(below, axis=1, keepdims=True)
+    chosen = below | (tied & (jnp.cumsum(tied, axis=1) <= room))
+    return jax.vmap(lambda row: jnp.nonzero(row, size=count)[0])(chosen)
 
 
 def _condition_rows(transformed, particular, conditions, grid, members, scope, points, dtype,
@@ -84,10 +112,12 @@ def _condition_rows(transformed, particular, conditions, grid, members, scope, p
     scope "global" every expert gets every row. With `balance="mean"`, the rows of condition
     `c` for expert `k` are scaled by `weight * sqrt(points[k] / rows_k(c))`, so the expert's
     objective is `points[k]` times the loss functional `mean(F^2) + sum_c weight_c^2
-    mean_c(cond^2)` (see `Condition`); `"sum"` scales them by `weight` alone.
+    mean_c(cond^2)` (see `Condition`); `"sum"` scales them by `weight` alone. The condition
+    operators are evaluated at the face points only (`AbstractOperator.at_points`).
     """
     n = transformed.shape[-1]
     num_experts = members.shape[0]
+    flat_index = np.arange(grid.size).reshape(grid.shape)
     matrices, offsets, targets, scales, valids = [], [], [], [], []
     has_rows = np.zeros(num_experts, bool)
     for cond in conditions:
@@ -99,20 +129,19 @@ def _condition_rows(transformed, particular, conditions, grid, members, scope, p
             owned = np.take(members, face, axis=axis + 1).reshape(num_experts, -1)
         rows = ExpertRows.from_masks(owned)
         has_rows |= rows.counts > 0
-        index, valid = jnp.asarray(rows.index), jnp.asarray(rows.valid)
-        matrix = jnp.take(cond.operator(transformed, grid), face, axis=axis).reshape(-1, n)
+        index, valid = rows.index, jnp.asarray(rows.valid)
+        face_points = np.take(flat_index, face, axis=axis).reshape(-1)[index]  # (K, c)
+        matrices.append(cond.operator.at_points(transformed, grid, face_points))
         if particular is None:
-            offset = jnp.zeros(matrix.shape[0], dtype)
+            offsets.append(jnp.zeros(index.shape, dtype))
         else:
-            offset = jnp.take(cond.operator(particular, grid), face, axis=axis).reshape(-1)
+            offsets.append(cond.operator.at_points(particular, grid, face_points))
         target = cond.target_on_face(grid).reshape(-1).astype(dtype)
         weight = cond.weight_on_face(grid).reshape(-1).astype(dtype)
         if balance == "mean":
             factor = np.sqrt(points / np.maximum(rows.counts, 1))[:, None]
         else:
             factor = np.ones((num_experts, 1))
-        matrices.append(matrix[index])
-        offsets.append(offset[index])
         targets.append(target[index])
         scales.append(jnp.where(valid, weight[index] * jnp.asarray(factor, dtype), 0.0))
         valids.append(valid & (weight[index] != 0))  # zero-weight rows are not conditions
@@ -171,7 +200,9 @@ def build_problems(
     points_per_expert: int | None, key, *, condition_scope: str | None = None,
     balance: str = "mean",
 ) -> tuple[ExpertProblem, Array, Array | None]:
-    """Apply the operators once on the full grid and gather every expert's rows.
+    """Evaluate the operators at every expert's sampled points (and the conditions' at their
+    face points), gathering only the stencil neighbours of local operators
+    (`AbstractOperator.at_points`; spectral operators share one FFT on the whole grid).
 
     Returns the expert-stacked problems (leading axis `K`), the transformed basis `T(B)` and
     the particular part `u_p` (or None), both with the exact conditions built in, all in the
@@ -199,14 +230,11 @@ def build_problems(
     index, valid = _sample_rows(rows, points_per_expert, key)
     points = rows.counts if points_per_expert is None else np.minimum(rows.counts,
                                                                       points_per_expert)
-    n = transformed.shape[-1]
-    stacks, offsets = {}, {}
-    for name, op in operators.items():
-        stacks[name] = op(transformed, grid).reshape(-1, n)[index]
-        if particular is None:
-            offsets[name] = jnp.zeros(index.shape, dtype)
-        else:
-            offsets[name] = op(particular, grid).reshape(-1)[index]
+    stacks = operators_at_points(operators, transformed, grid, index)
+    if particular is None:
+        offsets = {name: jnp.zeros(index.shape, dtype) for name in operators}
+    else:
+        offsets = operators_at_points(operators, particular, grid, index)
     coords = {name: jnp.asarray(c.reshape(-1), dtype)[index] for name, c in grid.mesh().items()}
     cond = _condition_rows(transformed, particular, conditions, grid, members, condition_scope,
                            points, dtype, balance, pde, warn=not any_exact)

@@ -4,20 +4,32 @@ Every operator maps a field of shape `(*grid.shape, *trailing)` to one of the sa
 acting on the grid axes only, so the same code applies it to a solution `u` (no trailing
 axes) and to a whole stack of basis functions `B` (one trailing basis axis) at once.
 Operators combine linearly: `ops.Identity() - 0.5 * ops.FiniteDifference("x")`.
+
+The constraint solve needs an operator's values only at the sampled points, so every operator
+also has `at_points(field, grid, points)`. Local operators (finite differences, identity, their
+combinations) say which neighbours each point needs (`point_stencil`) and are evaluated there
+directly, `O(points x stencil)` instead of `O(grid)`; the others (spectral operators, user
+callables, compositions) are applied on the whole grid and gathered. `operators_at_points`
+evaluates a dict of operators at once, sharing one real FFT among the Fourier multipliers.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array
+from jaxtyping import Array, ArrayLike, Int
 
 from ._grid import Grid
+
+
+def flat_field(field: Array, grid: Grid) -> Array:
+    """`field` with its grid axes flattened (row-major): shape `(grid.size, *trailing)`."""
+    return jnp.reshape(field, (grid.size,) + tuple(field.shape[grid.ndim :]))
 
 
 class AbstractOperator(eqx.Module):
@@ -26,11 +38,49 @@ class AbstractOperator(eqx.Module):
     Subclasses implement `__call__(field, grid)`: `field` has shape
     `(*grid.shape, *trailing)` and the result has the same shape. Linearity is the contract
     that the solver relies on (`L(B w) = (L B) w`); it is not checked.
+
+    Optionally, a local operator implements `point_stencil(grid, points)` (which grid points,
+    with which weights, make its value at each point); then `at_points` costs
+    `O(points x stencil)`. `fourier_symbol(grid)` marks a Fourier multiplier on periodic axes
+    (several of them share one FFT in `operators_at_points`).
     """
 
     @abc.abstractmethod
     def __call__(self, field: Array, grid: Grid) -> Array:
         """Apply the operator to `field` (shape `(*grid.shape, *trailing)`)."""
+
+    def point_stencil(
+        self, grid: Grid, points: Int[ArrayLike, "*p"]
+    ) -> tuple[Int[Array, "*p width"], Array] | None:
+        """The neighbours and weights of the operator at flat grid indices `points`:
+        `(L u)[p] = sum_j weights[p, j] u[neighbours[p, j]]`, both of shape
+        `(*points.shape, width)`; None (the default) when the operator is not a local stencil.
+        """
+        return None
+
+    def fourier_symbol(self, grid: Grid) -> tuple[tuple[str, ...], np.ndarray] | None:
+        """`(axes, symbol)` when the operator multiplies the Fourier modes of the periodic
+        `axes` by `symbol` (a NumPy array shaped `grid.shape` with size 1 on the other axes,
+        Hermitian, so real fields stay real); None (the default) otherwise."""
+        return None
+
+    def at_points(self, field: Array, grid: Grid, points: Int[ArrayLike, "*p"]) -> Array:
+        """`self(field, grid)` at the flat (row-major) grid indices `points`.
+
+        **Arguments:**
+
+        - `field`: shape `(*grid.shape, *trailing)`.
+        - `grid`: the grid.
+        - `points`: integer array of any shape `P` (NumPy or traced) of indices into the
+          flattened grid (`numpy.ravel_multi_index(..., grid.shape)`).
+
+        **Returns:** shape `(*P, *trailing)`. From `point_stencil` when the operator has one
+        (only the neighbours of `points` are read), else the whole-grid result gathered.
+        """
+        stencil = self.point_stencil(grid, points)
+        if stencil is None:
+            return flat_field(self(field, grid), grid)[jnp.asarray(points)]
+        return _contract(flat_field(field, grid), *stencil)
 
     def __add__(self, other):
         return Combination(((1.0, self), (1.0, _as_operator(other))))
@@ -58,6 +108,37 @@ class AbstractOperator(eqx.Module):
     __rmul__ = __mul__
 
 
+def _contract(flat: Array, neighbours: Array, weights: Array) -> Array:
+    """`sum_j weights[..., j] * flat[neighbours[..., j]]`, one gather per stencil column (each
+    fuses into the sum; its transpose is a scatter-add of the points' rows only)."""
+    trailing = (1,) * (flat.ndim - 1)
+    out = 0
+    for j in range(neighbours.shape[-1]):
+        w = weights[..., j].astype(flat.dtype)
+        out = out + w.reshape(w.shape + trailing) * flat[neighbours[..., j]]
+    return out
+
+
+def operators_at_points(
+    operators: Mapping[str, AbstractOperator], field: Array, grid: Grid, points
+) -> dict[str, Array]:
+    """`{name: op.at_points(field, grid, points)}`, with one real FFT of `field` shared by
+    every Fourier multiplier among `operators` (each then costs one inverse FFT)."""
+    symbols = {name: op.fourier_symbol(grid) for name, op in operators.items()}
+    symbols = {name: symbol for name, symbol in symbols.items() if symbol is not None}
+    out = {}
+    if symbols:
+        names = tuple(a for a in grid.names if any(a in axes for axes, _ in symbols.values()))
+        spectrum = _rfft(field, grid, names)
+        for name, (_, symbol) in symbols.items():
+            values = _irfft(spectrum, symbol, grid, names, field)
+            out[name] = flat_field(values, grid)[jnp.asarray(points)]
+    for name, op in operators.items():
+        if name not in out:
+            out[name] = op.at_points(field, grid, points)
+    return {name: out[name] for name in operators}
+
+
 def _as_operator(value) -> AbstractOperator:
     if isinstance(value, AbstractOperator):
         return value
@@ -70,6 +151,10 @@ class Identity(AbstractOperator):
     def __call__(self, field, grid):
         return field
 
+    def point_stencil(self, grid, points):
+        points = jnp.asarray(points)
+        return points[..., None], jnp.ones(points.shape + (1,))
+
 
 class Combination(AbstractOperator):
     """`L u = sum_i c_i L_i u` (built by `+`, `-` and scalar `*` on operators)."""
@@ -78,6 +163,26 @@ class Combination(AbstractOperator):
 
     def __call__(self, field, grid):
         return sum(scale * op(field, grid) for scale, op in self.terms)
+
+    def point_stencil(self, grid, points):
+        stencils = [op.point_stencil(grid, points) for _, op in self.terms]
+        if any(s is None for s in stencils):
+            return None
+        neighbours = jnp.concatenate([n for n, _ in stencils], axis=-1)
+        weights = jnp.concatenate([c * w for (c, _), (_, w) in zip(self.terms, stencils)],
+                                  axis=-1)
+        return neighbours, weights
+
+    def fourier_symbol(self, grid):
+        symbols = [op.fourier_symbol(grid) for _, op in self.terms]
+        if any(s is None for s in symbols):
+            return None
+        axes = tuple(a for a in grid.names if any(a in names for names, _ in symbols))
+        return axes, sum(c * s for (c, _), (_, s) in zip(self.terms, symbols))
+
+    def at_points(self, field, grid, points):
+        # Term by term: the same rounding as the whole-grid `__call__`.
+        return sum(scale * op.at_points(field, grid, points) for scale, op in self.terms)
 
     def __add__(self, other):
         other = _as_operator(other)
@@ -93,7 +198,7 @@ class Combination(AbstractOperator):
 
 
 class Compose(AbstractOperator):
-    """`L u = outer(inner(u))`."""
+    """`L u = outer(inner(u))`; at points: `inner` on the grid, `outer` at the points."""
 
     outer: AbstractOperator
     inner: AbstractOperator
@@ -101,12 +206,15 @@ class Compose(AbstractOperator):
     def __call__(self, field, grid):
         return self.outer(self.inner(field, grid), grid)
 
+    def at_points(self, field, grid, points):
+        return self.outer.at_points(self.inner(field, grid), grid, points)
+
 
 class Linear(AbstractOperator):
     """A user-supplied linear callable `fn(field, grid) -> field`.
 
     `fn` must be linear in `field` and act on the leading `grid.ndim` axes only (trailing axes
-    are a batch of fields).
+    are a batch of fields). At points it is applied on the whole grid and gathered.
     """
 
     fn: Callable = eqx.field(static=True)
@@ -195,12 +303,26 @@ class FiniteDifference(AbstractOperator):
                 f"FiniteDifference: accuracy must be an even int >= 2; got {self.accuracy!r}."
             )
 
-    def __call__(self, field, grid):
-        axis = grid.axis(self.axis)
-        n = grid.shape[axis]
+    def _stencils(self, grid):
+        n = grid.shape[grid.axis(self.axis)]
         index, weight = _fd_stencils(n, self.order, self.accuracy, grid.is_periodic(self.axis))
-        weight = weight / grid.spacing(self.axis) ** self.order
-        return _apply_stencils(field, axis, index, weight)
+        return index, weight / grid.spacing(self.axis) ** self.order
+
+    def __call__(self, field, grid):
+        return _apply_stencils(field, grid.axis(self.axis), *self._stencils(grid))
+
+    def point_stencil(self, grid, points):
+        return _stencil_at_points(grid, self.axis, *self._stencils(grid), points)
+
+
+def _static_take(x: Array, index: np.ndarray) -> Array:
+    """`x[index]` along axis 0 for a concrete `index`, as a concatenation of slices (runs of
+    consecutive indices): no gather, so the transpose is cheap padding, not a scatter."""
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [index.size]])
+    pieces = [x[index[a] : index[a] + (b - a)] for a, b in zip(starts, stops)]
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
 
 
 def _apply_stencils(field, axis: int, index: np.ndarray, weight: np.ndarray):
@@ -210,8 +332,20 @@ def _apply_stencils(field, axis: int, index: np.ndarray, weight: np.ndarray):
     out = 0
     for j in range(index.shape[1]):
         w = jnp.asarray(weight[:, j], dtype=field.dtype).reshape((n,) + (1,) * (field.ndim - 1))
-        out = out + w * moved[index[:, j]]
+        out = out + w * _static_take(moved, index[:, j])
     return jnp.moveaxis(out, 0, axis)
+
+
+def _stencil_at_points(grid: Grid, name: str, index: np.ndarray, weight: np.ndarray, points):
+    """The per-point stencils `(index, weight)` of an axis (shape `(n, width)`) as flat-grid
+    neighbours and weights of the flat indices `points`."""
+    axis = grid.axis(name)
+    n = grid.shape[axis]
+    stride = int(np.prod(grid.shape[axis + 1 :], dtype=np.int64))
+    points = jnp.asarray(points)
+    position = (points // stride) % n
+    shift = jnp.asarray((index - np.arange(n)[:, None]) * stride, points.dtype)
+    return points[..., None] + shift[position], jnp.asarray(weight)[position]
 
 
 def _backward_stencils(n: int, accuracy: int):
@@ -259,24 +393,27 @@ class BackwardDifference(AbstractOperator):
                 f"BackwardDifference: accuracy must be an int >= 1; got {self.accuracy!r}."
             )
 
-    def __call__(self, field, grid):
+    def _stencils(self, grid):
         if grid.is_periodic(self.axis):
             raise ValueError(
                 f"BackwardDifference: axis {self.axis!r} is periodic; use FiniteDifference."
             )
-        axis = grid.axis(self.axis)
-        n = grid.shape[axis]
-        index, weight = _backward_stencils(n, self.accuracy)
-        weight = weight / grid.spacing(self.axis)
-        return _apply_stencils(field, axis, index, weight)
+        index, weight = _backward_stencils(grid.shape[grid.axis(self.axis)], self.accuracy)
+        return index, weight / grid.spacing(self.axis)
+
+    def __call__(self, field, grid):
+        return _apply_stencils(field, grid.axis(self.axis), *self._stencils(grid))
+
+    def point_stencil(self, grid, points):
+        return _stencil_at_points(grid, self.axis, *self._stencils(grid), points)
 
 
 # --------------------------------------------------------------------------------------------
-# Spectral operators (periodic axes)
+# Spectral operators (periodic axes): Fourier multipliers, by real FFTs
 # --------------------------------------------------------------------------------------------
 
 
-def _wavenumbers(grid: Grid, name: str, dtype) -> np.ndarray:
+def _wavenumbers(grid: Grid, name: str) -> np.ndarray:
     if not grid.is_periodic(name):
         raise ValueError(
             f"spectral operators need a periodic axis; axis {name!r} of {grid} is not periodic "
@@ -287,19 +424,42 @@ def _wavenumbers(grid: Grid, name: str, dtype) -> np.ndarray:
     return 2 * np.pi * np.fft.fftfreq(n, d=(high - low) / n)
 
 
-def _spectral_apply(field, grid: Grid, multipliers: dict[str, np.ndarray], symbol) -> Array:
-    """Multiply the Fourier transform over the periodic axes in `multipliers` by `symbol`."""
-    axes = tuple(grid.axis(name) for name in multipliers)
-    spectrum = jnp.fft.fftn(field, axes=axes)
-    shape = [1] * field.ndim
+def _symbol_on_grid(grid: Grid, wavenumbers: dict[str, np.ndarray], symbol) -> np.ndarray:
+    """`symbol(k_a, k_b, ...)` on the grid's axes: size 1 on the axes not in `wavenumbers`."""
     grids = []
-    for name, k in multipliers.items():
-        s = list(shape)
-        s[grid.axis(name)] = k.size
-        grids.append(k.reshape(s))
-    factor = symbol(*grids)
-    out = jnp.fft.ifftn(spectrum * jnp.asarray(factor, dtype=spectrum.dtype), axes=axes)
-    return out.real.astype(field.dtype)
+    for name, k in wavenumbers.items():
+        shape = [1] * grid.ndim
+        shape[grid.axis(name)] = k.size
+        grids.append(k.reshape(shape))
+    return np.broadcast_to(symbol(*grids), _symbol_shape(grid, tuple(wavenumbers)))
+
+
+def _symbol_shape(grid: Grid, names) -> tuple[int, ...]:
+    return tuple(n if a in names else 1 for a, n in zip(grid.names, grid.shape))
+
+
+def _rfft(field: Array, grid: Grid, names: tuple[str, ...]) -> Array:
+    """The real FFT of `field` over the periodic axes `names` (in grid order; the last one
+    is halved)."""
+    return jnp.fft.rfftn(field, axes=tuple(grid.axis(a) for a in names))
+
+
+def _irfft(spectrum: Array, symbol: np.ndarray, grid: Grid, names, field: Array) -> Array:
+    """The real field whose spectrum over `names` is `spectrum * symbol` (shape of `field`)."""
+    axes = tuple(grid.axis(a) for a in names)
+    last = axes[-1]
+    symbol = np.asarray(symbol)
+    if symbol.shape[last] > 1:
+        symbol = np.take(symbol, np.arange(spectrum.shape[last]), axis=last)  # rfft half
+    symbol = symbol.reshape(symbol.shape + (1,) * (field.ndim - grid.ndim))
+    sizes = tuple(field.shape[a] for a in axes)
+    out = jnp.fft.irfftn(spectrum * jnp.asarray(symbol, spectrum.dtype), s=sizes, axes=axes)
+    return out.astype(field.dtype)
+
+
+def _apply_symbol(op: AbstractOperator, field: Array, grid: Grid) -> Array:
+    names, symbol = op.fourier_symbol(grid)
+    return _irfft(_rfft(field, grid, names), symbol, grid, names, field)
 
 
 def _zero_nyquist(k: np.ndarray, order: int) -> np.ndarray:
@@ -316,9 +476,13 @@ class Spectral(AbstractOperator):
     axis: str = eqx.field(static=True)
     order: int = eqx.field(static=True, default=1)
 
+    def fourier_symbol(self, grid):
+        k = _zero_nyquist(_wavenumbers(grid, self.axis), self.order)
+        return (self.axis,), _symbol_on_grid(grid, {self.axis: k},
+                                             lambda kk: (1j * kk) ** self.order)
+
     def __call__(self, field, grid):
-        k = _zero_nyquist(_wavenumbers(grid, self.axis, field.dtype), self.order)
-        return _spectral_apply(field, grid, {self.axis: k}, lambda kk: (1j * kk) ** self.order)
+        return _apply_symbol(self, field, grid)
 
 
 class Laplacian(AbstractOperator):
@@ -332,11 +496,32 @@ class Laplacian(AbstractOperator):
         if self.method not in ("spectral", "fd"):
             raise ValueError(f"Laplacian: method must be 'spectral' or 'fd'; got {self.method!r}.")
 
+    def _fd(self) -> AbstractOperator:
+        return sum((FiniteDifference(a, order=2) for a in self.axes[1:]),
+                   FiniteDifference(self.axes[0], order=2))
+
+    def fourier_symbol(self, grid):
+        if self.method == "fd":
+            return None
+        ks = {a: _wavenumbers(grid, a) for a in self.axes}
+        return _names(grid, ks), _symbol_on_grid(grid, ks, lambda *kk: -sum(k**2 for k in kk))
+
+    def point_stencil(self, grid, points):
+        return self._fd().point_stencil(grid, points) if self.method == "fd" else None
+
+    def at_points(self, field, grid, points):
+        if self.method == "fd":
+            return self._fd().at_points(field, grid, points)
+        return super().at_points(field, grid, points)
+
     def __call__(self, field, grid):
         if self.method == "fd":
             return sum(FiniteDifference(a, order=2)(field, grid) for a in self.axes)
-        ks = {a: _wavenumbers(grid, a, field.dtype) for a in self.axes}
-        return _spectral_apply(field, grid, ks, lambda *kk: -sum(k**2 for k in kk))
+        return _apply_symbol(self, field, grid)
+
+
+def _names(grid: Grid, wavenumbers: dict) -> tuple[str, ...]:
+    return tuple(a for a in grid.names if a in wavenumbers)
 
 
 class InverseLaplacian(AbstractOperator):
@@ -344,14 +529,17 @@ class InverseLaplacian(AbstractOperator):
 
     axes: tuple[str, ...] = eqx.field(static=True, default=("x", "y"))
 
-    def __call__(self, field, grid):
-        ks = {a: _wavenumbers(grid, a, field.dtype) for a in self.axes}
+    def fourier_symbol(self, grid):
+        ks = {a: _wavenumbers(grid, a) for a in self.axes}
 
         def symbol(*kk):
             k2 = sum(k**2 for k in kk)
             return np.where(k2 == 0, 0.0, -1.0 / np.where(k2 == 0, 1.0, k2))
 
-        return _spectral_apply(field, grid, ks, symbol)
+        return _names(grid, ks), _symbol_on_grid(grid, ks, symbol)
+
+    def __call__(self, field, grid):
+        return _apply_symbol(self, field, grid)
 
 
 class VelocityFromVorticity(AbstractOperator):
@@ -370,14 +558,17 @@ class VelocityFromVorticity(AbstractOperator):
                 f"VelocityFromVorticity: component must be 'u' or 'v'; got {self.component!r}."
             )
 
-    def __call__(self, field, grid):
+    def fourier_symbol(self, grid):
         ax, ay = self.axes
-        kx = _zero_nyquist(_wavenumbers(grid, ax, field.dtype), 1)
-        ky = _zero_nyquist(_wavenumbers(grid, ay, field.dtype), 1)
+        ks = {ax: _zero_nyquist(_wavenumbers(grid, ax), 1),
+              ay: _zero_nyquist(_wavenumbers(grid, ay), 1)}
 
         def symbol(kx_, ky_):
             k2 = kx_**2 + ky_**2
             inv = np.where(k2 == 0, 0.0, 1.0 / np.where(k2 == 0, 1.0, k2))  # psi = omega / k^2
             return 1j * ky_ * inv if self.component == "u" else -1j * kx_ * inv
 
-        return _spectral_apply(field, grid, {ax: kx, ay: ky}, symbol)
+        return _names(grid, ks), _symbol_on_grid(grid, ks, symbol)
+
+    def __call__(self, field, grid):
+        return _apply_symbol(self, field, grid)
