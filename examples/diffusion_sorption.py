@@ -25,7 +25,9 @@ solve and in the loss. `--residual-weight 1` uses the physical units.
 `--formulation hcmoe` (default) poses the problem as `diffusion_sorption.FORMULATIONS` says: the
 IC exact by construction, boundary rows where the finite-volume reference puts them, global
 condition rows, PDE rows from the second level on; `--formulation paper` as the paper's release.
-PI-HC-MoE blends overlapping experts (`--overlap`, 0 for the paper's piecewise prediction).
+PI-HC-MoE blends overlapping experts (`--overlap`, 0 for the paper's piecewise prediction)
+and fits their weights together (`--coupling joint`: the weights minimise the residual of the
+blended field; `--coupling independent`: each expert solves alone, as in the paper).
 `--total-points` gives PI-HC the points of all experts (equal total points); by default each
 method gets `--points-per-expert` per expert, the paper's semantics.
 
@@ -88,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default="hcmoe")
     parser.add_argument("--overlap", type=float, default=0.3,
                         help="PI-HC-MoE blending half-width in x (0: the paper's piecewise)")
+    parser.add_argument("--coupling", choices=("joint", "independent"), default="joint",
+                        help="PI-HC-MoE experts' weights fitted together (default) or each "
+                        "expert on its own (the paper)")
     parser.add_argument("--total-points", action="store_true",
                         help="PI-HC gets the points of all experts together")
     parser.add_argument("--extrapolate", action="store_true",
@@ -132,6 +137,8 @@ def run_directory(args):
     name = args.size + ("_extrapolate" if args.extrapolate else "")
     if args.formulation != "hcmoe":
         name += f"_{args.formulation}"
+    if args.coupling != "joint":
+        name += f"_{args.coupling}"
     return args.out / name
 
 
@@ -152,6 +159,7 @@ def run(kind: str, args, train, test, grid) -> dict:
         residual_weight=args.residual_weight,
         points_per_expert=points,
         balance="mean" if args.formulation == "hcmoe" else "sum",
+        **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)
     test_data = {"u0": test["u0"]}
@@ -211,6 +219,7 @@ def summarise(args, grid) -> str:
         "formulation": args.formulation,
         "extrapolate": args.extrapolate,
         "overlap": args.overlap,
+        "coupling": args.coupling,
         "grid": list(grid.shape),
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, "
