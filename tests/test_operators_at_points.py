@@ -131,3 +131,68 @@ def test_custom_operator_falls_back_to_full_grid(getkey):
     assert op.point_stencil(grid, points) is None
     expected = flat_field(op(field, grid), grid)[points]
     assert _close(op.at_points(field, grid, points), expected)
+
+
+def _full_grid_rows(pde, basis, grid, data, partition, scope, problems):
+    """The stacks and condition matrices as the whole-grid operators gathered (the previous
+    construction), for comparison."""
+    from hcmoe._partition import ExpertRows
+    from hcmoe._pde import ansatz
+
+    transformed, particular, conditions = ansatz(pde, basis, grid, data)
+    rows = jnp.maximum(problems.points, 0)
+    stacks = {name: flat_field(op(transformed, grid), grid)[rows]
+              for name, op in pde.operators().items()}
+    offsets = {name: (jnp.zeros(rows.shape) if particular is None
+                      else flat_field(op(particular, grid), grid)[rows])
+               for name, op in pde.operators().items()}
+    members = partition.members(grid)
+    matrices = []
+    for cond in (c for c in conditions if not c.exact):
+        axis, face = grid.axis(cond.axis), cond.face_index(grid)
+        if (cond.scope if scope is None else scope) == "global":
+            owned = np.ones((members.shape[0], int(np.prod(cond.face_shape(grid)))), bool)
+        else:
+            owned = np.take(members, face, axis=axis + 1).reshape(members.shape[0], -1)
+        face_rows = jnp.take(cond.operator(transformed, grid), face, axis=axis)
+        matrices.append(face_rows.reshape(-1, basis.shape[-1])[ExpertRows.from_masks(owned).index])
+    return stacks, offsets, jnp.concatenate(matrices, axis=1) if matrices else None
+
+
+def _shipped_problems(key):
+    from hcmoe.problems import diffusion_sorption as ds, heat, navier_stokes as ns
+
+    ds_grid = ds.make_grid(nt=9, nx=16)
+    u0 = {"u0": jnp.full((16,), 0.1)}
+    heat_grid = heat.make_grid(nt=8, nx=12)
+    ns_grid = ns.make_grid(nt=5, n=8)
+    w0 = {"w0": ns.sample_initial_conditions(key, 1, ns_grid)[0]}
+    return [
+        (ds.formulation("hcmoe"), ds_grid, u0, hcmoe.Partition(x=3), None),
+        (ds.formulation("paper", time_derivative="backward"), ds_grid, u0,
+         hcmoe.Partition(t=2, x=2, overlap=0.1), "owned"),
+        (heat.Heat(), heat_grid, {"u0": jnp.sin(np.pi * jnp.asarray(heat_grid.coords("x")))},
+         hcmoe.Partition(x=2), None),
+        (ns.NavierStokes(), ns_grid, w0, hcmoe.Partition(x=2, y=2), None),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::hcmoe.ConditionWarning")
+@pytest.mark.parametrize("case", range(4), ids=["ds", "ds_paper_bdf", "heat", "ns"])
+def test_shipped_problems_rows_equal_full_grid(getkey, case):
+    from hcmoe._experts import build_problems
+
+    pde, grid, data, partition, scope = _shipped_problems(getkey())[case]
+    basis = jr.normal(getkey(), grid.shape + (4,))
+    problems, _, _ = build_problems(basis, pde, grid, data, partition, 20, getkey(),
+                                    condition_scope=scope)
+    stacks, offsets, matrix = _full_grid_rows(pde, basis, grid, data, partition, scope,
+                                              problems)
+    valid = problems.pde_valid[..., None]
+    for name in stacks:
+        assert _close(jnp.where(valid, problems.stacks[name], 0.0),
+                      jnp.where(valid, stacks[name], 0.0)), name
+        assert _close(jnp.where(valid[..., 0], problems.offsets[name], 0.0),
+                      jnp.where(valid[..., 0], offsets[name], 0.0)), name
+    if matrix is not None:
+        assert _close(problems.cond_matrix, matrix)
