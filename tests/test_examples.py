@@ -31,7 +31,7 @@ def test_quickstart_tiny(tmp_path):
     quickstart = _load("quickstart")
     argv = ["--tiny", "--steps", "3", "--out", str(tmp_path), "--no-progress"]
     rows = quickstart.main(argv + ["--methods", "sc", "moe"])
-    _check_rows(rows, ["PI-SC", "PI-HC-MoE"])
+    _check_rows(rows, ["PI-SC", "PI-HC-MoE (joint)"])
     for name in ("results.json", "results.md", "prediction_sc.png", "prediction_moe.png",
                  "comparison.png", "runs/moe/metrics.csv"):
         assert (tmp_path / name).exists(), name
@@ -43,7 +43,7 @@ def test_quickstart_tiny(tmp_path):
 @pytest.mark.slow
 def test_quickstart_default(tmp_path):
     rows = _load("quickstart").main(["--out", str(tmp_path), "--no-progress"])
-    _check_rows(rows, ["PI-SC", "PI-HC", "PI-HC-MoE"])
+    _check_rows(rows, ["PI-SC", "PI-HC", "PI-HC-MoE (joint)"])
 
 
 @pytest.mark.slow
@@ -56,7 +56,7 @@ def test_diffusion_sorption_small_resumes(tmp_path):
     metrics = (tmp_path / "runs/small/moe/metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in metrics if '"train"' in r][-1] == 3
     record = json.loads((tmp_path / "runs/small/results.json").read_text())
-    _check_rows(record["results"], ["PI-HC", "PI-HC-MoE"])
+    _check_rows(record["results"], ["PI-HC", "PI-HC-MoE (joint)"])
 
 
 @pytest.mark.slow
@@ -115,5 +115,5 @@ def test_diffusion_sorption_extrapolation(tmp_path):
                   "--out", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
                   "--no-progress", "--method", "sc", "moe"])
     record = json.loads((tmp_path / "runs/small_extrapolate/results.json").read_text())
-    _check_rows(record["results"], ["PI-SC", "PI-HC-MoE"])
+    _check_rows(record["results"], ["PI-SC", "PI-HC-MoE (joint)"])
     assert all("rel_l2_whole_horizon" in row for row in record["results"])

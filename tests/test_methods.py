@@ -74,6 +74,8 @@ def test_methods_share_the_backbone_and_start_equal():
     assert hc.backbone is backbone and moe.backbone is backbone and sc.backbone is backbone
     assert sc.labels() is None and np.unique(moe.labels()).tolist() == [0, 1]
     assert [m.name for m in (sc, hc, moe)] == ["PI-SC", "PI-HC", "PI-HC-MoE"]
+    joint = methods.make_method("moe", backbone, PDE, GRID, PARTITION, coupling="joint")
+    assert joint.name == "PI-HC-MoE (joint)"
 
 
 def test_hard_methods_are_constrain():

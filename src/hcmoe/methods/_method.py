@@ -141,7 +141,11 @@ class Method(eqx.Module):
 
     @property
     def name(self) -> str:
-        """The paper's name of the method: PI-SC, PI-HC or PI-HC-MoE."""
+        """The paper's name of the method: PI-SC, PI-HC or PI-HC-MoE; "PI-HC-MoE (joint)"
+        when the experts' weights are fitted together (`coupling="joint"`)."""
+        options = getattr(self.model, "options", None) or {}
+        if self.kind == "moe" and options.get("coupling") == "joint":
+            return NAMES[self.kind] + " (joint)"
         return NAMES[self.kind]
 
     @property
