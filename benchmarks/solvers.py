@@ -17,8 +17,15 @@ Accuracy: normal equations square the condition number, so the script also solve
 diffusion–sorption problem to tight tolerances with QR and with the default and reports the
 difference of the weights and of the residual norms.
 
+Schedules (`--section schedules`): the experts' solves batched (`schedule="vmap"`, one loop
+that runs until the slowest expert stops) against one after the other (`schedule="map"`, each
+stops at its own count), diffusion–sorption with K = 4 on the quickstart grid (26 x 64) and the
+paper grid (101 x 1024), forward and forward + backward: the measurement behind
+`schedule="auto"`.
+
     python benchmarks/solvers.py --quick
     python benchmarks/solvers.py
+    python benchmarks/solvers.py --quick --section schedules
 """
 
 from __future__ import annotations
@@ -39,22 +46,33 @@ VARIANTS = {
         rtol=TOL, atol=TOL, linear_solver=lx.Normal(lx.Cholesky()))),
     "hcmoe": lambda: {},
 }
+SCHEDULE_VARIANTS = {"vmap": lambda: dict(schedule="vmap"),
+                     "map": lambda: dict(schedule="map")}
 LINEAR_VARIANTS = {"qr": lambda: {},
                    "normal_cholesky": lambda: dict(linear_solver=lx.Normal(lx.Cholesky()))}
 
 SIZES = {
     "smoke": {"ds": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
               "ns": None, "heat": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
-              "accuracy": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)])},
+              "accuracy": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
+              "schedules": [dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(256, 4)])]},
     "quick": {"ds": dict(grid=dict(), configs=[(1000, 1), (10_000, 1), (10_000, 4)]),
               "ns": dict(grid=dict(nt=16, n=32, n_basis=16), configs=[(1000, 1), (10_000, 4)]),
               "heat": dict(grid=dict(), configs=[(1000, 1), (10_000, 1)]),
-              "accuracy": dict(grid=dict(), configs=[(10_000, 1), (10_000, 4)])},
+              "accuracy": dict(grid=dict(), configs=[(10_000, 1), (10_000, 4)]),
+              "schedules": [dict(grid=dict(nt=26, nx=64, n_basis=8), configs=[(1600, 4)]),
+                            dict(grid=dict(nt=26, nx=64, n_basis=16), configs=[(1600, 4)]),
+                            dict(grid=dict(n_basis=8), configs=[(20_000, 4)]),
+                            dict(grid=dict(), configs=[(80_000, 4)])]},
     "full": {"ds": dict(grid=dict(), configs=[(1000, 1), (10_000, 1), (100_000, 1),
                                               (10_000, 4), (80_000, 4)]),
              "ns": dict(grid=dict(), configs=[(1000, 1), (20_000, 1), (80_000, 4)]),
              "heat": dict(grid=dict(), configs=[(1000, 1), (10_000, 1), (100_000, 1)]),
-             "accuracy": dict(grid=dict(), configs=[(10_000, 1), (10_000, 4), (100_000, 1)])},
+             "accuracy": dict(grid=dict(), configs=[(10_000, 1), (10_000, 4), (100_000, 1)]),
+             "schedules": [dict(grid=dict(nt=26, nx=64, n_basis=8), configs=[(1600, 4)]),
+                           dict(grid=dict(nt=26, nx=64, n_basis=16), configs=[(1600, 4)]),
+                           dict(grid=dict(n_basis=8), configs=[(20_000, 4)]),
+                           dict(grid=dict(), configs=[(20_000, 4), (80_000, 4)])]},
 }
 
 
@@ -157,11 +175,33 @@ def plot(payload: dict, path) -> None:
     print(f"wrote {path}")
 
 
+def schedules(sizes: list[dict], args) -> list[dict]:
+    """vmap against map on diffusion–sorption (see the module docstring)."""
+    out = []
+    for size in sizes:
+        problem = common.diffusion_sorption(**size["grid"])
+        print(f"schedules: {problem.name} {problem.describe()['grid']} N={problem.n_basis}",
+              flush=True)
+        for points, experts in size["configs"]:
+            record = compare(problem, points, experts, SCHEDULE_VARIANTS, args)
+            record["problem"] = problem.describe()
+            out.append(record)
+    return out
+
+
 def main():
-    args = common.parser(__doc__.splitlines()[0]).parse_args()
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--section", choices=["all", "solvers", "schedules"], default="all",
+                   help="the LM variants and accuracy, the expert schedules, or both")
+    args = p.parse_args()
     mode = common.mode(args)
     sizes = SIZES[mode]
     payload = {"mode": mode, "tolerance": TOL}
+    if args.section in ("all", "schedules"):
+        payload["schedules_diffusion_sorption"] = schedules(sizes["schedules"], args)
+    if args.section == "schedules":
+        common.write_json(args, "solvers_schedules", payload)
+        return
     for key, make, variants in (("ds", common.diffusion_sorption, VARIANTS),
                                 ("ns", common.navier_stokes, VARIANTS),
                                 ("heat", common.heat, LINEAR_VARIANTS)):

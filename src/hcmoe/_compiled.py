@@ -53,7 +53,8 @@ def _is_default(name: str, value) -> bool:
 
 
 def check_options(options: dict, where: str) -> dict:
-    """The solve options, with a clear error for an unknown name or a mesh without experts.
+    """The solve options, with a clear error for an unknown name, an unknown schedule or a
+    mesh without experts.
 
     Options equal to the solve's defaults are dropped, so `points_per_expert=None` and no
     option at all are one configuration (one compilation)."""
@@ -62,6 +63,8 @@ def check_options(options: dict, where: str) -> dict:
         raise ValueError(
             f"{where}: unknown option(s) {unknown}; expected any of {sorted(SOLVE_OPTIONS)}."
         )
+    if "schedule" in options:
+        _experts.resolve_schedule(options["schedule"])  # an unknown schedule fails here
     if options.get("mesh") is not None:
         from ._sharding import check_mesh
 

@@ -269,6 +269,7 @@ def solve(
     balance: str = "mean",
     warm_start: bool = False,
     coupling: str = "independent",
+    schedule: str = "auto",
 ) -> Solution:
     r"""Make the basis combination satisfy the PDE, independently on every expert's block.
 
@@ -333,6 +334,14 @@ def solve(
       `[phi_1 B, ..., phi_K B]`, with `K * points_per_expert` PDE points drawn over the
       whole domain); one `K n_basis`-unknown solve, on one device (no `mesh`). `stats` then
       describe that one solve (leading axis 1). See `hcmoe._joint`.
+    - `schedule`: how the experts' solves run on one device. `"vmap"`: batched, one loop for
+      all of them, which iterates until the slowest expert stops (every expert pays for the
+      slowest); `"map"`: one after the other (`jax.lax.map`), each stopping at its own
+      iteration count; `"auto"` (default): `"map"` for a nonlinear PDE on CPU, else
+      `"vmap"` (a linear PDE has no iterations to wait on; measured: `benchmarks/README.md`,
+      "Schedules"). Results agree to rounding. With a
+      `mesh` the experts are sharded over devices (vmapped within each) and `schedule` is
+      not used.
 
     **Returns:** a `Solution` with `u`, `weights` (`(K, n_basis)`) and `stats`.
 
@@ -365,6 +374,7 @@ def solve(
         raise ValueError(
             f"points_per_expert: expected a positive int or None; got {points_per_expert!r}."
         )
+    schedule = resolve_schedule(schedule, pde.linear)
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling: expected one of {COUPLINGS}; got {coupling!r}.")
     if coupling == "joint" and num_experts > 1:
@@ -403,7 +413,9 @@ def solve(
             adjoint=adjoint, linear_solver=linear_solver, warm_start=warm_start,
         )
 
-    if mesh is None:
+    if mesh is None and schedule == "map":
+        weights, steps, norms, result, ok = jax.lax.map(lambda args: one(*args), (problems, init))
+    elif mesh is None:
         weights, steps, norms, result, ok = jax.vmap(one)(problems, init)
     else:
         from ._sharding import sharded_expert_map
@@ -424,6 +436,21 @@ def solve(
         problems.points,
     )
     return Solution(u.astype(out_dtype), weights.astype(out_dtype), stats)
+
+
+SCHEDULES = ("auto", "vmap", "map")
+
+
+def resolve_schedule(schedule: str, linear: bool = False) -> str:
+    """`"vmap"` or `"map"` for a `schedule` option. `"auto"`: sequential for nonlinear PDEs
+    on CPU (a batched loop runs every expert to the slowest one's iteration count, and a CPU
+    gains little from batching), batched otherwise (a linear PDE is one solve per expert, with
+    no loop to wait on; an accelerator runs a batch of experts in about the time of one)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}; got {schedule!r}.")
+    if schedule == "auto":
+        return "map" if jax.default_backend() == "cpu" and not linear else "vmap"
+    return schedule
 
 
 def condition_error(problem: ExpertProblem, w: Array) -> Array:

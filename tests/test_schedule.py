@@ -1,0 +1,89 @@
+"""Expert schedules: batched (`vmap`) and sequential (`map`) solves agree."""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import hcmoe
+from hcmoe._compiled import SOLVE_OPTIONS
+from hcmoe._experts import resolve_schedule
+
+from .helpers import ForcedBurgers, ForcedHeat, basis_with_exact, data_for, small_grid
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::hcmoe.ConditionWarning")
+OPTIONS = dict(rtol=1e-12, atol=1e-12, max_steps=100, ridge=1e-3)
+
+
+def _problem(getkey):
+    grid = small_grid(nt=7, nx=12)
+    basis = basis_with_exact(grid, getkey()) + 0.1 * jr.normal(getkey(), grid.shape + (5,))
+    return grid, basis
+
+
+@pytest.mark.parametrize("pde", [ForcedBurgers(), ForcedHeat()], ids=["nonlinear", "linear"])
+def test_map_equals_vmap(getkey, pde):
+    grid, basis = _problem(getkey)
+    partition = hcmoe.Partition(t=2, x=2)
+    key = getkey()
+    sols = {s: hcmoe.solve(basis, pde, partition, grid, data_for(grid), key=key,
+                           points_per_expert=15, schedule=s, **OPTIONS) for s in ("vmap", "map")}
+    vmapped, mapped = sols["vmap"], sols["map"]
+    assert bool(jnp.all(vmapped.stats.converged)) and bool(jnp.all(mapped.stats.converged))
+    np.testing.assert_allclose(mapped.weights, vmapped.weights, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(mapped.u, vmapped.u, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(mapped.stats.residual_norm, vmapped.stats.residual_norm,
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(mapped.stats.points, vmapped.stats.points)
+    assert jnp.array_equal(mapped.stats.converged, vmapped.stats.converged)
+
+
+def test_map_gradient_equals_vmap_gradient(getkey):
+    grid, basis = _problem(getkey)
+    partition = hcmoe.Partition(x=3)
+    readout = jr.normal(getkey(), grid.shape)
+
+    def loss(b, schedule):
+        sol = hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid),
+                          schedule=schedule, **OPTIONS)
+        return jnp.sum(sol.u * readout) + jnp.sum(sol.weights**2)
+
+    grads = {s: jax.jit(jax.grad(loss), static_argnums=1)(basis, s) for s in ("vmap", "map")}
+    scale = float(jnp.max(jnp.abs(grads["vmap"])))
+    assert float(jnp.max(jnp.abs(grads["map"] - grads["vmap"]))) <= 1e-9 * (1 + scale)
+
+
+def test_map_under_batch_vmap_and_wrappers(getkey):
+    grid, basis = _problem(getkey)
+    bases = jnp.stack([basis, basis + 0.05 * jr.normal(getkey(), basis.shape)])
+    data = {"u0": jnp.stack([data_for(grid)["u0"]] * 2)}
+    partition = hcmoe.Partition(x=2)
+
+    def backbone(params, x):
+        return x * params
+
+    model = hcmoe.constrain(backbone, ForcedBurgers(), partition, grid=grid, **OPTIONS)
+    vmapped = model(1.0, bases, data, schedule="vmap")
+    mapped = model(1.0, bases, data, schedule="map")
+    np.testing.assert_allclose(mapped.weights, vmapped.weights, rtol=0, atol=1e-10)
+    assert mapped.weights.shape == (2, 2, 5)
+
+
+def test_schedule_option_and_errors(getkey):
+    assert "schedule" in SOLVE_OPTIONS
+    expected = "map" if jax.default_backend() == "cpu" else "vmap"
+    assert resolve_schedule("auto") == expected
+    assert resolve_schedule("auto", linear=True) == "vmap"  # no loop to wait on
+    assert resolve_schedule("vmap") == "vmap" and resolve_schedule("map") == "map"
+    grid, basis = _problem(getkey)
+    with pytest.raises(ValueError, match=r"schedule: expected one of \('auto', 'vmap', 'map'\); "
+                                         r"got 'serial'"):
+        hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid), schedule="serial")
+
+
+def test_unknown_schedule_fails_at_wrap_time():
+    grid = small_grid()
+    with pytest.raises(ValueError, match="schedule: expected one of"):
+        hcmoe.constrain(lambda p, x: x, ForcedBurgers(), None, grid=grid, schedule="loop")
