@@ -337,4 +337,10 @@ def test_warm_start_reaches_the_same_minimiser_with_the_same_gradient(getkey):
     assert bool(jnp.all(cold.stats.converged)) and bool(jnp.all(warm.stats.converged))
     np.testing.assert_allclose(warm.weights, cold.weights, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(warm_grad, cold_grad, rtol=1e-6, atol=1e-9)
-    assert int(jnp.sum(warm.stats.num_steps)) < int(jnp.sum(cold.stats.num_steps))
+    # What the warm start is for: with few iterations it ends nearer the minimiser. (Step
+    # counts to a 1e-12 tolerance are chaotic, so they are not compared.)
+    capped = dict(opts, max_steps=3)
+    few = {warm: hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid),
+                             warm_start=warm, **capped) for warm in (False, True)}
+    assert float(jnp.sum(few[True].stats.residual_norm)) < 0.7 * float(
+        jnp.sum(few[False].stats.residual_norm))
