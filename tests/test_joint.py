@@ -13,7 +13,12 @@ from hcmoe._joint import windowed_basis, windows
 from hcmoe.problems import diffusion_sorption
 
 from .helpers import (
-    ForcedBurgers, basis_with_exact, data_for, exact_field, finite_difference_jvp, small_grid,
+    ForcedBurgers,
+    basis_with_exact,
+    data_for,
+    exact_field,
+    finite_difference_jvp,
+    small_grid,
 )
 
 
