@@ -117,7 +117,7 @@ class _SignalsWhenCollected:
         signal.raise_signal(signal.SIGINT)
 
 
-def test_ctrl_c_during_generation_is_never_lost(tmp_path, monkeypatch):
+def test_ctrl_c_during_generation_is_never_lost(tmp_path, monkeypatch, default_sigint):
     x = np.linspace(0.0, 1.0, 10)
     real, written = data._save_chunk, []
 

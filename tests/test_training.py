@@ -471,7 +471,7 @@ def _interrupt_at(step, how):
 
 
 @pytest.mark.parametrize("how", ["collected", "direct"])
-def test_sigint_is_never_lost_and_checkpoints_the_finished_step(tmp_path, how):
+def test_sigint_is_never_lost_and_checkpoints_the_finished_step(tmp_path, how, default_sigint):
     reference = _fit(steps=10)
     with pytest.raises(KeyboardInterrupt):
         _fit(steps=10, checkpoint_dir=tmp_path, eval_fn=_interrupt_at(6, how), eval_every=1)
