@@ -319,6 +319,7 @@ def test_bad_overlap_is_a_clear_error():
         hcmoe.solve(jnp.ones(grid.shape + (2,)), Straight(), None, grid, condition_scope="all")
 
 
+@pytest.mark.slow  # 16 s: keeps the default suite under 15 min on 2 cores
 def test_warm_start_reaches_the_same_minimiser_with_the_same_gradient(getkey):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey()) * 5.0  # true weights far from the ones of init
