@@ -16,7 +16,7 @@ import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._grid import Grid
-from ._joint import COUPLINGS, joint_init, per_expert, windowed_basis
+from ._joint import COUPLINGS, joint_init, windowed_basis
 from ._levenberg_marquardt import LevenbergMarquardt
 from ._ops import operators_at_points
 from ._partition import AbstractPartition, ExpertRows, as_partition
@@ -354,12 +354,6 @@ def solve(
     partition = as_partition(partition)
     dtype = solve_dtype(precision, basis.dtype)
     out_dtype = basis.dtype
-    basis = eqx.error_if(
-        basis,
-        ~jnp.all(jnp.isfinite(basis)),
-        "hcmoe.solve: the basis contains NaN or inf; the backbone diverged or its input is "
-        "not finite.",
-    ).astype(dtype)
     if condition_scope not in (None, *SCOPES):
         raise ValueError(
             f"condition_scope: expected None, 'owned' or 'global'; got {condition_scope!r}."
@@ -392,8 +386,14 @@ def solve(
             linear_solver=linear_solver, precision=precision, throw=throw,
             condition_scope=condition_scope, balance=balance, warm_start=warm_start,
         )
-        joint = per_expert(joint, num_experts)
-        return Solution(joint.u.astype(out_dtype), joint.weights.astype(out_dtype), joint.stats)
+        # The inner solve checks and casts the basis and returns in its dtype.
+        return Solution(joint.u, joint.weights.reshape(num_experts, -1), joint.stats)
+    basis = eqx.error_if(
+        basis,
+        ~jnp.all(jnp.isfinite(basis)),
+        "hcmoe.solve: the basis contains NaN or inf; the backbone diverged or its input is "
+        "not finite.",
+    ).astype(dtype)
     problems, transformed, particular = build_problems(
         basis, pde, grid, data, partition, points_per_expert, key,
         condition_scope=condition_scope, balance=balance,

@@ -21,7 +21,6 @@ from jaxtyping import Array
 
 from ._grid import Grid
 from ._partition import AbstractPartition
-from ._solve import Solution
 
 
 COUPLINGS = ("independent", "joint")
@@ -31,11 +30,7 @@ def windows(partition: AbstractPartition, grid: Grid) -> np.ndarray:
     """Each expert's window on `grid`, shape `(K, *grid.shape)`: the partition of unity of an
     overlapping `Partition`, else the indicator of each expert's block. They sum to one."""
     phi = partition.blend(grid)
-    if phi is not None:
-        return np.asarray(phi)
-    labels = partition.labels(grid)
-    experts = np.arange(int(labels.max()) + 1).reshape((-1,) + (1,) * labels.ndim)
-    return (labels[None] == experts).astype(np.float64)
+    return partition.owned(grid).astype(np.float64) if phi is None else np.asarray(phi)
 
 
 def windowed_basis(basis: Array, partition: AbstractPartition, grid: Grid) -> Array:
@@ -58,9 +53,3 @@ def joint_init(init, num_experts: int, n: int):
     raise ValueError(
         f"init: expected shape ({n},) or ({num_experts}, {n}); got {tuple(init.shape)}."
     )
-
-
-def per_expert(solution: Solution, num_experts: int) -> Solution:
-    """The joint solve's `Solution` with its weights as `(K, n_basis)`; its stats (one solve,
-    leading axis 1) are kept as they are."""
-    return Solution(solution.u, solution.weights.reshape(num_experts, -1), solution.stats)

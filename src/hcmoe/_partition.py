@@ -31,11 +31,15 @@ class AbstractPartition(eqx.Module):
         for a partition without overlap (then `phi_k` is the indicator of `labels == k`)."""
         return None
 
+    def owned(self, grid: Grid) -> np.ndarray:
+        """Each expert's own block, shape `(K, *grid.shape)`: the indicator of `labels == k`."""
+        labels = self.labels(grid)
+        return labels[None] == np.arange(int(labels.max()) + 1).reshape((-1,) + (1,) * labels.ndim)
+
     def members(self, grid: Grid) -> np.ndarray:
         """Which grid points each expert's PDE rows come from, shape `(K, *grid.shape)`: its
         own block, plus the halo where its blending weight is positive."""
-        labels = self.labels(grid)
-        own = labels[None] == np.arange(int(labels.max()) + 1).reshape((-1,) + (1,) * labels.ndim)
+        own = self.owned(grid)
         phi = self.blend(grid)
         return own if phi is None else own | (phi > 0)
 
