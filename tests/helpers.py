@@ -1,8 +1,11 @@
 """Shared test problems with exact discrete solutions, and numerical helpers."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
+import pytest
 
 import hcmoe
 from hcmoe import ops
@@ -117,3 +120,28 @@ def basis_with_exact(grid, key, n_basis=5, scale=0.3):
 
 def data_for(grid):
     return {"u0": exact_field(grid)[0]}
+
+
+def check_blended_solve(getkey, partition, *, n_basis=5, **options):
+    """A blended solve on `ForcedBurgers` recovers the exact solution from a basis holding it,
+    and its gradient matches finite differences (`options`: extra `hcmoe.solve` options)."""
+    grid = small_grid()
+    basis = basis_with_exact(grid, getkey(), n_basis=n_basis)
+    tight = dict(rtol=1e-12, atol=1e-12, max_steps=100, ridge=0.0)
+    sol = hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid),
+                      **tight, **options)
+    assert bool(jnp.all(sol.stats.converged))
+    np.testing.assert_allclose(sol.u, exact_field(grid), atol=1e-8)
+
+    noisy = basis + 0.05 * jr.normal(getkey(), basis.shape)
+    readout = jr.normal(getkey(), grid.shape)
+    loose = dict(rtol=1e-13, atol=1e-13, max_steps=200, ridge=1e-3)
+
+    def loss(b):
+        return jnp.sum(hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid),
+                                   **loose, **options).u * readout)
+
+    direction = jr.normal(getkey(), basis.shape)
+    grad = jax.grad(loss)(noisy)
+    fd = finite_difference_jvp(loss, noisy, direction, eps=1e-5)
+    assert float(jnp.sum(grad * direction)) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)

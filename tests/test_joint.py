@@ -1,6 +1,5 @@
 """`coupling="joint"`: the experts' weights minimise the residual of the blended field together."""
 
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -12,14 +11,7 @@ from hcmoe._experts import assemble
 from hcmoe._joint import windowed_basis, windows
 from hcmoe.problems import diffusion_sorption
 
-from .helpers import (
-    ForcedBurgers,
-    basis_with_exact,
-    data_for,
-    exact_field,
-    finite_difference_jvp,
-    small_grid,
-)
+from .helpers import check_blended_solve, small_grid
 
 
 def _ds_case(key, nt=7, nx=24, n=4):
@@ -88,26 +80,7 @@ def test_joint_loss_is_at_most_the_independent_experts_blended_loss(getkey):
 
 
 def test_joint_recovers_exact_solution_and_gradients_match_finite_differences(getkey):
-    grid = small_grid()
-    partition = hcmoe.Partition(x=2, overlap=0.2)
-    basis = basis_with_exact(grid, getkey(), n_basis=3)
-    tight = dict(rtol=1e-12, atol=1e-12, max_steps=100, ridge=0.0, coupling="joint")
-    sol = hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid), **tight)
-    assert bool(jnp.all(sol.stats.converged))
-    np.testing.assert_allclose(sol.u, exact_field(grid), atol=1e-8)
-
-    noisy = basis + 0.05 * jr.normal(getkey(), basis.shape)
-    readout = jr.normal(getkey(), grid.shape)
-    opts = dict(rtol=1e-13, atol=1e-13, max_steps=200, ridge=1e-3, coupling="joint")
-
-    def loss(b):
-        return jnp.sum(hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid),
-                                   **opts).u * readout)
-
-    direction = jr.normal(getkey(), basis.shape)
-    grad = jax.grad(loss)(noisy)
-    fd = finite_difference_jvp(loss, noisy, direction, eps=1e-5)
-    assert float(jnp.sum(grad * direction)) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
+    check_blended_solve(getkey, hcmoe.Partition(x=2, overlap=0.2), n_basis=3, coupling="joint")
 
 
 def test_joint_init_and_bad_options(getkey):

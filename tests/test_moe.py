@@ -14,9 +14,9 @@ from hcmoe._experts import assemble
 from .helpers import (
     ForcedBurgers,
     basis_with_exact,
+    check_blended_solve,
     data_for,
     exact_field,
-    finite_difference_jvp,
     small_grid,
 )
 
@@ -119,27 +119,7 @@ def test_interface_jumps_per_interface():
 
 
 def test_blended_moe_recovers_exact_solution_and_gradients_match_finite_differences(getkey):
-    grid = small_grid()
-    partition = hcmoe.Partition(x=2, overlap=0.2)
-    basis = basis_with_exact(grid, getkey())
-    tight = dict(rtol=1e-12, atol=1e-12, max_steps=100, ridge=0.0)
-    sol = hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid),
-                      condition_scope="global", **tight)
-    assert bool(jnp.all(sol.stats.converged))
-    np.testing.assert_allclose(sol.u, exact_field(grid), atol=1e-8)
-
-    noisy = basis + 0.05 * jr.normal(getkey(), basis.shape)
-    readout = jr.normal(getkey(), grid.shape)
-    opts = dict(rtol=1e-13, atol=1e-13, max_steps=200, ridge=1e-3, condition_scope="global")
-
-    def loss(b):
-        return jnp.sum(hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid),
-                                   **opts).u * readout)
-
-    direction = jr.normal(getkey(), basis.shape)
-    grad = jax.grad(loss)(noisy)
-    fd = finite_difference_jvp(loss, noisy, direction, eps=1e-5)
-    assert float(jnp.sum(grad * direction)) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
+    check_blended_solve(getkey, hcmoe.Partition(x=2, overlap=0.2), condition_scope="global")
 
 
 def test_exact_initial_condition_holds_by_construction(getkey):
