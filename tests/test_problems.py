@@ -1,5 +1,7 @@
 """The benchmark problems: exact solutions, convergence orders, residuals, samplers, datasets."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -336,7 +338,12 @@ def test_navier_stokes_and_heat_datasets(tmp_path):
     flow = ns.make_dataset("test", 2, "small", max_dt=0.01, **kwargs)
     assert flow["w0"].shape == (2, 32, 32) and flow["w"].shape == (2, 16, 32, 32)
     np.testing.assert_array_equal(flow["w"][:, 0], flow["w0"])
-    assert (tmp_path / "navier_stokes-small-test.json").exists()
+    record = json.loads((tmp_path / "navier_stokes-small-test.json").read_text())
+    # The small size's horizon is its own (not the paper's t = 5), in the grid and the cache.
+    horizon = ns.SIZES["small"]["t_final"]
+    assert ns.grid("small", "test").extent("t") == (0.0, horizon)
+    assert record["params"]["t_final"] == horizon
+    assert ns.grid("paper", "train").extent("t") == (0.0, ns.T_FINAL)
     warm = heat.make_dataset("train", 5, **kwargs)
     assert warm["u"].shape == (5, 33, 65) and warm["coefficients"].shape == (5, 4)
     np.testing.assert_allclose(warm["u"][:, 0], warm["u0"], atol=1e-6)

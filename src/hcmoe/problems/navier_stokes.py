@@ -53,9 +53,18 @@ __all__ = [
 AXES = ("t", "x", "y")
 T_FINAL = 5.0
 SIZES: dict[str, dict[str, Any]] = {
-    "small": {"nt": 16, "n_xy": 32, "n_xy_test": 32, "n_train": 64, "n_test": 16, "max_dt": 1e-3},
+    "small": {
+        "nt": 16,
+        "t_final": 2.0,
+        "n_xy": 32,
+        "n_xy_test": 32,
+        "n_train": 64,
+        "n_test": 16,
+        "max_dt": 1e-3,
+    },
     "paper": {
         "nt": 64,
+        "t_final": T_FINAL,
         "n_xy": 64,
         "n_xy_test": 256,
         "n_train": 4000,
@@ -127,12 +136,16 @@ def make_grid(*, nt: int, n: int, t_final: float = T_FINAL) -> Grid:
 
 
 def grid(size: str = "small", split: str = "train") -> Grid:
-    """The grid of a dataset: small 16 t x 32 x 32 (both splits); paper 64 t x 64 x 64 for
-    `"train"` and 64 t x 256 x 256 for `"test"`."""
+    """The grid of a dataset: small 16 t x 32 x 32 on t in [0, 2] (both splits); paper
+    64 t x 64 x 64 for `"train"` and 64 t x 256 x 256 for `"test"`, on t in [0, 5].
+
+    The small size's horizon is shorter than the paper's because its 32² grid does not
+    resolve the flow's finer scales by t = 5: the reference's own residual with the PDE's
+    operators is 19% of `w_t` (RMS) on [0, 5] against 2.8% on [0, 2]."""
     check_choice("size", size, SIZES)
     check_choice("split", split, ("train", "test"))
     n = SIZES[size]["n_xy" if split == "train" else "n_xy_test"]
-    return make_grid(nt=SIZES[size]["nt"], n=n)
+    return make_grid(nt=SIZES[size]["nt"], n=n, t_final=SIZES[size]["t_final"])
 
 
 def sample_initial_conditions(
@@ -332,7 +345,9 @@ def make_dataset(
     pde = make_pde(NavierStokes, constants, "navier_stokes.make_dataset")
     the_grid, label = grid(size, split), size
     if n_xy is not None and n_xy != the_grid.shape[-1]:
-        the_grid = make_grid(nt=SIZES[size]["nt"], n=check_count("n_xy", n_xy))
+        the_grid = make_grid(
+            nt=SIZES[size]["nt"], n=check_count("n_xy", n_xy), t_final=SIZES[size]["t_final"]
+        )
         label = f"{size}-{n_xy}"
     params = {
         "n": n,
@@ -342,6 +357,7 @@ def make_dataset(
         "length_scale": length_scale,
         "amplitude": amplitude,
         "grid": the_grid.shape,
+        "t_final": float(the_grid.extent("t")[1]),
         "dtype": dtype,
         **pde_constants(pde),
     }
