@@ -102,3 +102,33 @@ def test_joint_init_and_bad_options(getkey):
     single = hcmoe.solve(basis, pde, None, grid, data, coupling="joint")
     plain = hcmoe.solve(basis, pde, None, grid, data)
     np.testing.assert_allclose(single.u, plain.u, atol=1e-12)
+
+
+def test_joint_on_a_periodic_spectral_problem(getkey):
+    """Navier–Stokes (spectral in x, y) with 2 x 2 experts blended over periodic windows, as
+    `examples/navier_stokes.py` runs it: the joint solve is PI-HC on the windowed basis, and the
+    windows have no seam where the periodic axes wrap around."""
+    from hcmoe.problems import navier_stokes
+
+    grid = navier_stokes.make_grid(nt=4, n=16, t_final=1.0)
+    pde = navier_stokes.NavierStokes()
+    data = {"w0": navier_stokes.sample_initial_conditions(getkey(), 1, grid)[0]}
+    basis = jr.normal(getkey(), grid.shape + (3,))
+    partition = hcmoe.Partition(t=1, x=2, y=2, overlap={"x": 0.125, "y": 0.125})
+    phi = windows(partition, grid)
+    np.testing.assert_allclose(phi.sum(axis=0), 1.0, atol=1e-12)
+    for axis in (2, 3):  # x and y of (K, t, x, y)
+        inner = np.abs(np.diff(phi, axis=axis)).max()
+        wrap = np.abs(np.take(phi, 0, axis=axis) - np.take(phi, -1, axis=axis)).max()
+        assert wrap <= inner + 1e-12
+    key = getkey()
+    opts = dict(init=jnp.zeros(3), max_steps=100, rtol=1e-10, atol=1e-10)
+    joint = hcmoe.solve(basis, pde, partition, grid, data, key=key, points_per_expert=60,
+                        coupling="joint", **opts)
+    direct = hcmoe.solve(windowed_basis(basis, partition, grid), pde, None, grid, data,
+                         key=key, points_per_expert=240, **(opts | {"init": jnp.zeros(12)}))
+    assert bool(jnp.all(joint.stats.converged))
+    np.testing.assert_allclose(joint.weights.reshape(-1), direct.weights[0], rtol=1e-8,
+                               atol=1e-6)
+    np.testing.assert_allclose(joint.u, direct.u, atol=1e-10)
+    np.testing.assert_allclose(joint.u[0], data["w0"], atol=1e-12)  # the ansatz's IC
