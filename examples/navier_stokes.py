@@ -138,8 +138,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 def partition(args) -> hcmoe.Partition:
     """PI-HC-MoE's experts: the paper's 1 (t) x 2 (x) x 2 (y) blocks, blended over
     `--overlap` in x and y."""
-    overlap = {"x": args.overlap, "y": args.overlap} if args.overlap else 0.0
-    return hcmoe.Partition(t=1, x=2, y=2, overlap=overlap)
+    return hcmoe.Partition(t=1, x=2, y=2, overlap={"x": args.overlap, "y": args.overlap})
 
 
 def run_directory(args) -> Path:
@@ -155,9 +154,7 @@ def test_sets(test, args):
     sets = {}
     for n in args.test_resolutions:
         stride = finest // n
-        grid = navier_stokes.make_grid(
-            nt=test["w"].shape[1], n=n, t_final=navier_stokes.SIZES[args.size]["t_final"]
-        )
+        grid = navier_stokes.grid(args.size, "test", n_xy=n)
         data = {"w0": test["w0"][:, ::stride, ::stride]}
         sets[n] = (grid, data, test["w"][..., ::stride, ::stride])
     return sets
