@@ -61,3 +61,21 @@ def test_linear_solver_option_reaches_the_linear_path(getkey):
     normal = hcmoe.solve(basis, ForcedHeat(), hcmoe.Partition(x=2), grid, data_for(grid),
                          linear_solver=lx.Normal(lx.Cholesky()))
     assert jnp.max(jnp.abs(normal.weights - qr.weights)) < 1e-9
+
+
+def test_search_option_is_kept_and_used(getkey):
+    # The trust region given to the solver survives `with_jacobian` (what `hcmoe.solve` calls)
+    # and changes the iterates' path, not the solution.
+    search = optx.ClassicalTrustRegion(high_constant=50.0)
+    solver = LevenbergMarquardt(1e-10, 1e-10, search=search)
+    assert solver.with_jacobian(lambda y: y).search is search
+    grid = small_grid()
+    basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
+    options = dict(rtol=1e-10, atol=1e-10, max_steps=200)
+    default = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
+                          **options)
+    fast = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
+                       solver=solver, **options)
+    assert bool(jnp.all(default.stats.converged)) and bool(jnp.all(fast.stats.converged))
+    assert not np.array_equal(default.stats.num_steps, fast.stats.num_steps)
+    assert jnp.max(jnp.abs(default.stats.residual_norm - fast.stats.residual_norm)) < 1e-9

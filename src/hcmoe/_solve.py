@@ -100,9 +100,19 @@ def condition_residual(problem: ExpertProblem, w: Array) -> Array:
     return problem.cond_matrix @ w + problem.cond_offset - problem.cond_target
 
 
+def _values(problem: ExpertProblem, w: Array) -> dict[str, Array]:
+    """`{j: A_j w + c_j}`, the operators' values at the PDE rows. A product and a sum over the
+    weights rather than a matrix-vector product: it fuses with what follows, where XLA's CPU
+    matrix-vector products of these tall stacks each were a separate, slower pass."""
+    return {
+        name: a @ w + problem.offsets[name]
+        for name, a in problem.stacks.items()
+    }
+
+
 def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float):
     """`r(w) = [F(A_j w + c_j) on PDE rows ; condition rows ; ridge * w]` for one expert."""
-    values = {name: a @ w + problem.offsets[name] for name, a in problem.stacks.items()}
+    values = _values(problem, w)
     pde_rows = pde.residual(values, problem.coords, _data_at_points(problem, data))
     mask = problem.pde_valid.reshape(problem.pde_valid.shape + (1,) * (pde_rows.ndim - 1))
     pde_rows = jnp.where(mask, pde_rows, 0.0).reshape(-1)
@@ -117,7 +127,7 @@ def jacobian(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridg
     every `A_j`, so forming it costs `O(m N)` per operator, where `jax.jacfwd(residual)` would
     multiply every stack by the `N x N` identity (`O(m N^2)` per operator).
     """
-    values = {name: a @ w + problem.offsets[name] for name, a in problem.stacks.items()}
+    values = _values(problem, w)
     data = _data_at_points(problem, data)
     _, pde_jvp = jax.linearize(lambda v: pde.residual(v, problem.coords, data), values)
     in_axes = ({name: 1 for name in values},)
@@ -134,7 +144,7 @@ def _gauss_newton_start(w, problem, pde, data, ridge):
     r = residual(w, problem, pde, data, ridge)
     jac = jacobian(w, problem, pde, data, ridge)
     gram = jac.T @ jac  # includes ridge^2 I from the ridge rows
-    step = jax.scipy.linalg.solve(gram, jac.T @ r, assume_a="pos")
+    step = jax.scipy.linalg.solve(gram, r @ jac, assume_a="pos")
     candidate = w - step
     better = jnp.linalg.norm(residual(candidate, problem, pde, data, ridge)) < jnp.linalg.norm(r)
     return jnp.where(better & jnp.all(jnp.isfinite(candidate)), candidate, w)
