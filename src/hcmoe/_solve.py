@@ -101,13 +101,9 @@ def condition_residual(problem: ExpertProblem, w: Array) -> Array:
 
 
 def _values(problem: ExpertProblem, w: Array) -> dict[str, Array]:
-    """`{j: A_j w + c_j}`, the operators' values at the PDE rows. A product and a sum over the
-    weights rather than a matrix-vector product: it fuses with what follows, where XLA's CPU
-    matrix-vector products of these tall stacks each were a separate, slower pass."""
-    return {
-        name: a @ w + problem.offsets[name]
-        for name, a in problem.stacks.items()
-    }
+    """`{j: A_j w + c_j}`, the operators' values at the PDE rows. (As matrix-vector products:
+    `sum(A_j * w, -1)` measured 1.4x slower in the forward and 1.8x in forward + backward.)"""
+    return {name: a @ w + problem.offsets[name] for name, a in problem.stacks.items()}
 
 
 def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float):
