@@ -8,7 +8,7 @@ import pytest
 
 import hcmoe
 from hcmoe._compiled import SOLVE_OPTIONS
-from hcmoe._experts import resolve_schedule
+from hcmoe._experts import MAP_MIN_WORK, resolve_schedule
 
 from .helpers import ForcedBurgers, ForcedHeat, basis_with_exact, data_for, small_grid
 
@@ -32,8 +32,11 @@ def test_map_equals_vmap(getkey, pde):
                            points_per_expert=15, schedule=s, **OPTIONS) for s in ("vmap", "map")}
     vmapped, mapped = sols["vmap"], sols["map"]
     assert bool(jnp.all(vmapped.stats.converged)) and bool(jnp.all(mapped.stats.converged))
-    np.testing.assert_allclose(mapped.weights, vmapped.weights, rtol=0, atol=1e-10)
-    np.testing.assert_allclose(mapped.u, vmapped.u, rtol=0, atol=1e-10)
+    # Batched and sequential programs round differently, and LM at rtol = atol = 1e-12 stops
+    # wherever its last step falls below that: the iterates agree to ~1e-10 (1.1e-10 seen on
+    # one machine), the residual norms (the objective) much closer.
+    np.testing.assert_allclose(mapped.weights, vmapped.weights, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(mapped.u, vmapped.u, rtol=0, atol=1e-8)
     np.testing.assert_allclose(mapped.stats.residual_norm, vmapped.stats.residual_norm,
                                rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(mapped.stats.points, vmapped.stats.points)
@@ -67,14 +70,16 @@ def test_map_under_batch_vmap_and_wrappers(getkey):
     model = hcmoe.constrain(backbone, ForcedBurgers(), partition, grid=grid, **OPTIONS)
     vmapped = model(1.0, bases, data, schedule="vmap")
     mapped = model(1.0, bases, data, schedule="map")
-    np.testing.assert_allclose(mapped.weights, vmapped.weights, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(mapped.weights, vmapped.weights, rtol=0, atol=1e-8)
     assert mapped.weights.shape == (2, 2, 5)
 
 
 def test_schedule_option_and_errors(getkey):
     assert "schedule" in SOLVE_OPTIONS
-    expected = "map" if jax.default_backend() == "cpu" else "vmap"
-    assert resolve_schedule("auto") == expected
+    large = "map" if jax.default_backend() == "cpu" else "vmap"
+    assert resolve_schedule("auto") == large
+    assert resolve_schedule("auto", work=MAP_MIN_WORK) == large
+    assert resolve_schedule("auto", work=MAP_MIN_WORK - 1) == "vmap"  # small: batched
     assert resolve_schedule("auto", linear=True) == "vmap"  # no loop to wait on
     assert resolve_schedule("vmap") == "vmap" and resolve_schedule("map") == "map"
     grid, basis = _problem(getkey)
@@ -87,3 +92,19 @@ def test_unknown_schedule_fails_at_wrap_time():
     grid = small_grid()
     with pytest.raises(ValueError, match="schedule: expected one of"):
         hcmoe.constrain(lambda p, x: x, ForcedBurgers(), None, grid=grid, schedule="loop")
+
+
+def test_auto_batches_small_problems(getkey):
+    # 15 rows x 5 basis functions per expert is far below MAP_MIN_WORK: "auto" traces the
+    # batched program, not the sequential one (lax.map: one more scan).
+    grid, basis = _problem(getkey)
+    key = getkey()
+
+    def program(schedule):
+        return str(jax.make_jaxpr(lambda b: hcmoe.solve(
+            b, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid), key=key,
+            points_per_expert=15, schedule=schedule, **OPTIONS).u)(basis))
+
+    batched, sequential = program("vmap"), program("map")
+    assert sequential.count(" scan[") == batched.count(" scan[") + 1
+    assert program("auto") == batched

@@ -337,8 +337,10 @@ def solve(
     - `schedule`: how the experts' solves run on one device. `"vmap"`: batched, one loop for
       all of them, which iterates until the slowest expert stops (every expert pays for the
       slowest); `"map"`: one after the other (`jax.lax.map`), each stopping at its own
-      iteration count; `"auto"` (default): `"map"` for a nonlinear PDE on CPU, else
-      `"vmap"` (a linear PDE has no iterations to wait on; measured: `benchmarks/README.md`,
+      iteration count; `"auto"` (default): `"map"` for a nonlinear PDE on CPU when one
+      expert's problem is large (sampled PDE rows x basis functions >= `MAP_MIN_WORK`,
+      32,768), else `"vmap"` (a linear PDE has no iterations to wait on; a small problem
+      pays more for the sequential loop than it saves; measured: `benchmarks/README.md`,
       "Schedules"). Results agree to rounding. With a
       `mesh` the experts are sharded over devices (vmapped within each) and `schedule` is
       not used.
@@ -368,7 +370,7 @@ def solve(
         raise ValueError(
             f"points_per_expert: expected a positive int or None; got {points_per_expert!r}."
         )
-    schedule = resolve_schedule(schedule, pde.linear)
+    resolve_schedule(schedule, pde.linear)  # an unknown name fails here, before any work
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling: expected one of {COUPLINGS}; got {coupling!r}.")
     if coupling == "joint" and num_experts > 1:
@@ -399,6 +401,7 @@ def solve(
         condition_scope=condition_scope, balance=balance,
     )
     n = basis.shape[-1]
+    schedule = resolve_schedule(schedule, pde.linear, work=problems.pde_valid.shape[-1] * n)
     init = _initial_weights(init, num_experts, n, dtype)
     if solver is None:
         solver = default_solver(rtol, atol, dtype)
@@ -441,15 +444,28 @@ def solve(
 SCHEDULES = ("auto", "vmap", "map")
 
 
-def resolve_schedule(schedule: str, linear: bool = False) -> str:
+# `schedule="auto"` on CPU runs experts one after the other only when one expert's problem
+# (sampled PDE rows x basis functions) is at least this large. Measured on a 2-core CPU
+# (benchmarks/README.md, "Schedules"): below, at 400 x 8 and 400 x 16 (3.2k, 6.4k), the
+# batched loop was 1.5-1.7x faster even with unequal iteration counts; 5000 x 8 (40k, equal
+# counts) 1.2-1.4x faster; above, at 5000 x 16 and 20000 x 16 (80k, 320k, unequal counts),
+# the sequential one was 1.2-1.4x faster. The threshold lies in the unmeasured gap.
+MAP_MIN_WORK = 32_768
+
+
+def resolve_schedule(schedule: str, linear: bool = False, work: int | None = None) -> str:
     """`"vmap"` or `"map"` for a `schedule` option. `"auto"`: sequential for nonlinear PDEs
-    on CPU (a batched loop runs every expert to the slowest one's iteration count, and a CPU
-    gains little from batching), batched otherwise (a linear PDE is one solve per expert, with
-    no loop to wait on; an accelerator runs a batch of experts in about the time of one)."""
+    on CPU whose per-expert problem (`work` = sampled PDE rows x basis functions) is at least
+    `MAP_MIN_WORK` (a batched loop runs every expert to the slowest one's iteration count,
+    and a large problem gains little from batching on a CPU; a small one pays more for the
+    sequential loop than it saves), batched otherwise (a linear PDE is one solve per expert,
+    with no loop to wait on; an accelerator runs a batch of experts in about the time of
+    one). `work=None` (not known yet) counts as large."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}; got {schedule!r}.")
     if schedule == "auto":
-        return "map" if jax.default_backend() == "cpu" and not linear else "vmap"
+        large = work is None or work >= MAP_MIN_WORK
+        return "map" if jax.default_backend() == "cpu" and not linear and large else "vmap"
     return schedule
 
 
