@@ -97,7 +97,7 @@ class LevenbergMarquardt(optx.AbstractGaussNewton):
     - `search`: the trust region (default `optimistix.ClassicalTrustRegion()`: the step size
       `1 / λ` grows 3.5x after a step whose reduction is within 1% of the predicted one).
       Faster growth halves the steps on random smooth bases but, measured on trained
-      diffusion–sorption bases, left 2–4x more solves unconverged (benchmarks/README.md §7).
+      diffusion–sorption bases, left 2–4x more solves unconverged (benchmarks/README.md, section 7).
     """
 
     rtol: float
