@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._grid import Grid
 from ._joint import COUPLINGS, joint_init, windowed_basis
 from ._levenberg_marquardt import LevenbergMarquardt
-from ._ops import operators_at_points
+from ._ops import evaluate_at_points
 from ._partition import AbstractPartition, ExpertRows, as_partition
 from ._pde import SCOPES, AbstractPDE, ansatz, residual_mask
 from ._solve import ExpertProblem, Solution, SolveStats, condition_residual, solve_expert
@@ -103,10 +103,10 @@ def _lowest(scores: Array, count: int) -> Array:
     return jax.vmap(lambda row: jnp.nonzero(row, size=count)[0])(chosen)
 
 
-def _condition_rows(transformed, particular, conditions, grid, members, scope, points, dtype,
-                    balance, pde, warn=True):
-    """Every least-squares condition's rows, per expert: matrix (K, c, N); offset, target,
-    scale (K, c); valid (K, c).
+def _condition_rows(conditions, grid, members, scope, points, dtype, balance, pde, warn=True):
+    """Every least-squares condition's rows, per expert: face points (K, c) of each condition
+    (their operator values are the caller's, evaluated together with the PDE operators), and
+    target, scale, valid (K, c), concatenated over the conditions.
 
     `members` (K, *grid.shape) says which face points an expert owns (scope "owned"); with
     scope "global" every expert gets every row. With `balance="mean"`, the rows of condition
@@ -115,10 +115,9 @@ def _condition_rows(transformed, particular, conditions, grid, members, scope, p
     mean_c(cond^2)` (see `Condition`); `"sum"` scales them by `weight` alone. The condition
     operators are evaluated at the face points only (`AbstractOperator.at_points`).
     """
-    n = transformed.shape[-1]
     num_experts = members.shape[0]
     flat_index = np.arange(grid.size).reshape(grid.shape)
-    matrices, offsets, targets, scales, valids = [], [], [], [], []
+    face_points, targets, scales, valids = [], [], [], []
     has_rows = np.zeros(num_experts, bool)
     for cond in conditions:
         axis, face = grid.axis(cond.axis), cond.face_index(grid)
@@ -130,12 +129,7 @@ def _condition_rows(transformed, particular, conditions, grid, members, scope, p
         rows = ExpertRows.from_masks(owned)
         has_rows |= rows.counts > 0
         index, valid = rows.index, jnp.asarray(rows.valid)
-        face_points = np.take(flat_index, face, axis=axis).reshape(-1)[index]  # (K, c)
-        matrices.append(cond.operator.at_points(transformed, grid, face_points))
-        if particular is None:
-            offsets.append(jnp.zeros(index.shape, dtype))
-        else:
-            offsets.append(cond.operator.at_points(particular, grid, face_points))
+        face_points.append(np.take(flat_index, face, axis=axis).reshape(-1)[index])  # (K, c)
         target = cond.target_on_face(grid).reshape(-1).astype(dtype)
         weight = cond.weight_on_face(grid).reshape(-1).astype(dtype)
         if balance == "mean":
@@ -149,13 +143,9 @@ def _condition_rows(transformed, particular, conditions, grid, members, scope, p
         empty = np.flatnonzero(~has_rows).tolist()
         if empty:
             _warn_no_conditions(pde, empty, num_experts)
-    if not matrices:  # no conditions: one inert row keeps the shapes uniform
-        zeros = jnp.zeros((num_experts, 1), dtype)
-        return (jnp.zeros((num_experts, 1, n), dtype), zeros, zeros, zeros,
-                jnp.zeros((num_experts, 1), bool))
-    return tuple(
-        jnp.concatenate(x, axis=1) for x in (matrices, offsets, targets, scales, valids)
-    )
+    if not face_points:
+        return [], None
+    return face_points, tuple(jnp.concatenate(x, axis=1) for x in (targets, scales, valids))
 
 
 _WARNED: set = set()
@@ -230,14 +220,31 @@ def build_problems(
     index, valid = _sample_rows(rows, points_per_expert, key)
     points = rows.counts if points_per_expert is None else np.minimum(rows.counts,
                                                                       points_per_expert)
-    stacks = operators_at_points(operators, transformed, grid, index)
+    face_points, cond = _condition_rows(conditions, grid, members, condition_scope, points,
+                                        dtype, balance, pde, warn=not any_exact)
+    # Every operator at every row in one pass: the PDE operators at the sampled points, the
+    # condition operators at their face points (one gather-and-contract scan for all local
+    # stencils, one FFT for the spectral ones; see `evaluate_at_points`).
+    names = list(operators)
+    requests = [(operators[name], index) for name in names]
+    requests += [(c.operator, p) for c, p in zip(conditions, face_points)]
+    values = evaluate_at_points(requests, transformed, grid)
+    stacks = dict(zip(names, values[: len(names)]))
     if particular is None:
-        offsets = {name: jnp.zeros(index.shape, dtype) for name in operators}
+        offset_values = [jnp.zeros(points_.shape, dtype) for _, points_ in requests]
     else:
-        offsets = operators_at_points(operators, particular, grid, index)
+        offset_values = evaluate_at_points(requests, particular, grid)
+    offsets = dict(zip(names, offset_values[: len(names)]))
+    num_experts = index.shape[0]
+    if cond is None:  # no conditions: one inert row keeps the shapes uniform
+        zeros = jnp.zeros((num_experts, 1), dtype)
+        cond = (jnp.zeros((num_experts, 1, transformed.shape[-1]), dtype), zeros, zeros, zeros,
+                jnp.zeros((num_experts, 1), bool))
+    else:
+        matrices = jnp.concatenate(values[len(names):], axis=1)
+        cond_offsets = jnp.concatenate(offset_values[len(names):], axis=1)
+        cond = (matrices, cond_offsets, *cond)
     coords = {name: jnp.asarray(c.reshape(-1), dtype)[index] for name, c in grid.mesh().items()}
-    cond = _condition_rows(transformed, particular, conditions, grid, members, condition_scope,
-                           points, dtype, balance, pde, warn=not any_exact)
     problems = ExpertProblem(
         stacks, offsets, coords, valid, *cond, point_data=_point_data(data, grid, index),
         points=jnp.where(valid, index, -1),

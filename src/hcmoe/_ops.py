@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Int
@@ -108,35 +109,104 @@ class AbstractOperator(eqx.Module):
     __rmul__ = __mul__
 
 
+CHUNK_ROWS = 4096  # rows per step of `_contract`'s scan
+
+
 def _contract(flat: Array, neighbours: Array, weights: Array) -> Array:
-    """`sum_j weights[..., j] * flat[neighbours[..., j]]`, one gather per stencil column (each
-    fuses into the sum; its transpose is a scatter-add of the points' rows only)."""
-    trailing = (1,) * (flat.ndim - 1)
-    out = 0
-    for j in range(neighbours.shape[-1]):
-        w = weights[..., j].astype(flat.dtype)
-        out = out + w.reshape(w.shape + trailing) * flat[neighbours[..., j]]
+    """`sum_j weights[..., j] * flat[neighbours[..., j]]`, in a `lax.scan` over chunks of
+    about `CHUNK_ROWS` rows (each chunk one fused gather-multiply-add over the stencil).
+
+    Why a scan: its transpose scatters every chunk into one grid-sized accumulator carried
+    through the reversed loop, and its temporaries are chunk-sized. An unrolled sum of
+    gathers transposes to one zero-filled grid-sized buffer per stencil column, all live at
+    once; a single gather of every column materialises `rows x width` gathered rows."""
+    trailing = flat.shape[1:]
+    lead, width = neighbours.shape[:-1], neighbours.shape[-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    neighbours = jnp.reshape(neighbours, (rows, width))
+    weights = jnp.reshape(jnp.asarray(weights).astype(flat.dtype), (rows, width))
+    chunks = max(1, -(-rows // CHUNK_ROWS))
+    size = -(-rows // chunks)
+    pad = ((0, chunks * size - rows), (0, 0))  # padded rows read row 0 with weight 0
+    neighbours = jnp.pad(neighbours, pad).reshape(chunks, size, width)
+    weights = jnp.pad(weights, pad).reshape(chunks, size, width)
+    ones = (1,) * len(trailing)
+
+    def step(_, chunk):
+        index, w = chunk
+        out = 0
+        for j in range(width):
+            out = out + w[:, j].reshape((size,) + ones) * flat[index[:, j]]
+        return None, out
+
+    values = jax.lax.scan(step, None, (neighbours, weights))[1]
+    values = values.reshape((chunks * size,) + trailing)[:rows]
+    return values.reshape(lead + trailing)
+
+
+def _contract_many(flat: Array, stencils: Sequence[tuple[Array, Array]]) -> list[Array]:
+    """`_contract` of several `(neighbours, weights)` stencils (any point shapes, any widths)
+    of the same field in one scan: rows concatenated, narrower stencils padded with zero
+    weights. One scan means one cotangent accumulator for all of them."""
+    width = max(neighbours.shape[-1] for neighbours, _ in stencils)
+    rows, neighbour_rows, weight_rows = [], [], []
+    for neighbours, weights in stencils:
+        neighbours = jnp.reshape(neighbours, (-1, neighbours.shape[-1]))
+        weights = jnp.reshape(jnp.asarray(weights, flat.dtype), (-1, weights.shape[-1]))
+        pad = ((0, 0), (0, width - neighbours.shape[-1]))
+        neighbour_rows.append(jnp.pad(neighbours, pad))  # padded columns read row 0 ...
+        weight_rows.append(jnp.pad(weights, pad))  # ... with weight 0
+        rows.append(neighbours.shape[0])
+    values = _contract(flat, jnp.concatenate(neighbour_rows), jnp.concatenate(weight_rows))
+    pieces = jnp.split(values, np.cumsum(rows)[:-1].tolist()) if len(rows) > 1 else [values]
+    return [
+        piece.reshape(neighbours.shape[:-1] + flat.shape[1:])
+        for piece, (neighbours, _) in zip(pieces, stencils)
+    ]
+
+
+def evaluate_at_points(
+    requests: Sequence[tuple[AbstractOperator, ArrayLike]], field: Array, grid: Grid
+) -> list[Array]:
+    """`[op.at_points(field, grid, points) for op, points in requests]`, computed together:
+    every local stencil (`point_stencil`) in one gather-and-contract pass (one cotangent
+    buffer in the gradient), every Fourier multiplier from one shared real FFT of `field`
+    (each then one inverse FFT, gathered), the rest applied on the whole grid and gathered.
+    """
+    out: list[Array | None] = [None] * len(requests)
+    local, spectral = [], []
+    for i, (op, points) in enumerate(requests):
+        symbol = op.fourier_symbol(grid)
+        if symbol is not None:
+            spectral.append((i, symbol))
+            continue
+        stencil = op.point_stencil(grid, points)
+        if stencil is None:
+            out[i] = op.at_points(field, grid, points)
+        else:
+            local.append((i, stencil))
+    if spectral:
+        names = tuple(a for a in grid.names if any(a in axes for (axes, _) in
+                                                   (sym for _, sym in spectral)))
+        spectrum = _rfft(field, grid, names)
+        for i, (_, symbol) in spectral:
+            values = _irfft(spectrum, symbol, grid, names, field)
+            out[i] = flat_field(values, grid)[jnp.asarray(requests[i][1])]
+    if local:
+        values = _contract_many(flat_field(field, grid), [stencil for _, stencil in local])
+        for (i, _), value in zip(local, values):
+            out[i] = value
     return out
 
 
 def operators_at_points(
     operators: Mapping[str, AbstractOperator], field: Array, grid: Grid, points
 ) -> dict[str, Array]:
-    """`{name: op.at_points(field, grid, points)}`, with one real FFT of `field` shared by
-    every Fourier multiplier among `operators` (each then costs one inverse FFT)."""
-    symbols = {name: op.fourier_symbol(grid) for name, op in operators.items()}
-    symbols = {name: symbol for name, symbol in symbols.items() if symbol is not None}
-    out = {}
-    if symbols:
-        names = tuple(a for a in grid.names if any(a in axes for axes, _ in symbols.values()))
-        spectrum = _rfft(field, grid, names)
-        for name, (_, symbol) in symbols.items():
-            values = _irfft(spectrum, symbol, grid, names, field)
-            out[name] = flat_field(values, grid)[jnp.asarray(points)]
-    for name, op in operators.items():
-        if name not in out:
-            out[name] = op.at_points(field, grid, points)
-    return {name: out[name] for name in operators}
+    """`{name: op.at_points(field, grid, points)}`, through `evaluate_at_points` (one pass
+    for the local stencils, one real FFT shared by the Fourier multipliers)."""
+    names = list(operators)
+    values = evaluate_at_points([(operators[name], points) for name in names], field, grid)
+    return dict(zip(names, values))
 
 
 def _as_operator(value) -> AbstractOperator:
