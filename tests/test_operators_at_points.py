@@ -8,7 +8,8 @@ import pytest
 
 import hcmoe
 from hcmoe import ops
-from hcmoe._ops import flat_field, operators_at_points
+from hcmoe import _ops
+from hcmoe._ops import evaluate_at_points, flat_field, operators_at_points
 
 
 def _close(a, b, tol=1e-12):
@@ -82,6 +83,37 @@ def test_spectral_operators_share_one_fft(getkey, trailing):
         assert got[name].shape == points.shape + trailing
         assert _close(got[name], expected), name
         assert _close(op.at_points(field, grid, points), expected), name
+
+
+@pytest.mark.parametrize("chunk", [7, 4096], ids=["many-chunks", "one-chunk"])
+def test_evaluate_at_points_mixed_requests_and_transpose(getkey, monkeypatch, chunk):
+    # Several operators at differently shaped point sets (as the PDE rows and the condition
+    # rows are), fused into one scan over row chunks: values equal the whole-grid operators
+    # gathered, and so does the transpose (the vjp the gradient of a solve uses).
+    monkeypatch.setattr(_ops, "CHUNK_ROWS", chunk)
+    grid = _grid(("x",))
+    field = jr.normal(getkey(), grid.shape + (3,))
+    names = ["identity", "d_t", "d_y4", "combination", "backward_t3", "user"]
+    shapes = [(2, 25), (2, 25), (4, 3), (11,), (2, 25), (5,)]
+    requests = [(LOCAL[n], jr.randint(getkey(), shape, 0, grid.size))
+                for n, shape in zip(names, shapes)]
+    requests.append((ops.Spectral("x"), requests[0][1]))
+
+    def fused(f):
+        return evaluate_at_points(requests, f, grid)
+
+    def reference(f):
+        return [flat_field(op(f, grid), grid)[points] for op, points in requests]
+
+    got, expected = fused(field), reference(field)
+    for (op, points), a, b in zip(requests, got, expected):
+        assert a.shape == points.shape + (3,)
+        assert _close(a, b)
+    cotangents = [jr.normal(getkey(), a.shape) for a in got]
+    (ct_fused,) = jax.vjp(fused, field)[1](cotangents)
+    (ct_reference,) = jax.vjp(reference, field)[1](cotangents)
+    assert _close(ct_fused, ct_reference)
+    assert _close(jax.jit(fused)(field)[2], expected[2])
 
 
 def _complex_fft_reference(op, field, grid):
