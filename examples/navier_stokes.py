@@ -54,6 +54,8 @@ from hcmoe.problems import navier_stokes  # noqa: E402
 
 
 OVERLAP = 0.125  # default --overlap: 1/4 of a block's width
+SCALE = 0.005  # default --scale: the paper's s of the hard-constrained ansatz
+RIDGE = 1e-4  # default --ridge: the paper's
 COUPLING = "joint"  # default --coupling
 
 CONFIGS = {
@@ -94,6 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--coupling", choices=("joint", "independent"), default=COUPLING,
                         help="PI-HC-MoE experts' weights fitted together or each expert on its "
                         "own (the paper)")
+    parser.add_argument("--scale", type=float, default=SCALE,
+                        help="s of the ansatz w0 + s (t/T) (B - mean B) w for PI-HC and "
+                        "PI-HC-MoE (default: the paper's 0.005; PI-SC always uses 1)")
+    parser.add_argument("--ridge", type=float, default=RIDGE,
+                        help="weight of the ridge rows `ridge * w` of the solves (default: the "
+                        "paper's 1e-4; it acts on weights of order 1 / scale)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/navier_stokes"))
     parser.add_argument("--data-dir", type=Path, help="dataset cache (default ~/.cache/hcmoe)")
@@ -117,6 +125,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--seed: expected a non-negative integer; got {args.seed}")
     if not args.learning_rate > 0:
         parser.error(f"--learning-rate: expected a positive number; got {args.learning_rate}")
+    if not args.scale > 0:
+        parser.error(f"--scale: expected a positive number; got {args.scale}")
+    if not args.ridge > 0:
+        parser.error(f"--ridge: expected a positive number; got {args.ridge}")
     if not args.overlap >= 0:
         parser.error(f"--overlap: expected a non-negative number; got {args.overlap}")
     try:  # the partition's own checks, before any data is made
@@ -145,6 +157,10 @@ def run_directory(args) -> Path:
     name = args.size
     if (args.overlap, args.coupling) != (OVERLAP, COUPLING):
         name += f"_overlap{args.overlap:g}_{args.coupling}"
+    if args.scale != SCALE:
+        name += f"_scale{args.scale:g}"
+    if args.ridge != RIDGE:
+        name += f"_ridge{args.ridge:g}"
     return args.out / name
 
 
@@ -162,7 +178,7 @@ def test_sets(test, args):
 
 def run(kind: str, args, train, tests, grid) -> dict:
     directory = run_directory(args) / kind
-    pde = navier_stokes.NavierStokes(scale=1.0 if kind == "sc" else 0.005)
+    pde = navier_stokes.NavierStokes(scale=1.0 if kind == "sc" else args.scale)
     method = methods.make_method(
         kind,
         args.backbone(jr.key(args.seed)),  # the same initial backbone for every method
@@ -170,6 +186,7 @@ def run(kind: str, args, train, tests, grid) -> dict:
         grid,
         partition(args),
         points_per_expert=args.points_per_expert,
+        ridge=args.ridge,
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)

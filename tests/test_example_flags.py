@@ -42,6 +42,8 @@ def _rejects(main, argv, message, capsys):
         (["--overlap", "-0.1"], "--overlap: expected a non-negative number; got -0.1"),
         (["--overlap", "2"], "--overlap: overlap: 2.0 along 'x' is more than"),
         (["--coupling", "loose"], "invalid choice: 'loose'"),
+        (["--scale", "0"], "--scale: expected a positive number; got 0.0"),
+        (["--ridge", "0"], "--ridge: expected a positive number; got 0.0"),
         (["--n-train", "4", "--batch-size", "8"], "--batch-size: expected at most the 4"),
         (["--size", "huge"], "invalid choice: 'huge'"),
         (["--method", "pinn"], "invalid choice: 'pinn'"),
