@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import hcmoe
-from hcmoe import ops
-from hcmoe import _ops
+from hcmoe import _ops, ops
 from hcmoe._ops import evaluate_at_points, flat_field, operators_at_points
 
 

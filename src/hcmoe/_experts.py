@@ -112,8 +112,8 @@ def _condition_rows(conditions, grid, members, scope, points, dtype, balance, pd
     scope "global" every expert gets every row. With `balance="mean"`, the rows of condition
     `c` for expert `k` are scaled by `weight * sqrt(points[k] / rows_k(c))`, so the expert's
     objective is `points[k]` times the loss functional `mean(F^2) + sum_c weight_c^2
-    mean_c(cond^2)` (see `Condition`); `"sum"` scales them by `weight` alone. The condition
-    operators are evaluated at the face points only (`AbstractOperator.at_points`).
+    mean_c(cond^2)` (see `Condition`); `"sum"` scales them by `weight` alone. Returns
+    `([], None)` when there are no least-squares conditions.
     """
     num_experts = members.shape[0]
     flat_index = np.arange(grid.size).reshape(grid.shape)

@@ -152,13 +152,13 @@ def _contract_many(flat: Array, stencils: Sequence[tuple[Array, Array]]) -> list
     rows, neighbour_rows, weight_rows = [], [], []
     for neighbours, weights in stencils:
         neighbours = jnp.reshape(neighbours, (-1, neighbours.shape[-1]))
-        weights = jnp.reshape(jnp.asarray(weights, flat.dtype), (-1, weights.shape[-1]))
+        weights = jnp.reshape(weights, (-1, weights.shape[-1]))  # cast in `_contract`
         pad = ((0, 0), (0, width - neighbours.shape[-1]))
         neighbour_rows.append(jnp.pad(neighbours, pad))  # padded columns read row 0 ...
         weight_rows.append(jnp.pad(weights, pad))  # ... with weight 0
         rows.append(neighbours.shape[0])
     values = _contract(flat, jnp.concatenate(neighbour_rows), jnp.concatenate(weight_rows))
-    pieces = jnp.split(values, np.cumsum(rows)[:-1].tolist()) if len(rows) > 1 else [values]
+    pieces = jnp.split(values, np.cumsum(rows)[:-1].tolist())
     return [
         piece.reshape(neighbours.shape[:-1] + flat.shape[1:])
         for piece, (neighbours, _) in zip(pieces, stencils)
@@ -186,8 +186,7 @@ def evaluate_at_points(
         else:
             local.append((i, stencil))
     if spectral:
-        names = tuple(a for a in grid.names if any(a in axes for (axes, _) in
-                                                   (sym for _, sym in spectral)))
+        names = tuple(a for a in grid.names if any(a in axes for _, (axes, _) in spectral))
         spectrum = _rfft(field, grid, names)
         for i, (_, symbol) in spectral:
             values = _irfft(spectrum, symbol, grid, names, field)
