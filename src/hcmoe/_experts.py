@@ -333,8 +333,12 @@ def solve(
       measure, so a condition's weight means the same in the solve and in the loss whatever
       the numbers of rows; `"sum"`: plain sums of squared rows (the paper's release).
     - `warm_start`: start LM from one Gauss–Newton step off `init` (kept only where it lowers
-      the residual); the answer is the same minimiser, reached in fewer iterations when the
-      learned weights are far from `init`.
+      the residual); meant to reach the same minimiser in fewer iterations when the learned
+      weights are far from `init`. **Caution:** LM then starts with damping 1, and where the
+      objective is very flat (ill-conditioned stacks) that first damped step can be small
+      enough to pass the termination test far from the minimiser: measured on the random
+      diffusion–sorption benchmark basis, 2 steps, `u` 0.04-0.08 off a tight solve, reported
+      as converged (benchmarks/README.md). Compare against a cold start before relying on it.
     - `coupling`: `"independent"` (default, the paper): each expert solves its own problem.
       `"joint"`: the weights of all experts minimise the residual of the blended field
       `u = u_p + sum_k T(phi_k B) w_k` together (PI-HC on the windowed basis

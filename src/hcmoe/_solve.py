@@ -162,8 +162,9 @@ def solve_expert(
     """Solve one expert's problem; returns `(w, num_steps, residual_norm, result, ok)`.
 
     `warm_start`: start the nonlinear solve from one Gauss–Newton step off `init` (kept only
-    if it lowers the residual), computed without gradient: the solution, and by the implicit
-    function theorem its gradient, do not depend on where the solve starts.
+    if it lowers the residual), computed without gradient: at a converged minimiser, and by
+    the implicit function theorem its gradient, nothing depends on where the solve started
+    (but see `hcmoe.solve`: the termination test can pass early after a warm start).
 
     `linear_solver` solves the linear PDEs' single least-squares problem (default `lx.QR()`:
     `lx.Normal(lx.Cholesky())` is 2-8x faster for m >> N but squares the condition number,
