@@ -112,6 +112,12 @@ def test_non_finite_basis_is_an_error_not_a_silent_nan(getkey):
     fn = eqx.filter_jit(lambda b: hcmoe.solve(b, ForcedBurgers(), None, GRID, data_for(GRID)).u)
     with pytest.raises(Exception, match="basis contains NaN or inf"):
         jax.block_until_ready(fn(basis))
+    # Also when only the weights are used (the check sits on them, not on `u` alone).
+    fn = eqx.filter_jit(
+        lambda b: hcmoe.solve(b, ForcedBurgers(), hcmoe.Partition(x=2), GRID,
+                              data_for(GRID)).weights)
+    with pytest.raises(Exception, match="basis contains NaN or inf"):
+        jax.block_until_ready(fn(basis))
 
 
 def test_pde_without_operators(getkey):

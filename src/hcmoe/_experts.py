@@ -401,12 +401,11 @@ def solve(
         )
         # The inner solve checks and casts the basis and returns in its dtype.
         return Solution(joint.u, joint.weights.reshape(num_experts, -1), joint.stats)
-    basis = eqx.error_if(
-        basis,
-        ~jnp.all(jnp.isfinite(basis)),
-        "hcmoe.solve: the basis contains NaN or inf; the backbone diverged or its input is "
-        "not finite.",
-    ).astype(dtype)
+    # Checked on the (small) weights, which `u` is assembled from, rather than on the basis:
+    # `error_if` on the basis holds a grid-sized copy of it (its conditional's output) through
+    # the solve (measured: 19 MiB of a 59 MiB forward peak at 101 x 1024 x 16).
+    finite_basis = jnp.all(jnp.isfinite(basis))
+    basis = basis.astype(dtype)
     problems, transformed, particular = build_problems(
         basis, pde, grid, data, partition, points_per_expert, key,
         condition_scope=condition_scope, balance=balance,
@@ -435,6 +434,12 @@ def solve(
         from ._sharding import sharded_expert_map
 
         weights, steps, norms, result, ok = sharded_expert_map(one, mesh, problems, init)
+    weights = eqx.error_if(
+        weights,
+        ~finite_basis,
+        "hcmoe.solve: the basis contains NaN or inf; the backbone diverged or its input is "
+        "not finite.",
+    )
     u = assemble(transformed, particular, weights, labels, partition.blend(grid))
     if throw:
         u = eqx.error_if(
