@@ -102,6 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ridge", type=float, default=RIDGE,
                         help="weight of the ridge rows `ridge * w` of the solves (default: the "
                         "paper's 1e-4; it acts on weights of order 1 / scale)")
+    parser.add_argument("--ridge-toward", choices=("zero", "init"), default="zero",
+                        help="centre of the solves' ridge rows: zero (the paper's) or the "
+                        "initial weights, ones (keeps the unconstrained sum, PI-SC's "
+                        "prediction, in directions the rows leave open)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/navier_stokes"))
     parser.add_argument("--data-dir", type=Path, help="dataset cache (default ~/.cache/hcmoe)")
@@ -161,6 +165,8 @@ def run_directory(args) -> Path:
         name += f"_scale{args.scale:g}"
     if args.ridge != RIDGE:
         name += f"_ridge{args.ridge:g}"
+    if args.ridge_toward != "zero":
+        name += f"_toward{args.ridge_toward}"
     return args.out / name
 
 
@@ -187,6 +193,7 @@ def run(kind: str, args, train, tests, grid) -> dict:
         partition(args),
         points_per_expert=args.points_per_expert,
         ridge=args.ridge,
+        ridge_toward=args.ridge_toward,
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)

@@ -44,6 +44,7 @@ def _rejects(main, argv, message, capsys):
         (["--coupling", "loose"], "invalid choice: 'loose'"),
         (["--scale", "0"], "--scale: expected a positive number; got 0.0"),
         (["--ridge", "0"], "--ridge: expected a positive number; got 0.0"),
+        (["--ridge-toward", "one"], "invalid choice: 'one'"),
         (["--n-train", "4", "--batch-size", "8"], "--batch-size: expected at most the 4"),
         (["--size", "huge"], "invalid choice: 'huge'"),
         (["--method", "pinn"], "invalid choice: 'pinn'"),
@@ -59,6 +60,17 @@ def test_navier_stokes_flags(flags, message, tmp_path, monkeypatch, capsys):
     argv = ["--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"), *flags]
     _rejects(example.main, argv, message, capsys)
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_navier_stokes_runs_with_other_solve_settings_get_their_own_directory(tmp_path):
+    example = _load("navier_stokes")
+    names = {
+        example.run_directory(example.parse_args(["--out", str(tmp_path), *flags])).name
+        for flags in ([], ["--scale", "1"], ["--ridge", "0.02"], ["--ridge-toward", "init"],
+                      ["--scale", "1", "--ridge", "0.02", "--ridge-toward", "init"])
+    }
+    assert names == {"small", "small_scale1", "small_ridge0.02", "small_towardinit",
+                     "small_scale1_ridge0.02_towardinit"}
 
 
 def test_navier_stokes_paths_must_be_directories(tmp_path, capsys):

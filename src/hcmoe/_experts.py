@@ -277,6 +277,7 @@ def solve(
     warm_start: bool = False,
     coupling: str = "independent",
     schedule: str = "auto",
+    ridge_toward: str = "zero",
 ) -> Solution:
     r"""Make the basis combination satisfy the PDE, independently on every expert's block.
 
@@ -313,6 +314,10 @@ def solve(
       point. An expert owning fewer points uses all it has (the request is clipped).
       Condition points are always all used.
     - `ridge`: weight of the `ridge * w` rows (paper: 1e-4); keeps the problem well posed.
+    - `ridge_toward`: `"zero"` (default, the paper): ridge rows `ridge * w`, so directions
+      the PDE and condition rows do not determine go to `w = 0`; `"init"`: `ridge * (w -
+      init)`, so they keep `init` (default ones: the unconstrained sum of the basis, which is
+      PI-SC's prediction). Only the weakly determined directions differ.
     - `init`: initial weights, shape `(n_basis,)` or `(K, n_basis)`; default ones (paper).
     - `adjoint`: optimistix adjoint; default `ImplicitAdjoint(linear_solver)`.
     - `linear_solver`: lineax solver of the implicit adjoint (default
@@ -384,6 +389,10 @@ def solve(
     resolve_schedule(schedule, pde.linear)  # an unknown name fails here, before any work
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling: expected one of {COUPLINGS}; got {coupling!r}.")
+    if ridge_toward not in RIDGE_TOWARD:
+        raise ValueError(
+            f"ridge_toward: expected one of {RIDGE_TOWARD}; got {ridge_toward!r}."
+        )
     if coupling == "joint" and num_experts > 1:
         if mesh is not None:
             raise ValueError(
@@ -398,6 +407,7 @@ def solve(
             ridge=ridge, init=joint_init(init, num_experts, basis.shape[-1]), adjoint=adjoint,
             linear_solver=linear_solver, precision=precision, throw=throw,
             condition_scope=condition_scope, balance=balance, warm_start=warm_start,
+            ridge_toward=ridge_toward,
         )
         # The inner solve checks and casts the basis and returns in its dtype.
         return Solution(joint.u, joint.weights.reshape(num_experts, -1), joint.stats)
@@ -424,6 +434,7 @@ def solve(
         return solve_expert(
             problem, w0, pde, data, solver=solver, max_steps=max_steps, ridge=ridge,
             adjoint=adjoint, linear_solver=linear_solver, warm_start=warm_start,
+            ridge_toward=ridge_toward,
         )
 
     if mesh is None and schedule == "map":
@@ -458,6 +469,7 @@ def solve(
 
 
 SCHEDULES = ("auto", "vmap", "map")
+RIDGE_TOWARD = ("zero", "init")
 
 
 # `schedule="auto"` on CPU runs experts one after the other only when one expert's problem

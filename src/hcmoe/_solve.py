@@ -106,14 +106,17 @@ def _values(problem: ExpertProblem, w: Array) -> dict[str, Array]:
     return {name: a @ w + problem.offsets[name] for name, a in problem.stacks.items()}
 
 
-def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float):
-    """`r(w) = [F(A_j w + c_j) on PDE rows ; condition rows ; ridge * w]` for one expert."""
+def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float,
+             center: Array | None = None):
+    """`r(w) = [F(A_j w + c_j) on PDE rows ; condition rows ; ridge * (w - center)]` for one
+    expert (`center` None: zero)."""
     values = _values(problem, w)
     pde_rows = pde.residual(values, problem.coords, _data_at_points(problem, data))
     mask = problem.pde_valid.reshape(problem.pde_valid.shape + (1,) * (pde_rows.ndim - 1))
     pde_rows = jnp.where(mask, pde_rows, 0.0).reshape(-1)
     cond_rows = problem.cond_scale * condition_residual(problem, w)
-    return jnp.concatenate([pde_rows.astype(w.dtype), cond_rows, ridge * w])
+    ridge_rows = ridge * (w if center is None else w - center)
+    return jnp.concatenate([pde_rows.astype(w.dtype), cond_rows, ridge_rows])
 
 
 def jacobian(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float):
@@ -135,14 +138,15 @@ def jacobian(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridg
     return jnp.concatenate([pde_rows, cond_rows, ridge_rows])
 
 
-def _gauss_newton_start(w, problem, pde, data, ridge):
+def _gauss_newton_start(w, problem, pde, data, ridge, center):
     """One undamped Gauss–Newton step from `w`, or `w` itself if the step does not help."""
-    r = residual(w, problem, pde, data, ridge)
+    r = residual(w, problem, pde, data, ridge, center)
     jac = jacobian(w, problem, pde, data, ridge)
     gram = jac.T @ jac  # includes ridge^2 I from the ridge rows
     step = jax.scipy.linalg.solve(gram, r @ jac, assume_a="pos")
     candidate = w - step
-    better = jnp.linalg.norm(residual(candidate, problem, pde, data, ridge)) < jnp.linalg.norm(r)
+    better = (jnp.linalg.norm(residual(candidate, problem, pde, data, ridge, center))
+              < jnp.linalg.norm(r))
     return jnp.where(better & jnp.all(jnp.isfinite(candidate)), candidate, w)
 
 
@@ -158,8 +162,12 @@ def solve_expert(
     adjoint,
     linear_solver: lx.AbstractLinearSolver | None = None,
     warm_start: bool = False,
+    ridge_toward: str = "zero",
 ):
     """Solve one expert's problem; returns `(w, num_steps, residual_norm, result, ok)`.
+
+    `ridge_toward`: `"zero"`, ridge rows `ridge * w`; `"init"`, `ridge * (w - init)` (see
+    `hcmoe.solve`).
 
     `warm_start`: start the nonlinear solve from one Gauss–Newton step off `init` (kept only
     if it lowers the residual), computed without gradient: at a converged minimiser, and by
@@ -172,8 +180,10 @@ def solve_expert(
     Jacobian (`jacobian`).
     """
 
+    center = None if ridge_toward == "zero" else init
+
     def fn(w, _):
-        return residual(w, problem, pde, data, ridge)
+        return residual(w, problem, pde, data, ridge, center)
 
     if pde.linear:
         # r(w) = M w + r(0) exactly: one least-squares solve, differentiated by lineax.
@@ -192,7 +202,8 @@ def solve_expert(
         if warm_start:
             init = _gauss_newton_start(jax.lax.stop_gradient(init),
                                        jax.lax.stop_gradient(problem), pde,
-                                       jax.lax.stop_gradient(data), ridge)
+                                       jax.lax.stop_gradient(data), ridge,
+                                       None if center is None else jax.lax.stop_gradient(center))
         if isinstance(solver, LevenbergMarquardt):
             solver = solver.with_jacobian(
                 eqx.Partial(jacobian, problem=problem, pde=pde, data=data, ridge=ridge)
