@@ -21,7 +21,10 @@ class SolveStats(eqx.Module):
 
     - `num_steps`: solver iterations (0 for the direct linear solve).
     - `residual_norm`: `||r_k(w_k)||_2` at the returned weights (PDE, condition and ridge rows).
-    - `converged`: the solver reported success and the residual is finite.
+    - `converged`: the solver reported success and the residual is finite. Gradients through
+      an expert that did not converge are unreliable: the implicit adjoint assumes a
+      stationary point (benchmarks/README.md shows a gradient norm changing 3-6x with the
+      summation order at two capped experts).
     - `result`: the raw `optimistix.RESULTS` (or `lineax.RESULTS`) of each expert.
     - `condition_error`: the largest unweighted residual `|L u - g|` of the expert's own
       function over its least-squares condition rows (0 without any; exact conditions hold by
