@@ -106,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="centre of the solves' ridge rows: zero (the paper's) or the "
                         "initial weights, ones (keeps the unconstrained sum, PI-SC's "
                         "prediction, in directions the rows leave open)")
+    parser.add_argument("--train-n-xy", type=int,
+                        help="spatial resolution of the training grid (default: the size's, "
+                        "32 / 64); the loss and the solves live there")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/navier_stokes"))
     parser.add_argument("--data-dir", type=Path, help="dataset cache (default ~/.cache/hcmoe)")
@@ -121,7 +124,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every flag checked before any data is generated: a one-line argparse error each."""
-    for name in ("epochs", "batch_size", "points_per_expert", "decay_every", "n_train", "n_test"):
+    for name in ("epochs", "batch_size", "points_per_expert", "decay_every", "n_train", "n_test",
+                 "train_n_xy"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive integer; got {value}")
@@ -167,6 +171,8 @@ def run_directory(args) -> Path:
         name += f"_ridge{args.ridge:g}"
     if args.ridge_toward != "zero":
         name += f"_toward{args.ridge_toward}"
+    if args.train_n_xy is not None:
+        name += f"_train{args.train_n_xy}"
     return args.out / name
 
 
@@ -270,9 +276,9 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     start = time.perf_counter()
     options = dict(size=args.size, seed=args.seed, cache_dir=args.data_dir, progress=args.progress)
-    train = navier_stokes.make_dataset("train", args.n_train, **options)
+    train = navier_stokes.make_dataset("train", args.n_train, n_xy=args.train_n_xy, **options)
     test = navier_stokes.make_dataset("test", args.n_test, n_xy=args.n_xy_test, **options)
-    grid = navier_stokes.grid(args.size, "train")
+    grid = navier_stokes.grid(args.size, "train", n_xy=args.train_n_xy)
     tests = test_sets(test, args)
     for kind in args.method:
         run(kind, args, train, tests, grid)

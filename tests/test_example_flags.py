@@ -45,6 +45,7 @@ def _rejects(main, argv, message, capsys):
         (["--scale", "0"], "--scale: expected a positive number; got 0.0"),
         (["--ridge", "0"], "--ridge: expected a positive number; got 0.0"),
         (["--ridge-toward", "one"], "invalid choice: 'one'"),
+        (["--train-n-xy", "0"], "--train-n-xy: expected a positive integer; got 0"),
         (["--n-train", "4", "--batch-size", "8"], "--batch-size: expected at most the 4"),
         (["--size", "huge"], "invalid choice: 'huge'"),
         (["--method", "pinn"], "invalid choice: 'pinn'"),
@@ -67,10 +68,11 @@ def test_navier_stokes_runs_with_other_solve_settings_get_their_own_directory(tm
     names = {
         example.run_directory(example.parse_args(["--out", str(tmp_path), *flags])).name
         for flags in ([], ["--scale", "1"], ["--ridge", "0.02"], ["--ridge-toward", "init"],
-                      ["--scale", "1", "--ridge", "0.02", "--ridge-toward", "init"])
+                      ["--scale", "1", "--ridge", "0.02", "--ridge-toward", "init"],
+                      ["--train-n-xy", "64"])
     }
     assert names == {"small", "small_scale1", "small_ridge0.02", "small_towardinit",
-                     "small_scale1_ridge0.02_towardinit"}
+                     "small_scale1_ridge0.02_towardinit", "small_train64"}
 
 
 def test_navier_stokes_paths_must_be_directories(tmp_path, capsys):
