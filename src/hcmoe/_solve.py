@@ -206,7 +206,7 @@ def solve_expert(
             init = _gauss_newton_start(jax.lax.stop_gradient(init),
                                        jax.lax.stop_gradient(problem), pde,
                                        jax.lax.stop_gradient(data), ridge,
-                                       None if center is None else jax.lax.stop_gradient(center))
+                                       jax.lax.stop_gradient(center))  # None stays None
         if isinstance(solver, LevenbergMarquardt):
             solver = solver.with_jacobian(
                 eqx.Partial(jacobian, problem=problem, pde=pde, data=data, ridge=ridge)
