@@ -46,6 +46,7 @@ def _rejects(main, argv, message, capsys):
         (["--ridge", "0"], "--ridge: expected a positive number; got 0.0"),
         (["--ridge-toward", "one"], "invalid choice: 'one'"),
         (["--train-n-xy", "0"], "--train-n-xy: expected a positive integer; got 0"),
+        (["--backbone", "huge"], "invalid choice: 'huge'"),
         (["--n-train", "4", "--batch-size", "8"], "--batch-size: expected at most the 4"),
         (["--size", "huge"], "invalid choice: 'huge'"),
         (["--method", "pinn"], "invalid choice: 'pinn'"),
@@ -69,10 +70,10 @@ def test_navier_stokes_runs_with_other_solve_settings_get_their_own_directory(tm
         example.run_directory(example.parse_args(["--out", str(tmp_path), *flags])).name
         for flags in ([], ["--scale", "1"], ["--ridge", "0.02"], ["--ridge-toward", "init"],
                       ["--scale", "1", "--ridge", "0.02", "--ridge-toward", "init"],
-                      ["--train-n-xy", "64"])
+                      ["--train-n-xy", "64"], ["--backbone", "small"], ["--backbone", "wide"])
     }
     assert names == {"small", "small_scale1", "small_ridge0.02", "small_towardinit",
-                     "small_scale1_ridge0.02_towardinit", "small_train64"}
+                     "small_scale1_ridge0.02_towardinit", "small_train64", "small_backbonewide"}
 
 
 def test_navier_stokes_paths_must_be_directories(tmp_path, capsys):
