@@ -17,6 +17,10 @@ configuration of REFERENCE.md — train on 64 t x 64 x 64 on [0, 5] (4000 trajec
 8 modes, fc 256, N = 64), 20,000 points per expert, 1 x 2 x 2 experts, batch 4, 20 epochs, the
 paper's optimiser.
 
+`--backbone wide` trains every method on a wider FNO3D with the paper's N = 64 (4 layers,
+width 32, 6 modes, fc 128): on `--size small` PI-HC beats PI-SC with it on seeds 0-2, which it
+does not with the small one (`examples/results/README.md`). About 15 min for `--method sc hc`.
+
 PI-HC-MoE blends its 1 x 2 x 2 experts over `--overlap` (default 0.125 in x and y, a quarter
 of a block; periodic windows) and fits their weights together (`--coupling joint`);
 `--overlap 0 --coupling independent` is the paper's piecewise prediction of independent
