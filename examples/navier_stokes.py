@@ -74,13 +74,13 @@ BACKBONES = {
 
 CONFIGS = {
     "small": dict(
-        backbone=FNO.navier_stokes_small, epochs=16, batch_size=4, points_per_expert=1000,
+        backbone="small", epochs=16, batch_size=4, points_per_expert=1000,
         n_xy_test=64, test_resolutions=(64, 32), learning_rate=3e-3, decay_every=250,
         eval_every=64,
         checkpoint_every=32, eval_batch_size=4,
     ),
     "paper": dict(
-        backbone=FNO.navier_stokes_paper, epochs=20, batch_size=4, points_per_expert=20_000,
+        backbone="paper", epochs=20, batch_size=4, points_per_expert=20_000,
         n_xy_test=256, test_resolutions=(256, 128, 64), learning_rate=1e-3, decay_every=800,
         eval_every=2000,
         checkpoint_every=100, eval_batch_size=1,
@@ -133,9 +133,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
-    args.backbone_name = args.backbone
-    if args.backbone is not None:
-        args.backbone = BACKBONES[args.backbone]
     for name, value in CONFIGS[args.size].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -194,8 +191,8 @@ def run_directory(args) -> Path:
         name += f"_toward{args.ridge_toward}"
     if args.train_n_xy is not None:
         name += f"_train{args.train_n_xy}"
-    if args.backbone_name not in (None, args.size):  # each size's own has the size's name
-        name += f"_backbone{args.backbone_name}"
+    if args.backbone != CONFIGS[args.size]["backbone"]:
+        name += f"_backbone{args.backbone}"
     return args.out / name
 
 
@@ -216,7 +213,7 @@ def run(kind: str, args, train, tests, grid) -> dict:
     pde = navier_stokes.NavierStokes(scale=1.0 if kind == "sc" else args.scale)
     method = methods.make_method(
         kind,
-        args.backbone(jr.key(args.seed)),  # the same initial backbone for every method
+        BACKBONES[args.backbone](jr.key(args.seed)),  # the same initial backbone for every method
         pde,
         grid,
         partition(args),
