@@ -12,7 +12,8 @@ configuration of REFERENCE.md — 101 t x 1024 x, 8000 / 1000 trajectories, FNO2
 (rtol = atol = 1e-4, <= 50 steps), batch 6, Adam with clipping 1.0, 1e-3 halved every 800 steps
 (floor 1e-4), 4000 steps.
 
-Runs are resumable: each method trains in `<out>/<size>/<method>/` and an interrupted run (Ctrl-C,
+Runs are resumable: each method trains in `<out>/<size>/<method>/` (`<size>_seed<S>` for `--seed S`
+other than 0, and a suffix for each non-default formulation) and an interrupted run (Ctrl-C,
 a crash, a pre-empted job) continues from its last checkpoint when the same command is run
 again; a finished run is only re-evaluated. `--fresh` starts over. Every run writes
 `metrics.jsonl`/`.csv`, `results.json`, `prediction.png` (prediction, reference, error, expert
@@ -139,6 +140,8 @@ def run_directory(args):
         name += f"_{args.formulation}"
     if args.coupling != "joint":
         name += f"_{args.coupling}"
+    if args.seed != 0:  # a checkpoint resumes only the seed that wrote it
+        name += f"_seed{args.seed}"
     return args.out / name
 
 

@@ -32,7 +32,8 @@ trained on the PDE residual only. The hard-constrained methods use the paper's `
 `s = 1` (its network outputs the vorticity change directly). Evaluating at a finer grid rebuilds
 the FNO input there: its Fourier layers and the coordinate partition apply at any resolution.
 
-Resumable like `examples/diffusion_sorption.py`: runs live in `<out>/<size>/<method>/`.
+Resumable like `examples/diffusion_sorption.py`: runs live in `<out>/<size>/<method>/`
+(`<size>_seed<S>` for `--seed S` other than 0, and a suffix for each non-default solve setting).
 """
 
 from __future__ import annotations
@@ -193,6 +194,8 @@ def run_directory(args) -> Path:
         name += f"_train{args.train_n_xy}"
     if args.backbone != CONFIGS[args.size]["backbone"]:
         name += f"_backbone{args.backbone}"
+    if args.seed != 0:  # a checkpoint resumes only the seed that wrote it
+        name += f"_seed{args.seed}"
     return args.out / name
 
 

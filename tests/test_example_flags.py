@@ -70,10 +70,12 @@ def test_navier_stokes_runs_with_other_solve_settings_get_their_own_directory(tm
         example.run_directory(example.parse_args(["--out", str(tmp_path), *flags])).name
         for flags in ([], ["--scale", "1"], ["--ridge", "0.02"], ["--ridge-toward", "init"],
                       ["--scale", "1", "--ridge", "0.02", "--ridge-toward", "init"],
-                      ["--train-n-xy", "64"], ["--backbone", "small"], ["--backbone", "wide"])
+                      ["--train-n-xy", "64"], ["--backbone", "small"], ["--backbone", "wide"],
+                      ["--seed", "0"], ["--seed", "2"], ["--backbone", "wide", "--seed", "1"])
     }
     assert names == {"small", "small_scale1", "small_ridge0.02", "small_towardinit",
-                     "small_scale1_ridge0.02_towardinit", "small_train64", "small_backbonewide"}
+                     "small_scale1_ridge0.02_towardinit", "small_train64", "small_backbonewide",
+                     "small_seed2", "small_backbonewide_seed1"}
 
 
 def test_navier_stokes_paths_must_be_directories(tmp_path, capsys):
@@ -89,3 +91,13 @@ def test_custom_pde_flags(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     _rejects(example.main, ["--out", str(tmp_path / "file")], "--out: expected a directory",
              capsys)
+
+
+def test_diffusion_sorption_seeds_get_their_own_directory(tmp_path):
+    # A checkpoint refuses to resume under another seed's key: each seed needs its own runs.
+    example = _load("diffusion_sorption")
+    names = [
+        example.run_directory(example.parse_args(["--out", str(tmp_path), *flags])).name
+        for flags in ([], ["--seed", "1"], ["--extrapolate", "--seed", "2"])
+    ]
+    assert names == ["small", "small_seed1", "small_extrapolate_seed2"]
