@@ -55,7 +55,10 @@ def test_map_gradient_equals_vmap_gradient(getkey):
 
     grads = {s: jax.jit(jax.grad(loss), static_argnums=1)(basis, s) for s in ("vmap", "map")}
     scale = float(jnp.max(jnp.abs(grads["vmap"])))
-    assert float(jnp.max(jnp.abs(grads["map"] - grads["vmap"]))) <= 1e-9 * (1 + scale)
+    # The two schedules stop at iterates that agree to ~1e-10 (test above), and the implicit
+    # gradient at an iterate amplifies that: 4.6e-8 seen at scale 6.8 on one machine (AMD EPYC,
+    # 2 cores), 1e-9 on others. A wrong adjoint on either path is off by O(scale).
+    assert float(jnp.max(jnp.abs(grads["map"] - grads["vmap"]))) <= 1e-7 * (1 + scale)
 
 
 def test_map_under_batch_vmap_and_wrappers(getkey):

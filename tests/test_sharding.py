@@ -111,7 +111,7 @@ def test_one_device_mesh_equals_no_mesh(getkey):
 
 
 def test_sharded_cases_on_eight_devices():
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
            str(ROOT / "tests" / "sharded_cases.py")]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(8), capture_output=True, text=True,
