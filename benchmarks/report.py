@@ -165,6 +165,34 @@ def solvers(payload: dict) -> str:
     return "\n".join(out)
 
 
+def peer(payload: dict) -> str:
+    """hcmoe's variants against the paper's release at the same rows: ms and ratios."""
+    out = [machine_line(payload)]
+    c = payload.get("config", {})
+    if c:
+        grid = " × ".join(str(v) for v in c["grid"].values())
+        out.append(f"\n{grid}, N = {c['n_basis']}, {c['points_per_expert']} points per expert, "
+                   f"{c['rounds']} rounds (medians), {c['dtype']}\n")
+    rows = []
+    for r in payload["results"]:
+        for name, e in r["impls"].items():
+            ratio = r.get("ratio_over_release", {}).get(name)
+            rows.append([
+                r["experts"], name,
+                *(f"{e[key]:.0f}" for key in ("forward_ms", "fwd_grad_ms", "setup_ms")),
+                f"{e['backward_ms']:.0f}" if e["backward_ms"] > 0 else "—",
+                f"{e['per_lm_step_ms']:.1f}",
+                f"{e['peak_bytes']['fwd+grad'] / 2**20:.0f}",
+                "/".join(str(n) for n in e["lm_steps"]),
+                "—" if ratio is None else f"{ratio['forward']:.2f}× / {ratio['fwd_grad']:.2f}×",
+            ])
+    out.append(table(["K", "impl", "forward (ms)", "fwd+grad (ms)", "setup (ms)",
+                      "backward (ms)", "per LM step (ms)", "fwd+grad peak (MiB)", "LM steps",
+                      "forward / fwd+grad vs release"], rows))
+    out.append("\n(backward = fwd+grad − forward; — where that difference is not positive.)")
+    return "\n".join(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -172,7 +200,7 @@ def main():
     args = p.parse_args()
     suffix = "_quick" if args.quick else ""
     for base, render in (("solvers", solvers), ("scaling", scaling), ("memory", memory),
-                         ("backbone_share", backbone)):
+                         ("backbone_share", backbone), ("peer", peer)):
         for name in (base, f"{base}_ds", f"{base}_ns"):
             path = args.results / f"{name}{suffix}.json"
             if path.exists():

@@ -55,3 +55,16 @@ def test_peer_skips_when_the_release_does_not_import(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "peer.py: skipped: the release at" in done.stdout, done.stdout + done.stderr
     assert "broken on purpose" in done.stdout
+
+
+def test_report_renders_the_stored_results():
+    # Every results/*.json the README's tables come from, the release comparison included.
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "report.py")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stored = {p.stem for p in (BENCHMARKS / "results").glob("*.json")}
+    for name in ("solvers", "scaling_ds", "memory_ds", "backbone_share_ds", "peer"):
+        if name in stored:
+            assert f"### {name}\n" in done.stdout
+    if "peer" in stored:
+        assert "| 1 | release |" in done.stdout
