@@ -13,7 +13,8 @@ configuration of REFERENCE.md — 101 t x 1024 x, 8000 / 1000 trajectories, FNO2
 (floor 1e-4), 4000 steps.
 
 Runs are resumable: each method trains in `<out>/<size>/<method>/` (`<size>_seed<S>` for `--seed S`
-other than 0, and a suffix for each non-default formulation) and an interrupted run (Ctrl-C,
+other than 0, and a suffix for each non-default setting the method uses; a directory whose
+checkpoint was written with other flags is refused, naming them) and an interrupted run (Ctrl-C,
 a crash, a pre-empted job) continues from its last checkpoint when the same command is run
 again; a finished run is only re-evaluated. `--fresh` starts over. Every run writes
 `metrics.jsonl`/`.csv`, `results.json`, `prediction.png` (prediction, reference, error, expert
@@ -134,19 +135,37 @@ def train_grid(args, grid):
     return grid.with_coords(t=t[t <= T_TRAIN + 1e-9])
 
 
-def run_directory(args):
+def run_directory(args, kind: str | None = None):
+    """Where `kind`'s run lives (in `<this>/<kind>`); `run_directory(args)` (every setting)
+    holds the comparison. Only PI-HC-MoE has a coupling and only PI-HC takes `--total-points`,
+    so the other methods share runs across them."""
     name = args.size + ("_extrapolate" if args.extrapolate else "")
     if args.formulation != "hcmoe":
         name += f"_{args.formulation}"
-    if args.coupling != "joint":
+    if kind in (None, "moe") and args.coupling != "joint":
         name += f"_{args.coupling}"
+    if kind in (None, "hc") and args.total_points:
+        name += "_totalpoints"
     if args.seed != 0:  # a checkpoint resumes only the seed that wrote it
         name += f"_seed{args.seed}"
     return args.out / name
 
 
+def run_settings(args, kind: str) -> dict:
+    """The flags that shape `kind`'s run (not `--steps`: a finished run may be extended)."""
+    names = ["size", "seed", "batch_size", "n_train", "residual_weight", "formulation",
+             "extrapolate"]
+    if kind != "sc":
+        names += ["points_per_expert"]
+    if kind == "hc":
+        names += ["total_points"]
+    if kind == "moe":
+        names += ["experts", "overlap", "coupling"]
+    return {name: getattr(args, name) for name in names}
+
+
 def run(kind: str, args, train, test, grid) -> dict:
-    directory = run_directory(args) / kind
+    directory = run_directory(args, kind) / kind
     points = args.points_per_expert
     if kind == "hc" and args.total_points:
         points *= args.experts
@@ -180,6 +199,7 @@ def run(kind: str, args, train, test, grid) -> dict:
         checkpoint_every=args.checkpoint_every,
         resume=not args.fresh,
         progress=args.progress,
+        settings=run_settings(args, kind),  # a reused directory with other flags is refused
     )
     evaluation = methods.evaluate(
         result.model, test_data, test["u"], grid=grid, batch_size=args.eval_batch_size,
@@ -210,11 +230,8 @@ def run(kind: str, args, train, test, grid) -> dict:
 def summarise(args, grid) -> str:
     """Compare every method run so far at this size: results.md, results.json, comparison.png."""
     directory = run_directory(args)
-    rows = [
-        json.loads((directory / kind / "results.json").read_text())
-        for kind in methods.KINDS
-        if (directory / kind / "results.json").exists()
-    ]
+    runs = [run_directory(args, kind) / kind / "results.json" for kind in methods.KINDS]
+    rows = [json.loads(path.read_text()) for path in runs if path.exists()]
     table = methods.results_table(rows)
     record = {
         "problem": "diffusion-sorption",
@@ -247,7 +264,12 @@ def main(argv=None) -> str:
     test = diffusion_sorption.make_dataset("test", args.n_test, **options)
     grid = diffusion_sorption.grid(args.size)
     for kind in args.method:
-        run(kind, args, train, test, grid)
+        try:
+            run(kind, args, train, test, grid)
+        except ValueError as error:  # another run's checkpoint in this run's directory
+            if not str(error).startswith(("settings:", "key:")):
+                raise
+            sys.exit(f"{error}\nHere: --fresh retrains it; another --out keeps both runs.")
     table = summarise(args, grid)
     print(f"\nHeld-out relative L2 error ({len(test['u0'])} trajectories, {grid}):")
     print(table)

@@ -33,7 +33,9 @@ trained on the PDE residual only. The hard-constrained methods use the paper's `
 the FNO input there: its Fourier layers and the coordinate partition apply at any resolution.
 
 Resumable like `examples/diffusion_sorption.py`: runs live in `<out>/<size>/<method>/`
-(`<size>_seed<S>` for `--seed S` other than 0, and a suffix for each non-default solve setting).
+(`<size>_seed<S>` for `--seed S` other than 0, and a suffix for each non-default setting the
+method uses: PI-SC ignores the solve's and the experts' settings, PI-HC the experts'); a
+directory whose checkpoint was written with other flags is refused, naming them.
 """
 
 from __future__ import annotations
@@ -180,16 +182,20 @@ def partition(args) -> hcmoe.Partition:
     return hcmoe.Partition(t=1, x=2, y=2, overlap={"x": args.overlap, "y": args.overlap})
 
 
-def run_directory(args) -> Path:
+def run_directory(args, kind: str | None = None) -> Path:
+    """Where `kind`'s run lives (in `<this>/<kind>`): a suffix for each non-default setting that
+    `kind` uses, so PI-SC is not retrained when only a solve setting changes, nor PI-HC when
+    only the experts' do. `run_directory(args)` (every setting) holds the comparison."""
     name = args.size
-    if (args.overlap, args.coupling) != (OVERLAP, COUPLING):
+    if kind in (None, "moe") and (args.overlap, args.coupling) != (OVERLAP, COUPLING):
         name += f"_overlap{args.overlap:g}_{args.coupling}"
-    if args.scale != SCALE:
-        name += f"_scale{args.scale:g}"
-    if args.ridge != RIDGE:
-        name += f"_ridge{args.ridge:g}"
-    if args.ridge_toward != "zero":
-        name += f"_toward{args.ridge_toward}"
+    if kind != "sc":  # PI-SC has no solve: s = 1, no ridge
+        if args.scale != SCALE:
+            name += f"_scale{args.scale:g}"
+        if args.ridge != RIDGE:
+            name += f"_ridge{args.ridge:g}"
+        if args.ridge_toward != "zero":
+            name += f"_toward{args.ridge_toward}"
     if args.train_n_xy is not None:
         name += f"_train{args.train_n_xy}"
     if args.backbone != CONFIGS[args.size]["backbone"]:
@@ -197,6 +203,17 @@ def run_directory(args) -> Path:
     if args.seed != 0:  # a checkpoint resumes only the seed that wrote it
         name += f"_seed{args.seed}"
     return args.out / name
+
+
+def run_settings(args, kind: str) -> dict:
+    """The flags that shape `kind`'s run (not `--epochs`: a finished run may be extended)."""
+    names = ["size", "seed", "backbone", "batch_size", "n_train", "learning_rate",
+             "decay_every", "train_n_xy"]
+    if kind != "sc":
+        names += ["scale", "ridge", "ridge_toward", "points_per_expert"]
+    if kind == "moe":
+        names += ["overlap", "coupling"]
+    return {name: getattr(args, name) for name in names}
 
 
 def test_sets(test, args):
@@ -212,7 +229,7 @@ def test_sets(test, args):
 
 
 def run(kind: str, args, train, tests, grid) -> dict:
-    directory = run_directory(args) / kind
+    directory = run_directory(args, kind) / kind
     pde = navier_stokes.NavierStokes(scale=1.0 if kind == "sc" else args.scale)
     method = methods.make_method(
         kind,
@@ -245,6 +262,7 @@ def run(kind: str, args, train, tests, grid) -> dict:
         checkpoint_every=args.checkpoint_every,
         resume=not args.fresh,
         progress=args.progress,
+        settings=run_settings(args, kind),  # a reused directory with other flags is refused
     )
     row = {"method": method.name, "kind": kind, "resolutions": {}}
     for n, (test_grid, data, references) in sorted(tests.items(), reverse=True):
@@ -266,11 +284,8 @@ def run(kind: str, args, train, tests, grid) -> dict:
 
 def summarise(args, tests) -> str:
     directory = run_directory(args)
-    rows = [
-        json.loads((directory / kind / "results.json").read_text())
-        for kind in methods.KINDS
-        if (directory / kind / "results.json").exists()
-    ]
+    runs = [run_directory(args, kind) / kind / "results.json" for kind in methods.KINDS]
+    rows = [json.loads(path.read_text()) for path in runs if path.exists()]
     tables = []
     for n in sorted(tests, reverse=True):
         per_resolution = [row["resolutions"][str(n)] for row in rows]
@@ -304,7 +319,12 @@ def main(argv=None) -> str:
     grid = navier_stokes.grid(args.size, "train", n_xy=args.train_n_xy)
     tests = test_sets(test, args)
     for kind in args.method:
-        run(kind, args, train, tests, grid)
+        try:
+            run(kind, args, train, tests, grid)
+        except ValueError as error:  # another run's checkpoint in this run's directory
+            if not str(error).startswith(("settings:", "key:")):
+                raise
+            sys.exit(f"{error}\nHere: --fresh retrains it; another --out keeps both runs.")
     text = summarise(args, tests)
     print(f"\nHeld-out relative L2 error ({len(test['w0'])} trajectories; trained on {grid}):")
     print(text)

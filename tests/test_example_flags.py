@@ -101,3 +101,23 @@ def test_diffusion_sorption_seeds_get_their_own_directory(tmp_path):
         for flags in ([], ["--seed", "1"], ["--extrapolate", "--seed", "2"])
     ]
     assert names == ["small", "small_seed1", "small_extrapolate_seed2"]
+    # PI-SC and PI-HC share runs across the experts' coupling, PI-SC and PI-HC-MoE across
+    # PI-HC's --total-points; the comparison lives where every setting is named.
+    args = example.parse_args(["--out", str(tmp_path), "--coupling", "independent",
+                               "--total-points", "--seed", "1"])
+    assert {kind: example.run_directory(args, kind).name for kind in ("sc", "hc", "moe")} == {
+        "sc": "small_seed1", "hc": "small_totalpoints_seed1", "moe": "small_independent_seed1"}
+    assert example.run_directory(args).name == "small_independent_totalpoints_seed1"
+    assert example.run_settings(args, "hc")["total_points"] is True
+    assert "coupling" not in example.run_settings(args, "sc")
+
+
+def test_navier_stokes_methods_share_runs_across_settings_they_ignore(tmp_path):
+    example = _load("navier_stokes")
+    args = example.parse_args(["--out", str(tmp_path), "--ridge", "0.02", "--overlap", "0",
+                               "--coupling", "independent"])
+    assert {kind: example.run_directory(args, kind).name for kind in ("sc", "hc", "moe")} == {
+        "sc": "small", "hc": "small_ridge0.02", "moe": "small_overlap0_independent_ridge0.02"}
+    assert example.run_directory(args).name == "small_overlap0_independent_ridge0.02"
+    assert "ridge" not in example.run_settings(args, "sc")
+    assert example.run_settings(args, "moe")["overlap"] == 0

@@ -138,6 +138,28 @@ def test_train_writes_run_directory_and_resumes(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_train_refuses_to_resume_another_configuration(tmp_path):
+    # A run directory reused with other points per expert (or another method, or other
+    # caller settings) must not silently continue or re-evaluate the old run.
+    options = dict(steps=2, batch_size=4, key=jr.key(1), optimizer=OPTIMIZER, progress=False,
+                   run_dir=tmp_path)
+    backbone = PointwiseBasis(key=jr.key(0))
+    methods.train(methods.make_method("hc", backbone, PDE, GRID, points_per_expert=20),
+                  _data(), settings={"seed": 0}, **options)
+    with pytest.raises(ValueError, match="settings: .*points_per_expert"):
+        methods.train(methods.make_method("hc", backbone, PDE, GRID, points_per_expert=30),
+                      _data(), settings={"seed": 0}, **options)
+    with pytest.raises(ValueError, match="settings: .*method='PI-HC'.*method='PI-SC'"):
+        methods.train(methods.make_method("sc", backbone, PDE, GRID), _data(),
+                      settings={"seed": 0}, **options)
+    with pytest.raises(ValueError, match="settings: .*seed=0; got .*seed=1"):
+        methods.train(methods.make_method("hc", backbone, PDE, GRID, points_per_expert=20),
+                      _data(), settings={"seed": 1}, **options)
+    resumed = methods.train(methods.make_method("hc", backbone, PDE, GRID, points_per_expert=20),
+                            _data(), settings={"seed": 0}, **(options | {"steps": 3}))
+    assert resumed.step == 3
+
+
 def test_results_table_and_seconds_per_step():
     rows = [
         {"method": "PI-SC", "kind": "sc", "rel_l2_mean": 0.5, "rel_l2_std": 0.25,

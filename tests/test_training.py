@@ -128,6 +128,19 @@ def test_resume_with_other_key_is_refused(tmp_path):
     assert _fit(steps=4, checkpoint_dir=tmp_path, key=jr.key(3), resume=False).step == 4
 
 
+def test_resume_with_other_settings_is_refused(tmp_path):
+    _fit(steps=2, checkpoint_dir=tmp_path, settings={"points": 100, "weight": 0.5})
+    with pytest.raises(ValueError, match=r"settings: .* written with points=100; got points=200"):
+        _fit(steps=4, checkpoint_dir=tmp_path, settings={"points": 200, "weight": 0.5})
+    # Same settings (any order), more steps: resumed, not retrained.
+    resumed = _fit(steps=4, checkpoint_dir=tmp_path, settings={"weight": 0.5, "points": 100})
+    assert resumed.step == 4 and all(r["step"] > 2 for r in resumed.history)
+    with pytest.raises(ValueError, match="settings: expected JSON-serialisable"):
+        _fit(steps=4, checkpoint_dir=tmp_path, settings={"points": object()})
+    with pytest.raises(ValueError, match="settings: expected a mapping"):
+        _fit(steps=4, checkpoint_dir=tmp_path, settings=[1, 2])
+
+
 def test_finished_run_resumes_without_training(tmp_path):
     first = _fit(steps=3, checkpoint_dir=tmp_path)
     again = _fit(steps=3, checkpoint_dir=tmp_path)

@@ -41,6 +41,19 @@ def loss_fn(method: Method, data: Any, key: PRNGKeyArray) -> tuple[Array, dict[s
     return residual + conditions, aux
 
 
+def _run_settings(method: Method, settings: dict[str, Any] | None) -> dict[str, Any]:
+    """What identifies a run besides its key: the method, its grid, its solve's scalar options
+    (points per expert, ridge, coupling, ...) and the caller's `settings`."""
+    options = getattr(method.model, "options", None) or {}
+    solve = {k: v for k, v in sorted(options.items())
+             if v is None or isinstance(v, (bool, int, float, str))}
+    record: dict[str, Any] = {"method": method.name, "grid": list(method.grid.shape)}
+    if method.kind != "sc":
+        record["solve"] = solve
+        record["experts"] = int(method.partition.num_experts(method.grid))
+    return {**record, **dict(settings or {})}
+
+
 def train(
     method: Method,
     train_data: Any,
@@ -57,6 +70,7 @@ def train(
     resume: bool = True,
     log_every: int = 10,
     progress: bool = True,
+    settings: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train a method with `loss_fn` through `hcmoe.training.fit`.
 
@@ -77,6 +91,8 @@ def train(
     - `run_dir`: directory for `checkpoints/`, `metrics.jsonl` and `metrics.csv`; a run
       resumes from its checkpoints (`resume=True`) without losing a step.
     - `checkpoint_every`, `log_every`, `progress`: see `fit`.
+    - `settings`: see `fit`: a resume under other settings is refused. The method's name and
+      its solve's points per expert are always part of them.
 
     **Returns:** `fit`'s `FitResult` (the trained method in `.model`).
     """
@@ -105,4 +121,5 @@ def train(
         metrics_path=None if run_dir is None else run_dir / "metrics.jsonl",
         log_every=log_every,
         progress=progress,
+        settings=_run_settings(method, settings),
     )

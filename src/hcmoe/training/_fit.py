@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .._files import atomic_write
 from .._interrupt import InterruptGuard
 from ._batches import Batches
-from ._checkpoints import key_record, load_checkpoint, save_checkpoint
+from ._checkpoints import RECORD, key_record, load_checkpoint, save_checkpoint
 from ._metrics import Logger, read_metrics, write_csv_beside
 
 
@@ -80,17 +80,52 @@ def _check_every(name: str, value: int | None) -> None:
         raise ValueError(f"{name}: expected a positive integer or None; got {value!r}.")
 
 
-def _resume(checkpoint_dir, model, opt_state, key, metrics_path):
-    checkpoint = load_checkpoint(checkpoint_dir, model, opt_state)
-    if checkpoint is None:
-        return 0, model, opt_state, []
-    saved_key = checkpoint.record.get("key")
+def _settings_record(settings) -> dict[str, Any] | None:
+    if settings is None:
+        return None
+    if not isinstance(settings, Mapping):
+        raise ValueError(
+            f"settings: expected a mapping of JSON-serialisable values or None; got "
+            f"{type(settings).__name__}."
+        )
+    try:
+        return json.loads(json.dumps(dict(settings), sort_keys=True))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"settings: expected JSON-serialisable values ({error}).") from None
+
+
+def _check_run(checkpoint_dir, record, key, settings) -> None:
+    """A checkpoint record of this run: the same key and, when both are known, settings."""
+    saved_key = record.get("key")
     if saved_key != key_record(key):
         raise ValueError(
             f"key: the checkpoint in {checkpoint_dir} was written by a run with key "
             f"{saved_key}; got {key_record(key)}. Resume with the same key (a different key "
             "would not reproduce the run), pass resume=False, or use a new checkpoint_dir."
         )
+    saved = record.get("settings")
+    if settings is not None and saved is not None and saved != settings:
+        names = sorted(n for n in saved.keys() | settings.keys() if saved.get(n) != settings.get(n))
+        raise ValueError(
+            f"settings: the checkpoint in {checkpoint_dir} was written with "
+            + ", ".join(f"{n}={saved.get(n)!r}" for n in names) + "; got "
+            + ", ".join(f"{n}={settings.get(n)!r}" for n in names) + ". Resume with the same "
+            "settings (another run's checkpoint would be continued, or re-evaluated, as if it "
+            "were this one), pass resume=False, or use a new checkpoint_dir."
+        )
+
+
+def _resume(checkpoint_dir, model, opt_state, key, metrics_path, settings):
+    try:  # before loading: another run's model may not even fit this one's template
+        committed = json.loads((Path(checkpoint_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        committed = None  # absent or damaged: load_checkpoint decides
+    if isinstance(committed, dict):
+        _check_run(checkpoint_dir, committed, key, settings)
+    checkpoint = load_checkpoint(checkpoint_dir, model, opt_state)
+    if checkpoint is None:
+        return 0, model, opt_state, []
+    _check_run(checkpoint_dir, checkpoint.record, key, settings)
     history = []
     if metrics_path is not None:
         history = [r for r in read_metrics(metrics_path) if r["step"] <= checkpoint.step]
@@ -116,6 +151,7 @@ def fit(
     log_every: int = 10,
     progress: bool = True,
     trainable=eqx.is_inexact_array,
+    settings: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train `model` for `steps` optimizer steps of `loss_fn` on batches of `train_data`.
 
@@ -165,10 +201,15 @@ def fit(
     - `trainable`: an `eqx.partition` filter spec choosing the trained leaves (a function of
         a leaf, or a pytree of bools shaped like `model`), e.g. to freeze a backbone part or
         arrays held by a wrapper (such as solver options).
+    - `settings`: JSON-serialisable description of the run (points, experts, a formulation:
+        what the model and loss do not show), stored in every checkpoint; resuming a
+        checkpoint written with other settings is refused. `steps` is not a setting: a resumed
+        run may be extended.
 
     **Returns:** a `FitResult(model, opt_state, step, history)`.
 
-    **Raises:** `ValueError` for invalid options, a checkpoint of another run (other key) or
+    **Raises:** `ValueError` for invalid options, a checkpoint of another run (other key or
+    `settings`) or
     a checkpoint that does not fit the model; `TypeError` if `loss_fn` does not return
     `(loss, aux)`; `FloatingPointError` for a non-finite loss.
     """
@@ -184,6 +225,7 @@ def fit(
         raise ValueError("log_every: expected a positive integer; got None.")
     if eval_every is not None and eval_fn is None:
         raise ValueError("eval_every: given without an eval_fn.")
+    settings = _settings_record(settings)
     data_key, loss_key = jr.split(key)
     batches = Batches(train_data, batch_size, data_key)
     opt_state = optimizer.init(eqx.filter(model, trainable))
@@ -191,7 +233,7 @@ def fit(
     step, history = 0, []
     if checkpoint_dir is not None and resume:
         step, model, opt_state, history = _resume(
-            checkpoint_dir, model, opt_state, key, metrics_path
+            checkpoint_dir, model, opt_state, key, metrics_path, settings
         )
     if metrics_path is not None:
         atomic_write(Path(metrics_path), "".join(json.dumps(r) + "\n" for r in history).encode())
@@ -199,7 +241,8 @@ def fit(
     def checkpoint():
         if checkpoint_dir is not None:
             save_checkpoint(
-                checkpoint_dir, step, model, opt_state, key=key, keep=keep_checkpoints
+                checkpoint_dir, step, model, opt_state, key=key, keep=keep_checkpoints,
+                extra=None if settings is None else {"settings": settings},
             )
             write_csv_beside(metrics_path, history)
 
