@@ -59,6 +59,13 @@ def test_plot_snapshots(tmp_path):
     assert _is_png(path)
     assert len([ax for ax in figure.axes if ax.get_title()]) == 9
     plotting.plot_snapshots(prediction, reference, times=[3])
+    # An exact snapshot's error panel starts at zero (not a constant field's -0.1 .. 0.1).
+    exact = plotting.plot_snapshots(reference, reference, grid=grid, times=(0,))
+    error_panel = [ax for ax in exact.axes if ax.get_title() == "|error|"][0]
+    assert error_panel.collections[0].get_clim() == (0.0, 1.0)
+    error_panel = [ax for ax in figure.axes if ax.get_title() == "|error|"][0]
+    low, high = error_panel.collections[0].get_clim()
+    assert low == 0.0 and high == pytest.approx(np.abs(prediction - reference)[0].max())
 
 
 def test_plot_training_curves(tmp_path):

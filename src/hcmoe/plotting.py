@@ -148,7 +148,11 @@ def _triptych(figure, axes, prediction, reference, vertical, horizontal, labels,
     _field_panel(figure, axes[0], prediction, vertical, horizontal, labels, "prediction", **shared)
     _field_panel(figure, axes[1], reference, vertical, horizontal, labels, "reference", **shared)
     error = np.abs(prediction - reference)
-    _field_panel(figure, axes[2], error, vertical, horizontal, labels, "|error|", cmap="magma")
+    # From zero up (an exact panel, e.g. an initial condition built in, reads as zero, not as
+    # matplotlib's default -0.1 .. 0.1 for a constant field).
+    top = float(error.max()) if float(error.max()) > 0 else 1.0
+    _field_panel(figure, axes[2], error, vertical, horizontal, labels, "|error|", cmap="magma",
+                 vmin=0.0, vmax=top)
 
 
 def plot_prediction(
