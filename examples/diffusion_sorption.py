@@ -266,9 +266,7 @@ def main(argv=None) -> str:
     for kind in args.method:
         try:
             run(kind, args, train, test, grid)
-        except ValueError as error:  # another run's checkpoint in this run's directory
-            if not str(error).startswith(("settings:", "key:")):
-                raise
+        except training.RunMismatchError as error:  # another run's checkpoint is there
             sys.exit(f"{error}\nHere: --fresh retrains it; another --out keeps both runs.")
     table = summarise(args, grid)
     print(f"\nHeld-out relative L2 error ({len(test['u0'])} trajectories, {grid}):")

@@ -130,7 +130,8 @@ def test_resume_with_other_key_is_refused(tmp_path):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     _fit(steps=2, checkpoint_dir=tmp_path, settings={"points": 100, "weight": 0.5})
-    with pytest.raises(ValueError, match=r"settings: .* written with points=100; got points=200"):
+    with pytest.raises(training.RunMismatchError,
+                       match=r"settings: .* written with points=100; got points=200"):
         _fit(steps=4, checkpoint_dir=tmp_path, settings={"points": 200, "weight": 0.5})
     # Same settings (any order), more steps: resumed, not retrained.
     resumed = _fit(steps=4, checkpoint_dir=tmp_path, settings={"weight": 0.5, "points": 100})

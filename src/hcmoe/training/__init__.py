@@ -37,7 +37,12 @@ from ._checkpoints import (
     load_checkpoint as load_checkpoint,
     save_checkpoint as save_checkpoint,
 )
-from ._fit import FitResult as FitResult, LossFn as LossFn, fit as fit
+from ._fit import (
+    FitResult as FitResult,
+    LossFn as LossFn,
+    RunMismatchError as RunMismatchError,
+    fit as fit,
+)
 from ._metrics import (
     read_metrics as read_metrics,
     solver_metrics as solver_metrics,

@@ -94,11 +94,16 @@ def _settings_record(settings) -> dict[str, Any] | None:
         raise ValueError(f"settings: expected JSON-serialisable values ({error}).") from None
 
 
+class RunMismatchError(ValueError):
+    """The checkpoint directory holds another run's checkpoint (another key or other
+    `settings`): resuming it would continue, or re-evaluate, that run as if it were this one."""
+
+
 def _check_run(checkpoint_dir, record, key, settings) -> None:
     """A checkpoint record of this run: the same key and, when both are known, settings."""
     saved_key = record.get("key")
     if saved_key != key_record(key):
-        raise ValueError(
+        raise RunMismatchError(
             f"key: the checkpoint in {checkpoint_dir} was written by a run with key "
             f"{saved_key}; got {key_record(key)}. Resume with the same key (a different key "
             "would not reproduce the run), pass resume=False, or use a new checkpoint_dir."
@@ -106,7 +111,7 @@ def _check_run(checkpoint_dir, record, key, settings) -> None:
     saved = record.get("settings")
     if settings is not None and saved is not None and saved != settings:
         names = sorted(n for n in saved.keys() | settings.keys() if saved.get(n) != settings.get(n))
-        raise ValueError(
+        raise RunMismatchError(
             f"settings: the checkpoint in {checkpoint_dir} was written with "
             + ", ".join(f"{n}={saved.get(n)!r}" for n in names) + "; got "
             + ", ".join(f"{n}={settings.get(n)!r}" for n in names) + ". Resume with the same "
@@ -208,8 +213,8 @@ def fit(
 
     **Returns:** a `FitResult(model, opt_state, step, history)`.
 
-    **Raises:** `ValueError` for invalid options, a checkpoint of another run (other key or
-    `settings`) or
+    **Raises:** `ValueError` for invalid options, a checkpoint of another run
+    (`RunMismatchError`, a `ValueError`: other key or `settings`) or
     a checkpoint that does not fit the model; `TypeError` if `loss_fn` does not return
     `(loss, aux)`; `FloatingPointError` for a non-finite loss.
     """
