@@ -73,13 +73,15 @@ def _jsonable(value: Any) -> Any:
         return np.dtype(value).name
     if isinstance(value, (np.generic, np.ndarray, jax.Array)):
         return np.asarray(value).tolist()
-    raise TypeError(f"cache parameters must be JSON-serialisable; got {type(value).__name__}.")
+    raise TypeError(f"parameters must be JSON-serialisable; got {type(value).__name__}.")
 
 
-def normalise_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameters as they read back from JSON (tuples become lists, NumPy scalars numbers)."""
+def normalise_params(params: Mapping[str, Any], name: str = "params") -> dict[str, Any]:
+    """The parameters as they read back from JSON (tuples become lists, NumPy scalars numbers).
+    `name`: the argument a non-mapping is reported as (`ValueError`; a value JSON cannot hold is
+    a `TypeError`)."""
     if not isinstance(params, Mapping):
-        raise ValueError(f"params: expected a mapping of parameters; got {type(params).__name__}.")
+        raise ValueError(f"{name}: expected a mapping of parameters; got {type(params).__name__}.")
     return json.loads(json.dumps(dict(params), sort_keys=True, default=_jsonable))
 
 

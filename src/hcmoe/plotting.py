@@ -150,7 +150,8 @@ def _triptych(figure, axes, prediction, reference, vertical, horizontal, labels,
     error = np.abs(prediction - reference)
     # From zero up (an exact panel, e.g. an initial condition built in, reads as zero, not as
     # matplotlib's default -0.1 .. 0.1 for a constant field).
-    top = float(error.max()) if float(error.max()) > 0 else 1.0
+    top = float(error.max())
+    top = top if top > 0 else 1.0
     _field_panel(figure, axes[2], error, vertical, horizontal, labels, "|error|", cmap="magma",
                  vmin=0.0, vmax=top)
 

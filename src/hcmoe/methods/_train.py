@@ -91,8 +91,9 @@ def train(
     - `run_dir`: directory for `checkpoints/`, `metrics.jsonl` and `metrics.csv`; a run
       resumes from its checkpoints (`resume=True`) without losing a step.
     - `checkpoint_every`, `log_every`, `progress`: see `fit`.
-    - `settings`: see `fit`: a resume under other settings is refused. The method's name and
-      its solve's points per expert are always part of them.
+    - `settings`: see `fit`: a resume under other settings is refused. The method's name, its
+      grid and, for PI-HC(-MoE), its number of experts and scalar solve options (points per
+      expert, ridge, coupling, ...) are always part of them.
 
     **Returns:** `fit`'s `FitResult` (the trained method in `.model`).
     """

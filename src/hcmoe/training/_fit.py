@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from .._interrupt import InterruptGuard
+from ..data import normalise_params
 from ._batches import Batches
-from ._checkpoints import RECORD, key_record, load_checkpoint, save_checkpoint
+from ._checkpoints import RECORD, _read_record, key_record, load_checkpoint, save_checkpoint
 from ._metrics import Logger, read_metrics, write_csv_beside
 
 
@@ -81,16 +82,12 @@ def _check_every(name: str, value: int | None) -> None:
 
 
 def _settings_record(settings) -> dict[str, Any] | None:
+    """`settings` as a checkpoint record reads it back (the dataset cache's normalisation)."""
     if settings is None:
         return None
-    if not isinstance(settings, Mapping):
-        raise ValueError(
-            f"settings: expected a mapping of JSON-serialisable values or None; got "
-            f"{type(settings).__name__}."
-        )
     try:
-        return json.loads(json.dumps(dict(settings), sort_keys=True))
-    except (TypeError, ValueError) as error:
+        return normalise_params(settings, name="settings")
+    except TypeError as error:
         raise ValueError(f"settings: expected JSON-serialisable values ({error}).") from None
 
 
@@ -122,15 +119,16 @@ def _check_run(checkpoint_dir, record, key, settings) -> None:
 
 def _resume(checkpoint_dir, model, opt_state, key, metrics_path, settings):
     try:  # before loading: another run's model may not even fit this one's template
-        committed = json.loads((Path(checkpoint_dir) / RECORD).read_text())
+        committed = _read_record(Path(checkpoint_dir) / RECORD)
     except (OSError, ValueError):
         committed = None  # absent or damaged: load_checkpoint decides
-    if isinstance(committed, dict):
+    if committed is not None:
         _check_run(checkpoint_dir, committed, key, settings)
     checkpoint = load_checkpoint(checkpoint_dir, model, opt_state)
     if checkpoint is None:
         return 0, model, opt_state, []
-    _check_run(checkpoint_dir, checkpoint.record, key, settings)
+    if checkpoint.record != committed:  # an older or rebuilt record was loaded instead
+        _check_run(checkpoint_dir, checkpoint.record, key, settings)
     history = []
     if metrics_path is not None:
         history = [r for r in read_metrics(metrics_path) if r["step"] <= checkpoint.step]
