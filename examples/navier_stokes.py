@@ -20,6 +20,8 @@ paper's optimiser.
 `--backbone wide` trains every method on a wider FNO3D with the paper's N = 64 (4 layers,
 width 32, 6 modes, fc 128): on `--size small` PI-HC beats PI-SC with it on seeds 0-2, which it
 does not with the small one (`examples/results/README.md`). About 15 min for `--method sc hc`.
+`--backbone wide16` / `wide32` keep that trunk with N = 16 / 32 (PI-HC stays behind PI-SC
+there: it takes the trunk and the 64 functions).
 
 PI-HC-MoE blends its 1 x 2 x 2 experts over `--overlap` (default 0.125 in x and y, a quarter
 of a block; periodic windows) and fits their weights together (`--coupling joint`);
@@ -68,10 +70,17 @@ COUPLING = "joint"  # default --coupling
 # --backbone: the size's own, or one of these FNO3D configurations at any size ("wide" sits
 # between the CPU-sized one and the paper's: the paper's N = 64 functions from a 4-layer,
 # width-32 FNO; one training step of the paper's on the small grid takes ~3.7 s on 2 cores).
+def _wide_trunk(n_basis: int, key) -> FNO:
+    return FNO(4, n_basis, ndim=3, width=32, n_layers=4, modes=6, fc_width=128, key=key)
+
+
 BACKBONES = {
     "small": FNO.navier_stokes_small,
     "wide": functools.partial(FNO.navier_stokes_paper, width=32, n_layers=4, modes=6,
                               fc_width=128),
+    # The wide trunk with fewer functions: N = 16 (the small backbone's) and 32.
+    "wide16": functools.partial(_wide_trunk, 16),
+    "wide32": functools.partial(_wide_trunk, 32),
     "paper": FNO.navier_stokes_paper,
 }
 
@@ -128,7 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "32 / 64); the loss and the solves live there")
     parser.add_argument("--backbone", choices=BACKBONES,
                         help="FNO3D for every method: small (3 layers, width 12, 4 modes, fc 32, "
-                        "N = 16), wide (4 layers, width 32, 6 modes, fc 128, N = 64) or paper (8 "
+                        "N = 16), wide (4 layers, width 32, 6 modes, fc 128, N = 64), wide16 and "
+                        "wide32 (the same with N = 16, 32) or paper (8 "
                         "layers, width 64, 8 modes, fc 256, N = 64); default: the size's own")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/navier_stokes"))
