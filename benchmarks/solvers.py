@@ -23,9 +23,15 @@ stops at its own count), diffusion–sorption with K = 4 on the quickstart grid 
 paper grid (101 x 1024), forward and forward + backward: the measurement behind
 `schedule="auto"`.
 
+Initial damping (`--section damping`): the default solver from `λ = 1` (optimistix's start,
+`initial_damping=1.0`, the default before 2026-12-03) against the default `λ = 1e-6`,
+diffusion–sorption and Navier–Stokes: LM steps, the difference of the solutions, and the time of
+both, interleaved.
+
     python benchmarks/solvers.py --quick
     python benchmarks/solvers.py
     python benchmarks/solvers.py --quick --section schedules
+    python benchmarks/solvers.py --section damping
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ VARIANTS = {
 }
 SCHEDULE_VARIANTS = {"vmap": lambda: dict(schedule="vmap"),
                      "map": lambda: dict(schedule="map")}
+DAMPING_VARIANTS = {"lambda_1": lambda: dict(initial_damping=1.0),
+                    "default": lambda: {}}
 LINEAR_VARIANTS = {"qr": lambda: {},
                    "normal_cholesky": lambda: dict(linear_solver=lx.Normal(lx.Cholesky()))}
 
@@ -55,7 +63,8 @@ SIZES = {
     "smoke": {"ds": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
               "ns": None, "heat": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
               "accuracy": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
-              "schedules": [dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(256, 4)])]},
+              "schedules": [dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(256, 4)])],
+              "damping": [("ds", dict(nt=11, nx=64, n_basis=8), [(256, 4)])]},
     "quick": {"ds": dict(grid=dict(), configs=[(1000, 1), (10_000, 1), (10_000, 4)]),
               "ns": dict(grid=dict(nt=16, n=32, n_basis=16), configs=[(1000, 1), (10_000, 4)]),
               "heat": dict(grid=dict(), configs=[(1000, 1), (10_000, 1)]),
@@ -63,7 +72,11 @@ SIZES = {
               "schedules": [dict(grid=dict(nt=26, nx=64, n_basis=8), configs=[(1600, 4)]),
                             dict(grid=dict(nt=26, nx=64, n_basis=16), configs=[(1600, 4)]),
                             dict(grid=dict(n_basis=8), configs=[(20_000, 4)]),
-                            dict(grid=dict(), configs=[(80_000, 4)])]},
+                            dict(grid=dict(), configs=[(80_000, 4)])],
+              "damping": [("ds", dict(nt=26, nx=64, n_basis=16), [(1600, 1), (1600, 4)]),
+                          ("ds", dict(), [(10_000, 1), (100_000, 1), (10_000, 4),
+                                          (100_000, 4)]),
+                          ("ns", dict(nt=16, n=32, n_basis=16), [(1000, 1), (4000, 4)])]},
     "full": {"ds": dict(grid=dict(), configs=[(1000, 1), (10_000, 1), (100_000, 1),
                                               (10_000, 4), (80_000, 4)]),
              "ns": dict(grid=dict(), configs=[(1000, 1), (20_000, 1), (80_000, 4)]),
@@ -72,7 +85,11 @@ SIZES = {
              "schedules": [dict(grid=dict(nt=26, nx=64, n_basis=8), configs=[(1600, 4)]),
                            dict(grid=dict(nt=26, nx=64, n_basis=16), configs=[(1600, 4)]),
                            dict(grid=dict(n_basis=8), configs=[(20_000, 4)]),
-                           dict(grid=dict(), configs=[(20_000, 4), (80_000, 4)])]},
+                           dict(grid=dict(), configs=[(20_000, 4), (80_000, 4)])],
+             "damping": [("ds", dict(nt=26, nx=64, n_basis=16), [(1600, 1), (1600, 4)]),
+                         ("ds", dict(), [(10_000, 1), (100_000, 1), (10_000, 4), (100_000, 4)]),
+                         ("ns", dict(nt=16, n=32, n_basis=16), [(1000, 1), (4000, 4)]),
+                         ("ns", dict(nt=16, n=32, n_basis=64), [(1000, 1), (4000, 4)])]},
 }
 
 
@@ -82,7 +99,7 @@ def compare(problem, points: int, experts: int, variants: dict, args) -> dict:
     partition = problem.partition(experts)
     record = {"points_total": points, "experts": experts,
               "points_per_expert": max(points // experts, 1), "variants": {}}
-    calls, weights = {}, {}
+    calls, weights, fields = {}, {}, {}
     for name, extra in variants.items():
         options = common.solve_kwargs(record["points_per_expert"], **extra())
         forward, grad = common.solve_and_grad(problem, partition, **options)
@@ -90,6 +107,7 @@ def compare(problem, points: int, experts: int, variants: dict, args) -> dict:
         bwd = common.compile_fn(grad, basis, key)
         solution = fwd.call()
         weights[name] = np.asarray(solution.weights)
+        fields[name] = np.asarray(solution.u)
         stats = solution.stats
         record["variants"][name] = {
             "compile_forward_s": fwd.compile_s, "compile_gradient_s": bwd.compile_s,
@@ -103,6 +121,8 @@ def compare(problem, points: int, experts: int, variants: dict, args) -> dict:
     for name in variants:
         record["variants"][name]["max_weight_difference_vs_" + reference] = float(
             np.max(np.abs(weights[name] - weights[reference])))
+        record["variants"][name]["max_u_difference_vs_" + reference] = float(
+            np.max(np.abs(fields[name] - fields[reference])))
     timing = common.time_interleaved(calls, repeats=common.repeats(args),
                                      budget_s=common.budget(args))
     for name in variants:
@@ -189,14 +209,37 @@ def schedules(sizes: list[dict], args) -> list[dict]:
     return out
 
 
+def damping(sizes: list, args) -> list[dict]:
+    """`initial_damping` 1 against the default (see the module docstring)."""
+    out = []
+    for name, grid, configs in sizes:
+        make = common.diffusion_sorption if name == "ds" else common.navier_stokes
+        problem = make(**grid)
+        print(f"damping: {problem.name} {problem.describe()['grid']} N={problem.n_basis}",
+              flush=True)
+        for points, experts in configs:
+            record = compare(problem, points, experts, DAMPING_VARIANTS, args)
+            record["problem"] = problem.describe()
+            steps = {k: v["lm_steps"] for k, v in record["variants"].items()}
+            print(f"    LM steps {steps}", flush=True)
+            out.append(record)
+    return out
+
+
 def main():
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--section", choices=["all", "solvers", "schedules"], default="all",
-                   help="the LM variants and accuracy, the expert schedules, or both")
+    p.add_argument("--section", choices=["all", "solvers", "schedules", "damping"],
+                   default="all",
+                   help="the LM variants and accuracy, the expert schedules, both, or the "
+                   "damping comparison alone")
     args = p.parse_args()
     mode = common.mode(args)
     sizes = SIZES[mode]
     payload = {"mode": mode, "tolerance": TOL}
+    if args.section == "damping":
+        payload["damping"] = damping(sizes["damping"], args)
+        common.write_json(args, "solvers_damping", payload)
+        return
     if args.section in ("all", "schedules"):
         payload["schedules_diffusion_sorption"] = schedules(sizes["schedules"], args)
     if args.section == "schedules":

@@ -43,13 +43,19 @@ def test_joint_is_pi_hc_on_the_windowed_basis_with_the_experts_points(getkey):
     grid, pde, data, basis = _ds_case(getkey())
     partition = hcmoe.Partition(x=4, overlap=0.2)
     key = getkey()
-    joint = hcmoe.solve(basis, pde, partition, grid, data, key=key, points_per_expert=20,
-                        coupling="joint")
+    # Both run to the cap without a termination test (rtol = atol = 0), so both reach the
+    # minimiser whatever path rounding sends them on.
+    options = dict(key=key, rtol=0.0, atol=0.0, max_steps=200)
+    joint = hcmoe.solve(basis, pde, partition, grid, data, points_per_expert=20,
+                        coupling="joint", **options)
     direct = hcmoe.solve(windowed_basis(basis, partition, grid), pde, None, grid, data,
-                         key=key, points_per_expert=80)
+                         points_per_expert=80, **options)
     assert joint.weights.shape == (4, basis.shape[-1])
-    np.testing.assert_allclose(joint.weights.reshape(-1), direct.weights[0], atol=1e-12)
-    np.testing.assert_allclose(joint.u, direct.u, atol=1e-12)
+    scale = float(np.max(np.abs(direct.weights)))
+    np.testing.assert_allclose(joint.weights.reshape(-1), direct.weights[0], rtol=0,
+                               atol=1e-9 * scale)
+    np.testing.assert_allclose(joint.u, direct.u, rtol=0,
+                               atol=1e-8 * float(np.max(np.abs(direct.u))))
     assert joint.stats.num_steps.shape == (1,)
     assert joint.stats.points.shape == (1, 80)
     # The exact initial condition holds, and the prediction is the blended field

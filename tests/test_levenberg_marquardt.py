@@ -1,5 +1,7 @@
 """The default solver: normal-equation Levenberg–Marquardt and the Jacobian from the stacks."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -79,3 +81,43 @@ def test_search_option_is_kept_and_used(getkey):
     assert bool(jnp.all(default.stats.converged)) and bool(jnp.all(fast.stats.converged))
     assert not np.array_equal(default.stats.num_steps, fast.stats.num_steps)
     assert jnp.max(jnp.abs(default.stats.residual_norm - fast.stats.residual_norm)) < 1e-9
+
+
+def test_initial_damping_changes_the_path_not_the_minimiser(getkey):
+    # Gauss-Newton-like first steps (the default 1e-6) and optimistix's lambda = 1 reach the
+    # same minimiser along other paths (here not in fewer steps for every expert).
+    grid = small_grid()
+    basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
+    options = dict(rtol=1e-10, atol=1e-10, max_steps=200)
+    solve = functools.partial(hcmoe.solve, basis, ForcedBurgers(), hcmoe.Partition(x=2), grid,
+                              data_for(grid), **options)
+    small, one = solve(), solve(initial_damping=1.0)
+    assert bool(jnp.all(small.stats.converged)) and bool(jnp.all(one.stats.converged))
+    assert jnp.max(jnp.abs(small.weights - one.weights)) < 1e-7
+    assert not np.array_equal(small.stats.num_steps, one.stats.num_steps)
+    explicit = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
+                           solver=LevenbergMarquardt(1e-10, 1e-10, initial_damping=1.0),
+                           **{k: v for k, v in options.items() if k not in ("rtol", "atol")})
+    assert np.array_equal(explicit.stats.num_steps, one.stats.num_steps)
+
+
+def test_trust_region_starts_at_the_initial_damping():
+    state = hcmoe.TrustRegion(initial_damping=1e-3).init(jnp.zeros(2), None)
+    assert float(state.step_size) == 1e3
+    assert float(hcmoe.TrustRegion().init(jnp.zeros(2), None).step_size) == 1e6
+
+
+def test_initial_damping_errors(getkey):
+    grid = small_grid()
+    basis = basis_with_exact(grid, getkey())
+    for bad in (0.0, -1.0, "small"):
+        with pytest.raises(ValueError, match="initial_damping: expected a positive number"):
+            hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid), initial_damping=bad)
+    with pytest.raises(ValueError, match="initial_damping: 0.001 applies to the default solver"):
+        hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid), initial_damping=1e-3,
+                    solver=optx.LevenbergMarquardt(rtol=1e-6, atol=1e-6))
+    with pytest.raises(ValueError, match="initial_damping: 0.001 applies to the default search"):
+        LevenbergMarquardt(1e-6, 1e-6, initial_damping=1e-3,
+                           search=optx.ClassicalTrustRegion())
+    with pytest.raises(ValueError, match="initial_damping: expected a positive number"):
+        hcmoe.TrustRegion(initial_damping=0.0)

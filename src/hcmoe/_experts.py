@@ -278,6 +278,7 @@ def solve(
     coupling: str = "independent",
     schedule: str = "auto",
     ridge_toward: str = "zero",
+    initial_damping: float | None = None,
 ) -> Solution:
     r"""Make the basis combination satisfy the PDE, independently on every expert's block.
 
@@ -308,6 +309,12 @@ def solve(
       (`J^T J + λ I`, Cholesky, Gram matrix formed once per accepted iterate from the
       operator stacks) in float64, and `optimistix.LevenbergMarquardt(rtol, atol)` (QR) in
       float32. Unused when `pde.linear`.
+    - `initial_damping`: `λ` of the default float64 solver's first step (default None:
+      1e-6, nearly a Gauss–Newton step; optimistix's is 1). Rejected steps are cheap here (a
+      residual and a Cholesky of `N x N`, no new Jacobian), so a small start costs little
+      where the problem is far from linear and saves the iterations that shrink `λ` 3.5x per
+      step from 1 (measured in benchmarks/README.md, section 8). Only with the default
+      solver.
     - `max_steps`: iteration cap of the nonlinear solve (paper: 50).
     - `rtol`, `atol`: tolerances of the default solver (paper: 1e-4).
     - `points_per_expert`: PDE points sampled per expert (paper: 20,000); None uses every
@@ -389,6 +396,16 @@ def solve(
     resolve_schedule(schedule, pde.linear)  # an unknown name fails here, before any work
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling: expected one of {COUPLINGS}; got {coupling!r}.")
+    if initial_damping is not None:
+        if not (isinstance(initial_damping, (int, float)) and initial_damping > 0):
+            raise ValueError(
+                f"initial_damping: expected a positive number or None; got {initial_damping!r}."
+            )
+        if solver is not None:
+            raise ValueError(
+                f"initial_damping: {initial_damping!r} applies to the default solver only; got "
+                f"a solver ({type(solver).__name__}) as well. Set it on that solver instead."
+            )
     if ridge_toward not in RIDGE_TOWARD:
         raise ValueError(
             f"ridge_toward: expected one of {RIDGE_TOWARD}; got {ridge_toward!r}."
@@ -407,7 +424,7 @@ def solve(
             ridge=ridge, init=joint_init(init, num_experts, basis.shape[-1]), adjoint=adjoint,
             linear_solver=linear_solver, precision=precision, throw=throw,
             condition_scope=condition_scope, balance=balance, warm_start=warm_start,
-            ridge_toward=ridge_toward,
+            ridge_toward=ridge_toward, initial_damping=initial_damping,
         )
         # The inner solve checks and casts the basis and returns in its dtype.
         return Solution(joint.u, joint.weights.reshape(num_experts, -1), joint.stats)
@@ -424,7 +441,7 @@ def solve(
     schedule = resolve_schedule(schedule, pde.linear, work=problems.pde_valid.shape[-1] * n)
     init = _initial_weights(init, num_experts, n, dtype)
     if solver is None:
-        solver = default_solver(rtol, atol, dtype)
+        solver = default_solver(rtol, atol, dtype, initial_damping)
     if adjoint is None:
         adjoint = optx.ImplicitAdjoint(
             linear_solver if linear_solver is not None else lx.AutoLinearSolver(well_posed=None)
@@ -503,11 +520,18 @@ def condition_error(problem: ExpertProblem, w: Array) -> Array:
     return jnp.max(jnp.where(problem.cond_valid, jnp.abs(rows), 0.0))
 
 
-def default_solver(rtol: float, atol: float, dtype) -> optx.AbstractLeastSquaresSolver:
+def default_solver(rtol: float, atol: float, dtype,
+                   initial_damping: float | None = None) -> optx.AbstractLeastSquaresSolver:
     """Normal-equation Levenberg–Marquardt in float64 (m >> N); optimistix's QR-based one in
-    lower precision, where squaring the condition number costs too much accuracy."""
+    lower precision, where squaring the condition number costs too much accuracy (it starts
+    from `λ = 1`; another `initial_damping` raises)."""
     if jnp.dtype(dtype) == jnp.float64:
-        return LevenbergMarquardt(rtol=rtol, atol=atol)
+        return LevenbergMarquardt(rtol=rtol, atol=atol, initial_damping=initial_damping)
+    if initial_damping is not None:
+        raise ValueError(
+            f"initial_damping: {initial_damping!r} needs the float64 solver; the float32 one "
+            "(optimistix's QR) starts from λ = 1. Use precision='float64' or leave it None."
+        )
     return optx.LevenbergMarquardt(rtol=rtol, atol=atol)
 
 
