@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default="hcmoe")
     parser.add_argument("--overlap", type=float, default=0.3,
                         help="PI-HC-MoE blending half-width in x (0: the paper's piecewise)")
+    parser.add_argument("--initial-damping", type=float,
+                        help="LM damping of the first step (default: the library's, 1e-6; "
+                        "1 reproduces results from before 2026-12-03)")
     parser.add_argument("--coupling", choices=("joint", "independent"), default="joint",
                         help="PI-HC-MoE experts' weights fitted together (default) or each "
                         "expert on its own (the paper)")
@@ -146,6 +149,8 @@ def run_directory(args, kind: str | None = None):
         name += f"_{args.coupling}"
     if kind in (None, "hc") and args.total_points:
         name += "_totalpoints"
+    if kind != "sc" and args.initial_damping is not None:
+        name += f"_lambda0{args.initial_damping:g}"
     if args.seed != 0:  # a checkpoint resumes only the seed that wrote it
         name += f"_seed{args.seed}"
     return args.out / name
@@ -181,6 +186,7 @@ def run(kind: str, args, train, test, grid) -> dict:
         residual_weight=args.residual_weight,
         points_per_expert=points,
         balance="mean" if args.formulation == "hcmoe" else "sum",
+        **({} if args.initial_damping is None else {"initial_damping": args.initial_damping}),
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)

@@ -132,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="centre of the solves' ridge rows: zero (the paper's) or the "
                         "initial weights, ones (keeps the unconstrained sum, PI-SC's "
                         "prediction, in directions the rows leave open)")
+    parser.add_argument("--initial-damping", type=float,
+                        help="LM damping of the first step (default: the library's, 1e-6; "
+                        "1 reproduces results from before 2026-12-03)")
     parser.add_argument("--train-n-xy", type=int,
                         help="spatial resolution of the training grid (default: the size's, "
                         "32 / 64); the loss and the solves live there")
@@ -206,6 +209,8 @@ def run_directory(args, kind: str | None = None) -> Path:
             name += f"_ridge{args.ridge:g}"
         if args.ridge_toward != "zero":
             name += f"_toward{args.ridge_toward}"
+        if args.initial_damping is not None:
+            name += f"_lambda0{args.initial_damping:g}"
     if args.train_n_xy is not None:
         name += f"_train{args.train_n_xy}"
     if args.backbone != CONFIGS[args.size]["backbone"]:
@@ -250,6 +255,7 @@ def run(kind: str, args, train, tests, grid) -> dict:
         points_per_expert=args.points_per_expert,
         ridge=args.ridge,
         ridge_toward=args.ridge_toward,
+        **({} if args.initial_damping is None else {"initial_damping": args.initial_damping}),
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)

@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--balance", choices=("mean", "sum"), default="mean")
     parser.add_argument("--ridge", type=float, default=1e-4)
     parser.add_argument("--max-steps", type=int, default=50, help="LM iteration cap")
+    parser.add_argument("--initial-damping", type=float,
+                        help="LM damping of the first step (default: the library's, 1e-6; "
+                        "1 reproduces results from before 2026-12-03)")
     parser.add_argument("--warm-start", action="store_true",
                         help="start LM from one Gauss-Newton step")
     parser.add_argument("--time-derivative", choices=("central", "backward"))
@@ -174,6 +177,7 @@ def run_method(kind, args, train, test, grid):
         ridge=args.ridge,
         max_steps=args.max_steps,
         warm_start=args.warm_start,
+        **({} if args.initial_damping is None else {"initial_damping": args.initial_damping}),
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ==", flush=True)

@@ -71,11 +71,16 @@ def test_navier_stokes_runs_with_other_solve_settings_get_their_own_directory(tm
         for flags in ([], ["--scale", "1"], ["--ridge", "0.02"], ["--ridge-toward", "init"],
                       ["--scale", "1", "--ridge", "0.02", "--ridge-toward", "init"],
                       ["--train-n-xy", "64"], ["--backbone", "small"], ["--backbone", "wide"],
-                      ["--seed", "0"], ["--seed", "2"], ["--backbone", "wide", "--seed", "1"])
+                      ["--seed", "0"], ["--seed", "2"], ["--backbone", "wide", "--seed", "1"],
+                      ["--backbone", "wide16"], ["--initial-damping", "1"])
     }
     assert names == {"small", "small_scale1", "small_ridge0.02", "small_towardinit",
                      "small_scale1_ridge0.02_towardinit", "small_train64", "small_backbonewide",
-                     "small_seed2", "small_backbonewide_seed1"}
+                     "small_seed2", "small_backbonewide_seed1", "small_backbonewide16",
+                     "small_lambda01"}
+    # PI-SC has no solve: the old solver's start does not retrain it.
+    args = example.parse_args(["--out", str(tmp_path), "--initial-damping", "1"])
+    assert example.run_directory(args, "sc").name == "small"
 
 
 def test_navier_stokes_paths_must_be_directories(tmp_path, capsys):
@@ -108,6 +113,9 @@ def test_diffusion_sorption_seeds_get_their_own_directory(tmp_path):
     assert {kind: example.run_directory(args, kind).name for kind in ("sc", "hc", "moe")} == {
         "sc": "small_seed1", "hc": "small_totalpoints_seed1", "moe": "small_independent_seed1"}
     assert example.run_directory(args).name == "small_independent_totalpoints_seed1"
+    damped = example.parse_args(["--out", str(tmp_path), "--initial-damping", "1"])
+    assert {kind: example.run_directory(damped, kind).name for kind in ("sc", "hc", "moe")} == {
+        "sc": "small", "hc": "small_lambda01", "moe": "small_lambda01"}
     assert example.run_settings(args, "hc")["total_points"] is True
     assert "coupling" not in example.run_settings(args, "sc")
 
