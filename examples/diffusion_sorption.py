@@ -186,7 +186,7 @@ def run(kind: str, args, train, test, grid) -> dict:
         residual_weight=args.residual_weight,
         points_per_expert=points,
         balance="mean" if args.formulation == "hcmoe" else "sum",
-        **({} if args.initial_damping is None else {"initial_damping": args.initial_damping}),
+        initial_damping=args.initial_damping,  # None: the library's default
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)

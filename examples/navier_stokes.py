@@ -255,7 +255,7 @@ def run(kind: str, args, train, tests, grid) -> dict:
         points_per_expert=args.points_per_expert,
         ridge=args.ridge,
         ridge_toward=args.ridge_toward,
-        **({} if args.initial_damping is None else {"initial_damping": args.initial_damping}),
+        initial_damping=args.initial_damping,  # None: the library's default
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)

@@ -177,7 +177,7 @@ def run_method(kind, args, train, test, grid):
         ridge=args.ridge,
         max_steps=args.max_steps,
         warm_start=args.warm_start,
-        **({} if args.initial_damping is None else {"initial_damping": args.initial_damping}),
+        initial_damping=args.initial_damping,  # None: the library's default
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ==", flush=True)

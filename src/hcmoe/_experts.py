@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._grid import Grid
 from ._joint import COUPLINGS, joint_init, windowed_basis
-from ._levenberg_marquardt import LevenbergMarquardt
+from ._levenberg_marquardt import LevenbergMarquardt, check_initial_damping
 from ._ops import evaluate_at_points
 from ._partition import AbstractPartition, ExpertRows, as_partition
 from ._pde import SCOPES, AbstractPDE, ansatz, residual_mask
@@ -397,10 +397,7 @@ def solve(
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling: expected one of {COUPLINGS}; got {coupling!r}.")
     if initial_damping is not None:
-        if not (isinstance(initial_damping, (int, float)) and initial_damping > 0):
-            raise ValueError(
-                f"initial_damping: expected a positive number or None; got {initial_damping!r}."
-            )
+        check_initial_damping(initial_damping)
         if solver is not None:
             raise ValueError(
                 f"initial_damping: {initial_damping!r} applies to the default solver only; got "

@@ -42,6 +42,12 @@ from jaxtyping import Array, Float, Scalar
 INITIAL_DAMPING = 1e-6
 
 
+def check_initial_damping(value) -> None:
+    """A clear error unless `value` is a positive number (LM's first damping)."""
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"initial_damping: expected a positive number; got {value!r}.")
+
+
 def _silent(**kwargs) -> None:
     del kwargs
 
@@ -103,10 +109,7 @@ class TrustRegion(optx.ClassicalTrustRegion):
     initial_damping: float = INITIAL_DAMPING
 
     def __check_init__(self):
-        if not (isinstance(self.initial_damping, (int, float)) and self.initial_damping > 0):
-            raise ValueError(
-                f"initial_damping: expected a positive number; got {self.initial_damping!r}."
-            )
+        check_initial_damping(self.initial_damping)
 
     def init(self, y, f_info_struct):
         state = super().init(y, f_info_struct)
