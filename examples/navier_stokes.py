@@ -6,27 +6,30 @@ python examples/navier_stokes.py --method moe             # one method
 python examples/navier_stokes.py --size paper             # the paper's setup (a GPU)
 ```
 
-`--size small`: train on 16 t x 32 x 32 on t in [0, 2] (64 trajectories), test on 16
-trajectories solved at 64 x 64 and evaluated at 64² and 32²; a small FNO3D (N = 16); 256 steps
-of the paper's optimiser from a learning rate of 3e-3. The horizon is 2, not the paper's 5:
-on a 32² grid the vorticity cascade of t in [0, 5] is not resolved (the reference's own
-residual is 19% of `w_t` there, 2.8% on [0, 2]; `examples/results/README.md`), and a physics
-loss whose minimiser is not the reference cannot rank methods. `--size paper`: the
-configuration of REFERENCE.md — train on 64 t x 64 x 64 on [0, 5] (4000 trajectories), test on
-100 solved at 256 x 256 and evaluated at 256², 128² and 64²; FNO3D (8 layers, width 64,
-8 modes, fc 256, N = 64), 20,000 points per expert, 1 x 2 x 2 experts, batch 4, 20 epochs, the
-paper's optimiser.
+`--size small` (about 15 min on 2 cores, all three methods): train on 16 t x 32 x 32 on t in
+[0, 2] (64 trajectories), test on 16 trajectories solved at 64 x 64 and evaluated at 64² and
+32²; an FNO3D with the paper's N = 64 functions from 4 layers, width 32, 6 modes and fc 128
+(`--backbone wide`); 192 steps of the paper's optimiser from a learning rate of 3e-3; PI-HC-MoE
+with 1 x 2 x 1 experts (`--experts`). The horizon is 2, not the paper's 5: on a 32² grid the
+vorticity cascade of t in [0, 5] is not resolved (the reference's own residual is 19% of `w_t`
+there, 2.8% on [0, 2]; `examples/results/README.md`), and a physics loss whose minimiser is not
+the reference cannot rank methods. Why this backbone and these experts: with fewer functions
+(the small FNO3D's N = 16, `--backbone small`, or the wide trunk with 16 or 32) PI-HC is behind
+PI-SC on every seed; with N = 64 the paper's 1 x 2 x 2 experts make one joint solve of 256
+weights, about 40 min here, and 1 x 2 x 1 halves that to 128. The earlier small configuration
+is `--backbone small --experts 1x2x2 --epochs 16` (7 min). `--size paper`: the configuration of
+REFERENCE.md — train on 64 t x 64 x 64 on [0, 5] (4000 trajectories), test on 100 solved at
+256 x 256 and evaluated at 256², 128² and 64²; FNO3D (8 layers, width 64, 8 modes, fc 256,
+N = 64), 20,000 points per expert, 1 x 2 x 2 experts, batch 4, 20 epochs, the paper's
+optimiser.
 
-`--backbone wide` trains every method on a wider FNO3D with the paper's N = 64 (4 layers,
-width 32, 6 modes, fc 128): on `--size small` PI-HC beats PI-SC with it on seeds 0-2, which it
-does not with the small one (`examples/results/README.md`). About 15 min for `--method sc hc`.
-`--backbone wide16` / `wide32` keep that trunk with N = 16 / 32 (PI-HC stays behind PI-SC
-there: it takes the trunk and the 64 functions).
+`--backbone` trains every method on another FNO3D: `small` (3 layers, width 12, 4 modes,
+fc 32, N = 16), `wide16` / `wide32` (the wide trunk with N = 16 / 32) or `paper`.
 
-PI-HC-MoE blends its 1 x 2 x 2 experts over `--overlap` (default 0.125 in x and y, a quarter
-of a block; periodic windows) and fits their weights together (`--coupling joint`);
-`--overlap 0 --coupling independent` is the paper's piecewise prediction of independent
-experts (runs with other settings than the defaults get their own directory).
+PI-HC-MoE blends its experts over `--overlap` (default 0.125 in each split spatial axis;
+periodic windows) and fits their weights together (`--coupling joint`); `--overlap 0
+--coupling independent` is the paper's piecewise prediction of independent experts (runs with
+other settings than the defaults get their own directory).
 
 The model is the paper's ansatz `w = w0 + s (t / T) (B - mean B) w` (`NavierStokes.scale = s`),
 trained on the PDE residual only. The hard-constrained methods use the paper's `s = 0.005`
@@ -67,6 +70,7 @@ OVERLAP = 0.125  # default --overlap: 1/4 of a block's width
 SCALE = 0.005  # default --scale: the paper's s of the hard-constrained ansatz
 RIDGE = 1e-4  # default --ridge: the paper's
 COUPLING = "joint"  # default --coupling
+PAPER_EXPERTS = "1x2x2"  # the paper's blocks in t x x x y (--size paper's --experts)
 # --backbone: the size's own, or one of these FNO3D configurations at any size ("wide" sits
 # between the CPU-sized one and the paper's: the paper's N = 64 functions from a 4-layer,
 # width-32 FNO; one training step of the paper's on the small grid takes ~3.7 s on 2 cores).
@@ -86,13 +90,13 @@ BACKBONES = {
 
 CONFIGS = {
     "small": dict(
-        backbone="small", epochs=16, batch_size=4, points_per_expert=1000,
+        backbone="wide", experts="1x2x1", epochs=12, batch_size=4, points_per_expert=1000,
         n_xy_test=64, test_resolutions=(64, 32), learning_rate=3e-3, decay_every=250,
         eval_every=64,
         checkpoint_every=32, eval_batch_size=4,
     ),
     "paper": dict(
-        backbone="paper", epochs=20, batch_size=4, points_per_expert=20_000,
+        backbone="paper", experts=PAPER_EXPERTS, epochs=20, batch_size=4, points_per_expert=20_000,
         n_xy_test=256, test_resolutions=(256, 128, 64), learning_rate=1e-3, decay_every=800,
         eval_every=2000,
         checkpoint_every=100, eval_batch_size=1,
@@ -107,7 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--method", nargs="+", choices=methods.KINDS, default=list(methods.KINDS),
         help="sc (PI-SC), hc (PI-HC), moe (PI-HC-MoE); several are run one after the other",
     )
-    parser.add_argument("--epochs", type=int, help="override the size's number of epochs")
+    parser.add_argument("--epochs", type=int,
+                        help="override the size's number of epochs (small 12 = 192 steps, "
+                        "paper 20)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--points-per-expert", type=int)
     parser.add_argument("--learning-rate", type=float,
@@ -119,6 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overlap", type=float, default=OVERLAP,
                         help="PI-HC-MoE blending half-width in x and y (0: the paper's piecewise "
                         "prediction)")
+    parser.add_argument("--experts",
+                        help="PI-HC-MoE's blocks in t x x x y, e.g. 1x2x2 (the paper's); default: "
+                        "the size's (small 1x2x1, paper 1x2x2); the overlap applies to the split "
+                        "spatial axes")
     parser.add_argument("--coupling", choices=("joint", "independent"), default=COUPLING,
                         help="PI-HC-MoE experts' weights fitted together or each expert on its "
                         "own (the paper)")
@@ -141,8 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backbone", choices=BACKBONES,
                         help="FNO3D for every method: small (3 layers, width 12, 4 modes, fc 32, "
                         "N = 16), wide (4 layers, width 32, 6 modes, fc 128, N = 64), wide16 and "
-                        "wide32 (the same with N = 16, 32) or paper (8 "
-                        "layers, width 64, 8 modes, fc 256, N = 64); default: the size's own")
+                        "wide32 (the same with N = 16, 32) or paper (8 layers, width 64, 8 modes, "
+                        "fc 256, N = 64); default: the size's (small: wide, paper: paper)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/navier_stokes"))
     parser.add_argument("--data-dir", type=Path, help="dataset cache (default ~/.cache/hcmoe)")
@@ -173,10 +183,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--ridge: expected a positive number; got {args.ridge}")
     if not args.overlap >= 0:
         parser.error(f"--overlap: expected a non-negative number; got {args.overlap}")
+    try:
+        experts_shape(args.experts)
+    except ValueError as error:
+        parser.error(f"--experts: {error}")
     try:  # the partition's own checks, before any data is made
         partition(args).blend(navier_stokes.grid(args.size))
-    except ValueError as error:
-        parser.error(f"--overlap: {error}")
+    except ValueError as error:  # the blocks' own message, else the overlap's
+        flag = "--overlap" if str(error).startswith("overlap") else "--experts"
+        parser.error(f"{flag}: {error}")
     n_train = args.n_train or navier_stokes.SIZES[args.size]["n_train"]
     if args.batch_size > n_train:
         parser.error(
@@ -189,10 +204,23 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name.replace('_', '-')}: expected a directory; {path} is a file")
 
 
+def experts_shape(text: str) -> dict[str, int]:
+    """`"1x2x2"` -> `{"t": 1, "x": 2, "y": 2}`: the number of blocks along each axis."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(
+            f"expected three positive integers joined by 'x' (blocks in t, x, y), e.g. 1x2x2; "
+            f"got {text!r}"
+        )
+    return dict(zip("txy", map(int, parts)))
+
+
 def partition(args) -> hcmoe.Partition:
-    """PI-HC-MoE's experts: the paper's 1 (t) x 2 (x) x 2 (y) blocks, blended over
-    `--overlap` in x and y."""
-    return hcmoe.Partition(t=1, x=2, y=2, overlap={"x": args.overlap, "y": args.overlap})
+    """PI-HC-MoE's experts: `--experts` blocks (the paper's 1 (t) x 2 (x) x 2 (y)), blended over
+    `--overlap` in each split spatial axis."""
+    blocks = experts_shape(args.experts)
+    overlap = {axis: args.overlap for axis in "xy" if blocks[axis] > 1}
+    return hcmoe.Partition(**blocks, overlap=overlap)
 
 
 def run_directory(args, kind: str | None = None) -> Path:
@@ -202,6 +230,8 @@ def run_directory(args, kind: str | None = None) -> Path:
     name = args.size
     if kind in (None, "moe") and (args.overlap, args.coupling) != (OVERLAP, COUPLING):
         name += f"_overlap{args.overlap:g}_{args.coupling}"
+    if kind in (None, "moe") and args.experts != CONFIGS[args.size]["experts"]:
+        name += f"_experts{args.experts}"
     if kind != "sc":  # PI-SC has no solve: s = 1, no ridge
         if args.scale != SCALE:
             name += f"_scale{args.scale:g}"
@@ -228,6 +258,8 @@ def run_settings(args, kind: str) -> dict:
         names += ["scale", "ridge", "ridge_toward", "points_per_expert"]
     if kind == "moe":
         names += ["overlap", "coupling"]
+        if args.experts != PAPER_EXPERTS:  # checkpoints from before --experts (all 1x2x2)
+            names.append("experts")          # still resume
     return {name: getattr(args, name) for name in names}
 
 

@@ -42,6 +42,9 @@ def _rejects(main, argv, message, capsys):
         (["--overlap", "-0.1"], "--overlap: expected a non-negative number; got -0.1"),
         (["--overlap", "2"], "--overlap: overlap: 2.0 along 'x' is more than"),
         (["--coupling", "loose"], "invalid choice: 'loose'"),
+        (["--experts", "2x2"], "--experts: expected three positive integers joined by 'x'"),
+        (["--experts", "1x0x2"], "--experts: expected three positive integers joined by 'x'"),
+        (["--experts", "1x64x1"], "--experts: partition: 64 blocks along 'x'"),
         (["--scale", "0"], "--scale: expected a positive number; got 0.0"),
         (["--ridge", "0"], "--ridge: expected a positive number; got 0.0"),
         (["--ridge-toward", "one"], "invalid choice: 'one'"),
@@ -71,13 +74,14 @@ def test_navier_stokes_runs_with_other_solve_settings_get_their_own_directory(tm
         for flags in ([], ["--scale", "1"], ["--ridge", "0.02"], ["--ridge-toward", "init"],
                       ["--scale", "1", "--ridge", "0.02", "--ridge-toward", "init"],
                       ["--train-n-xy", "64"], ["--backbone", "small"], ["--backbone", "wide"],
-                      ["--seed", "0"], ["--seed", "2"], ["--backbone", "wide", "--seed", "1"],
-                      ["--backbone", "wide16"], ["--initial-damping", "1"])
+                      ["--seed", "0"], ["--seed", "2"], ["--backbone", "small", "--seed", "1"],
+                      ["--backbone", "wide16"], ["--initial-damping", "1"],
+                      ["--experts", "1x2x1"], ["--experts", "1x2x2"])
     }
     assert names == {"small", "small_scale1", "small_ridge0.02", "small_towardinit",
-                     "small_scale1_ridge0.02_towardinit", "small_train64", "small_backbonewide",
-                     "small_seed2", "small_backbonewide_seed1", "small_backbonewide16",
-                     "small_lambda01"}
+                     "small_scale1_ridge0.02_towardinit", "small_train64", "small_backbonesmall",
+                     "small_seed2", "small_backbonesmall_seed1", "small_backbonewide16",
+                     "small_lambda01", "small_experts1x2x2"}
     # PI-SC has no solve: the old solver's start does not retrain it.
     args = example.parse_args(["--out", str(tmp_path), "--initial-damping", "1"])
     assert example.run_directory(args, "sc").name == "small"
@@ -129,3 +133,15 @@ def test_navier_stokes_methods_share_runs_across_settings_they_ignore(tmp_path):
     assert example.run_directory(args).name == "small_overlap0_independent_ridge0.02"
     assert "ridge" not in example.run_settings(args, "sc")
     assert example.run_settings(args, "moe")["overlap"] == 0
+    # --experts: only PI-HC-MoE's run moves. The paper's 1x2x2 (every run before the flag) is
+    # not recorded in its settings, so those checkpoints still resume.
+    split = example.parse_args(["--out", str(tmp_path), "--experts", "1x2x2"])
+    assert {kind: example.run_directory(split, kind).name for kind in ("sc", "hc", "moe")} == {
+        "sc": "small", "hc": "small", "moe": "small_experts1x2x2"}
+    assert "experts" not in example.run_settings(split, "moe")
+    default = example.parse_args(["--out", str(tmp_path)])
+    assert example.run_settings(default, "moe")["experts"] == "1x2x1"
+    blocks = example.partition(default)
+    assert dict(blocks.blocks) == {"t": 1, "x": 2, "y": 1} and dict(blocks.overlap) == {"x": 0.125}
+    assert dict(example.partition(split).overlap) == {"x": 0.125, "y": 0.125}
+    assert example.parse_args(["--size", "paper"]).experts == "1x2x2"
