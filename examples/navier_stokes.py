@@ -123,8 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-train", type=int, help="default: the size's (64 / 4000)")
     parser.add_argument("--n-test", type=int, help="default: the size's (16 / 100)")
     parser.add_argument("--overlap", type=float, default=OVERLAP,
-                        help="PI-HC-MoE blending half-width in x and y (0: the paper's piecewise "
-                        "prediction)")
+                        help="PI-HC-MoE blending half-width in each split spatial axis (0: the "
+                        "paper's piecewise prediction)")
     parser.add_argument("--experts",
                         help="PI-HC-MoE's blocks in t x x x y, e.g. 1x2x2 (the paper's); default: "
                         "the size's (small 1x2x1, paper 1x2x2); the overlap applies to the split "
@@ -183,13 +183,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--ridge: expected a positive number; got {args.ridge}")
     if not args.overlap >= 0:
         parser.error(f"--overlap: expected a non-negative number; got {args.overlap}")
-    try:
-        experts_shape(args.experts)
-    except ValueError as error:
-        parser.error(f"--experts: {error}")
-    try:  # the partition's own checks, before any data is made
+    try:  # --experts' format and the partition's own checks, before any data is made
         partition(args).blend(navier_stokes.grid(args.size))
-    except ValueError as error:  # the blocks' own message, else the overlap's
+    except ValueError as error:  # the library names the argument first: overlap or partition
         flag = "--overlap" if str(error).startswith("overlap") else "--experts"
         parser.error(f"{flag}: {error}")
     n_train = args.n_train or navier_stokes.SIZES[args.size]["n_train"]
