@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -15,13 +17,21 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._adjoint import field_residuals, implicit_solve
 from ._grid import Grid
 from ._joint import COUPLINGS, joint_init, windowed_basis
 from ._levenberg_marquardt import LevenbergMarquardt, check_initial_damping
 from ._ops import evaluate_at_points
 from ._partition import AbstractPartition, ExpertRows, as_partition
 from ._pde import SCOPES, AbstractPDE, ansatz, residual_mask
-from ._solve import ExpertProblem, Solution, SolveStats, condition_residual, solve_expert
+from ._solve import (
+    ExpertProblem,
+    Solution,
+    SolveStats,
+    condition_residual,
+    residual,
+    solve_expert,
+)
 
 
 _PRECISIONS = (None, "float64", "float32", "input")
@@ -185,19 +195,45 @@ def _point_data(data, grid: Grid, index):
     return gathered
 
 
-def build_problems(
+class ProblemRows(eqx.Module):
+    """Every expert's rows before any operator is evaluated (leading axis `K` on arrays).
+
+    `requests()` lists `(operator, points)`: each PDE operator (`names`) at the sampled PDE
+    points `index` `(K, m)`, then each least-squares condition's operator at its face points
+    `faces[i]` `(K, c_i)`. The other fields are those of `ExpertProblem` without the operator
+    values (`coords`, `pde_valid`, `cond_target`, `cond_scale`, `cond_valid`, `point_data`);
+    with no conditions, one inert row (zero target and scale) keeps the shapes uniform.
+    """
+
+    names: tuple[str, ...] = eqx.field(static=True)
+    operators: tuple
+    index: Array
+    faces: tuple
+    coords: dict[str, Array]
+    pde_valid: Array
+    cond_target: Array
+    cond_scale: Array
+    cond_valid: Array
+    point_data: dict[str, Array]
+
+    def requests(self) -> list:
+        pde = [(op, self.index) for op in self.operators[: len(self.names)]]
+        return pde + list(zip(self.operators[len(self.names):], self.faces))
+
+    @property
+    def points(self) -> Array:
+        """Flat grid indices of the PDE rows, -1 in padding slots."""
+        return jnp.where(self.pde_valid, self.index, -1)
+
+
+def problem_rows(
     basis, pde: AbstractPDE, grid: Grid, data, partition: AbstractPartition,
     points_per_expert: int | None, key, *, condition_scope: str | None = None,
     balance: str = "mean",
-) -> tuple[ExpertProblem, Array, Array | None]:
-    """Evaluate the operators at every expert's sampled points (and the conditions' at their
-    face points), gathering only the stencil neighbours of local operators
-    (`AbstractOperator.at_points`; spectral operators share one FFT on the whole grid).
-
-    Returns the expert-stacked problems (leading axis `K`), the transformed basis `T(B)` and
-    the particular part `u_p` (or None), both with the exact conditions built in, all in the
-    dtype of `basis`.
-    """
+) -> tuple[ProblemRows, Array, Array | None]:
+    """The ansatz (`T(B)`, `u_p`, both with the exact conditions built in, in the dtype of
+    `basis`) and every expert's rows (`ProblemRows`): sampled PDE points, condition faces,
+    their targets, scales and data, without evaluating any operator."""
     dtype = basis.dtype
     transformed, particular, all_conditions = ansatz(pde, basis, grid, data)
     conditions = tuple(c for c in all_conditions if not c.exact)
@@ -222,34 +258,67 @@ def build_problems(
                                                                       points_per_expert)
     face_points, cond = _condition_rows(conditions, grid, members, condition_scope, points,
                                         dtype, balance, pde, warn=not any_exact)
-    # Every operator at every row in one pass: the PDE operators at the sampled points, the
-    # condition operators at their face points (one gather-and-contract scan for all local
-    # stencils, one FFT for the spectral ones; see `evaluate_at_points`).
-    names = list(operators)
-    requests = [(operators[name], index) for name in names]
-    requests += [(c.operator, p) for c, p in zip(conditions, face_points)]
-    values = evaluate_at_points(requests, transformed, grid)
-    stacks = dict(zip(names, values[: len(names)]))
-    if particular is None:
-        offset_values = [jnp.zeros(points_.shape, dtype) for _, points_ in requests]
-    else:
-        offset_values = evaluate_at_points(requests, particular, grid)
-    offsets = dict(zip(names, offset_values[: len(names)]))
     num_experts = index.shape[0]
     if cond is None:  # no conditions: one inert row keeps the shapes uniform
         zeros = jnp.zeros((num_experts, 1), dtype)
-        cond = (jnp.zeros((num_experts, 1, transformed.shape[-1]), dtype), zeros, zeros, zeros,
-                jnp.zeros((num_experts, 1), bool))
-    else:
-        matrices = jnp.concatenate(values[len(names):], axis=1)
-        cond_offsets = jnp.concatenate(offset_values[len(names):], axis=1)
-        cond = (matrices, cond_offsets, *cond)
+        cond = (zeros, zeros, jnp.zeros((num_experts, 1), bool))
+    names = tuple(operators)
     coords = {name: jnp.asarray(c.reshape(-1), dtype)[index] for name, c in grid.mesh().items()}
-    problems = ExpertProblem(
-        stacks, offsets, coords, valid, *cond, point_data=_point_data(data, grid, index),
-        points=jnp.where(valid, index, -1),
+    problem = ProblemRows(
+        names, tuple(operators[name] for name in names) + tuple(c.operator for c in conditions),
+        index, tuple(jnp.asarray(f) for f in face_points), coords, valid, *cond,
+        point_data=_point_data(data, grid, index),
     )
-    return problems, transformed, particular
+    return problem, transformed, particular
+
+
+def evaluate_rows(rows: ProblemRows, transformed: Array, particular: Array | None,
+                  grid: Grid) -> ExpertProblem:
+    """The `ExpertProblem` of `rows` (expert-stacked, or one expert's when `rows` has no
+    leading `K` axis): every operator at every row in one pass (the PDE
+    operators at the sampled points, the condition operators at their face points; one
+    gather-and-contract scan for all local stencils, one FFT for the spectral ones; see
+    `evaluate_at_points`)."""
+    dtype = transformed.dtype
+    requests = rows.requests()
+    names = rows.names
+    values = evaluate_at_points(requests, transformed, grid)
+    if particular is None:
+        offset_values = [jnp.zeros(jnp.shape(points_), dtype) for _, points_ in requests]
+    else:
+        offset_values = evaluate_at_points(requests, particular, grid)
+    lead, n = rows.index.shape[:-1], transformed.shape[-1]  # lead: (K,) or () for one expert
+    if len(requests) > len(names):
+        matrices = jnp.concatenate(values[len(names):], axis=-2)
+        cond_offsets = jnp.concatenate(offset_values[len(names):], axis=-1)
+    else:
+        matrices = jnp.zeros(lead + (1, n), dtype)
+        cond_offsets = jnp.zeros(lead + (1,), dtype)
+    return ExpertProblem(
+        dict(zip(names, values[: len(names)])), dict(zip(names, offset_values[: len(names)])),
+        rows.coords, rows.pde_valid, matrices, cond_offsets, rows.cond_target, rows.cond_scale,
+        rows.cond_valid, point_data=rows.point_data, points=rows.points,
+    )
+
+
+def build_problems(
+    basis, pde: AbstractPDE, grid: Grid, data, partition: AbstractPartition,
+    points_per_expert: int | None, key, *, condition_scope: str | None = None,
+    balance: str = "mean",
+) -> tuple[ExpertProblem, Array, Array | None]:
+    """Evaluate the operators at every expert's sampled points (and the conditions' at their
+    face points), gathering only the stencil neighbours of local operators
+    (`AbstractOperator.at_points`; spectral operators share one FFT on the whole grid).
+
+    Returns the expert-stacked problems (leading axis `K`), the transformed basis `T(B)` and
+    the particular part `u_p` (or None), both with the exact conditions built in, all in the
+    dtype of `basis`.
+    """
+    rows, transformed, particular = problem_rows(
+        basis, pde, grid, data, partition, points_per_expert, key,
+        condition_scope=condition_scope, balance=balance,
+    )
+    return evaluate_rows(rows, transformed, particular, grid), transformed, particular
 
 
 def solve(
@@ -291,9 +360,10 @@ def solve(
     `u = u_p + T(B) w_k` on block `k` (blended, `u = u_p + sum_k phi_k T(B) w_k`, for a
     `Partition(..., overlap=...)`). Conditions with `exact=True` are part of the ansatz
     `u_p + T(B) w` (see `hcmoe.Condition`); the others are rows. Gradients with respect to
-    `basis` (and `data`) flow through the solve by the implicit function theorem
-    (`optimistix.ImplicitAdjoint`), or through `lineax`'s differentiable solve when
-    `pde.linear`.
+    `basis` (and `data`, PDE parameters, ...) flow through the solve by the implicit function
+    theorem, in forward and reverse mode (`hcmoe._adjoint`: taken through each expert's field,
+    so the gradient never holds the `points x n_basis` operator stacks), or through `lineax`'s
+    differentiable solve when `pde.linear`.
 
     **Arguments:**
 
@@ -326,9 +396,18 @@ def solve(
       init)`, so they keep `init` (default ones: the unconstrained sum of the basis, which is
       PI-SC's prediction). Only the weakly determined directions differ.
     - `init`: initial weights, shape `(n_basis,)` or `(K, n_basis)`; default ones (paper).
-    - `adjoint`: optimistix adjoint; default `ImplicitAdjoint(linear_solver)`.
-    - `linear_solver`: lineax solver of the implicit adjoint (default
-      `lineax.AutoLinearSolver(well_posed=None)`), and of the single least-squares solve when
+    - `adjoint`: None (default): hcmoe's implicit adjoint for nonlinear PDEs without a
+      `mesh`: the same equation as `optimistix.ImplicitAdjoint` (the exact Hessian of each
+      expert's objective at its solution, LU), whose right-hand side is the tangent of the
+      objective's gradient evaluated through the expert's field `T(B) w + u_p`. Its cotangent
+      of the basis is a few outer products of fields with `w`, where optimistix's goes through
+      the `points x n_basis` stacks of every operator (gradient memory at the paper size, four
+      experts: 115 -> 84 MiB; benchmarks/README.md). Gradients agree to rounding
+      (tests/test_adjoint.py). Otherwise an optimistix adjoint, used as given (with a `mesh`,
+      or a `linear_solver`, the default becomes `ImplicitAdjoint(linear_solver)`).
+    - `linear_solver`: lineax solver of optimistix's implicit adjoint (default
+      `lineax.AutoLinearSolver(well_posed=None)`; passing one selects that adjoint), and of the
+      single least-squares solve when
       `pde.linear` (a tall system; default `lineax.QR()`; `lineax.Normal(lineax.Cholesky())`
       is 2-8x faster when points >> n_basis, at the cost of squaring the condition number).
     - `precision`: dtype of the solve. None (default): float64 when x64 is on, else float32;
@@ -430,35 +509,45 @@ def solve(
     # the solve (measured: 19 MiB of a 59 MiB forward peak at 101 x 1024 x 16).
     finite_basis = jnp.all(jnp.isfinite(basis))
     basis = basis.astype(dtype)
-    problems, transformed, particular = build_problems(
+    rows, transformed, particular = problem_rows(
         basis, pde, grid, data, partition, points_per_expert, key,
         condition_scope=condition_scope, balance=balance,
     )
     n = basis.shape[-1]
-    schedule = resolve_schedule(schedule, pde.linear, work=problems.pde_valid.shape[-1] * n)
+    schedule = resolve_schedule(schedule, pde.linear, work=rows.pde_valid.shape[-1] * n)
     init = _initial_weights(init, num_experts, n, dtype)
     if solver is None:
         solver = default_solver(rtol, atol, dtype, initial_damping)
+    # hcmoe's own implicit adjoint (`_adjoint`: the same equation as optimistix's, without
+    # the operator stacks' cotangents) unless the user chose an adjoint or its linear solver;
+    # linear PDEs keep lineax's differentiable least-squares solve, sharded experts the
+    # optimistix adjoint inside `shard_map`.
+    field_adjoint = (adjoint is None and linear_solver is None and mesh is None
+                     and not pde.linear)
     if adjoint is None:
         adjoint = optx.ImplicitAdjoint(
             linear_solver if linear_solver is not None else lx.AutoLinearSolver(well_posed=None)
         )
-
-    def one(problem, w0):
-        return solve_expert(
-            problem, w0, pde, data, solver=solver, max_steps=max_steps, ridge=ridge,
-            adjoint=adjoint, linear_solver=linear_solver, warm_start=warm_start,
-            ridge_toward=ridge_toward,
-        )
-
-    if mesh is None and schedule == "map":
-        weights, steps, norms, result, ok = jax.lax.map(lambda args: one(*args), (problems, init))
-    elif mesh is None:
-        weights, steps, norms, result, ok = jax.vmap(one)(problems, init)
+    run = functools.partial(
+        _run_experts, grid=grid, mesh=mesh, schedule=schedule, max_steps=max_steps,
+        ridge=ridge, adjoint=adjoint, linear_solver=linear_solver, warm_start=warm_start,
+        ridge_toward=ridge_toward,
+    )
+    args = dict(transformed=transformed, particular=particular, rows=rows, init=init, pde=pde,
+                data=data, solver=solver)
+    if field_adjoint:
+        weights, steps, result, ok = implicit_solve(args, run, grid=grid, ridge=ridge,
+                                                    ridge_toward=ridge_toward)
     else:
-        from ._sharding import sharded_expert_map
-
-        weights, steps, norms, result, ok = sharded_expert_map(one, mesh, problems, init)
+        weights, steps, result, ok = run(args)
+    # Diagnostics from the operators applied to each expert's field (`_adjoint.field_rows`),
+    # so that they differentiate like `u`, without the stacks.
+    centers = init if ridge_toward == "init" else None
+    rows_r, cond_rows = field_residuals(weights, transformed, particular, rows, pde, data, grid,
+                                        ridge, centers)
+    norms = jnp.linalg.norm(rows_r, axis=-1)
+    cond_error = jnp.max(jnp.where(rows.cond_valid, jnp.abs(cond_rows), 0.0), axis=-1)
+    ok = ok & jnp.isfinite(norms)
     weights = eqx.error_if(
         weights,
         ~finite_basis,
@@ -474,12 +563,54 @@ def solve(
             "Solution.stats with throw=False). Try more max_steps, looser rtol/atol, a larger "
             "ridge, or precision='float64'.",
         )
-    cond_error = jax.vmap(condition_error)(problems, weights)
     stats = SolveStats(
-        steps, norms.astype(out_dtype), ok, result, cond_error.astype(out_dtype),
-        problems.points,
+        steps, norms.astype(out_dtype), ok, result, cond_error.astype(out_dtype), rows.points,
     )
     return Solution(u.astype(out_dtype), weights.astype(out_dtype), stats)
+
+
+def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, ridge, adjoint,
+                 linear_solver, warm_start, ridge_toward):
+    """Every expert's solve on its schedule: `(weights, steps, result, ok)`, leading axis `K`,
+    from `a`'s `rows`, `transformed`, `particular`, `init`, `pde`, `data` and `solver`.
+    `hessian=True` also returns each expert's Hessian of `½‖r‖²` at its solution
+    (`(K, N, N)`, for `_adjoint`).
+
+    Without a mesh each expert's operator stacks are evaluated inside its own solve (one
+    expert's rows live at a time under `schedule="map"`); with one, all experts' stacks are
+    built first and sharded (`sharded_expert_map`)."""
+    pde, data, rows = a["pde"], a["data"], a["rows"]
+    transformed, particular = a["transformed"], a["particular"]
+
+    def one(problem, w0):
+        if isinstance(problem, ProblemRows):
+            problem = evaluate_rows(dataclasses.replace(problem, operators=rows.operators),
+                                    transformed, particular, grid)
+        w, steps, _, result, ok = solve_expert(
+            problem, w0, pde, data, solver=a["solver"], max_steps=max_steps, ridge=ridge,
+            adjoint=adjoint, linear_solver=linear_solver, warm_start=warm_start,
+            ridge_toward=ridge_toward,
+        )
+        if not hessian:
+            return w, steps, result, ok
+        center = w0 if ridge_toward == "init" else None
+
+        def objective(v):
+            r = residual(v, problem, pde, data, ridge, center)
+            return 0.5 * jnp.sum(r * r)
+
+        return w, steps, result, ok, jax.hessian(objective)(w)
+
+    if mesh is not None:
+        from ._sharding import sharded_expert_map
+
+        problems = evaluate_rows(rows, transformed, particular, grid)
+        return sharded_expert_map(one, mesh, problems, a["init"])
+    # The operators (modules, possibly holding arrays) are shared, not mapped over.
+    per_expert = dataclasses.replace(rows, operators=())
+    if schedule == "map":
+        return jax.lax.map(lambda args: one(*args), (per_expert, a["init"]))
+    return jax.vmap(one)(per_expert, a["init"])
 
 
 SCHEDULES = ("auto", "vmap", "map")

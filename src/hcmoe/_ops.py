@@ -123,6 +123,12 @@ def _contract(flat: Array, neighbours: Array, weights: Array) -> Array:
     trailing = flat.shape[1:]
     lead, width = neighbours.shape[:-1], neighbours.shape[-1]
     rows = int(np.prod(lead, dtype=np.int64))
+    if not trailing:
+        # A scalar field (`u` itself, not the basis): one gather of every column is only
+        # `rows x width` numbers, and its transpose one scatter into one grid vector; a scan
+        # would store its per-chunk indices and weights again as residuals when linearised.
+        weights = jnp.asarray(weights).astype(flat.dtype)
+        return jnp.sum(weights * flat[neighbours], axis=-1)
     neighbours = jnp.reshape(neighbours, (rows, width))
     weights = jnp.reshape(jnp.asarray(weights).astype(flat.dtype), (rows, width))
     chunks = max(1, -(-rows // CHUNK_ROWS))

@@ -88,7 +88,7 @@ class ExpertProblem(eqx.Module):
     points: Int[Array, "*experts m"]
 
 
-def _data_at_points(problem: ExpertProblem, data: Any) -> Any:
+def _data_at_points(problem, data: Any) -> Any:
     if not problem.point_data:
         return data
     merged = dict(data)
@@ -113,11 +113,20 @@ def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridg
              center: Array | None = None):
     """`r(w) = [F(A_j w + c_j) on PDE rows ; condition rows ; ridge * (w - center)]` for one
     expert (`center` None: zero)."""
-    values = _values(problem, w)
+    return residual_rows(_values(problem, w), problem.cond_matrix @ w + problem.cond_offset, w,
+                         problem, pde, data, ridge, center)
+
+
+def residual_rows(values: dict[str, Array], cond_values: Array, w: Array, problem,
+                  pde: AbstractPDE, data: Any, ridge: float, center: Array | None = None):
+    """`residual` from the operators' values at the PDE rows (`{j: L_j u}`) and at the
+    condition rows (`L_c u`, concatenated), however they were computed. `problem` supplies
+    the rows' `coords`, `pde_valid`, `point_data`, `cond_target` and `cond_scale` (an
+    `ExpertProblem`, or any object with those fields)."""
     pde_rows = pde.residual(values, problem.coords, _data_at_points(problem, data))
     mask = problem.pde_valid.reshape(problem.pde_valid.shape + (1,) * (pde_rows.ndim - 1))
     pde_rows = jnp.where(mask, pde_rows, 0.0).reshape(-1)
-    cond_rows = problem.cond_scale * condition_residual(problem, w)
+    cond_rows = problem.cond_scale * (cond_values - problem.cond_target)
     ridge_rows = ridge * (w if center is None else w - center)
     return jnp.concatenate([pde_rows.astype(w.dtype), cond_rows, ridge_rows])
 

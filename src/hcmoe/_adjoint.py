@@ -1,0 +1,159 @@
+"""The implicit-function gradient of the experts' solves, without the rows' cotangents.
+
+At an expert's minimiser the gradient of its objective vanishes:
+`g(w; T, u_p, θ) = ∇_w ½‖r(w)‖² = 0`, with `r` built from the operators' values
+`v_j = L_j (T w + u_p)` at the expert's rows (`θ`: data, targets, PDE parameters, ...). So
+`dw = -H⁻¹ ∂g/∂(T, u_p, θ) · (dT, du_p, dθ)`, with `H = ∂g/∂w` the Hessian at the solution.
+
+`optimistix.ImplicitAdjoint` differentiates the same equation, but through the operator
+stacks `A_j = L_j T` at the rows (`m x N` each): their cotangent, `m x N` per operator and
+expert, is materialised and then scattered back into the basis. Yet it has rank two
+(`a λᵀ + b wᵀ` for `m`-vectors `a`, `b`), and
+
+    g = Tᵀ Σ_j L_jᵀ R_j(v),   R_j = ∂(½‖r‖²)/∂v_j,
+
+is a function of `T` through two grid fields only: `T w` going in and `Σ_j L_jᵀ R_j` coming
+out. Here `g` is evaluated in that *field form* (the operators applied to the one field
+`T w + u_p` at the rows, and transposed onto one field), and its tangent is taken with
+`jax.jvp` at the solution. Forward-mode tangents and, by transposition, reverse-mode
+cotangents then flow through fields and `m`-vectors, never through `m x N` stacks; the
+cotangent of `T` is a sum of outer products of fields with `w` and with the adjoint vector.
+The stacks are needed only in the forward solve and for `H` (formed there, `N x N` per
+expert), so the gradient does not keep them.
+
+This is a `jax.custom_jvp`: `jax.jvp` and `jax.grad` (its transpose) both work, and every
+input that is an array (basis, particular part, data, condition targets, PDE parameters,
+`init` when the ridge pulls toward it) gets its exact tangent; inputs that are not
+differentiated cost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+from ._grid import Grid
+from ._ops import evaluate_at_points
+from ._solve import residual_rows
+
+
+def _is_jax_array(x) -> bool:
+    return isinstance(x, jax.Array)
+
+
+def _expert_axes(rows):
+    """`vmap` axes of a `ProblemRows`: every per-expert array on axis 0, operators shared."""
+    return type(rows)(rows.names, None, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def field_rows(field, w, rows, pde, data, grid: Grid, ridge: float, center=None):
+    """One expert's residual rows `r(w)` (as `_solve.residual`) and its unweighted condition
+    residual `L u - g`, from the operators applied to its field `u = T w + u_p` (grid shape)
+    at the rows (`rows`: one expert's `ProblemRows`), not from operator stacks."""
+    values = evaluate_at_points(rows.requests(), field, grid)
+    names = rows.names
+    if len(values) > len(names):
+        cond_values = jnp.concatenate([jnp.reshape(v, (-1,)) for v in values[len(names):]])
+    else:  # no conditions: the inert zero row
+        cond_values = jnp.zeros_like(rows.cond_target)
+    r = residual_rows(dict(zip(names, values[: len(names)])), cond_values, w, rows, pde, data,
+                      ridge, center)
+    return r, cond_values - rows.cond_target
+
+
+def expert_fields(weights, transformed, particular):
+    """`T w_k + u_p` of every expert, shape `(*grid, K)` (one product `T W^T`, whose
+    transpose in `T` is `ct W`, in the basis' own layout)."""
+    fields = transformed @ weights.T
+    return fields if particular is None else fields + particular[..., None]
+
+
+def field_residuals(weights, transformed, particular, rows, pde, data, grid, ridge,
+                    centers=None):
+    """`field_rows` of every expert (leading axis `K` on `weights`, `rows`, `centers` and
+    the outputs)."""
+    axes = (-1, 0, _expert_axes(rows), None, None, None, None, None if centers is None else 0)
+    return jax.vmap(field_rows, in_axes=axes)(
+        expert_fields(weights, transformed, particular), weights, rows, pde, data, grid, ridge,
+        centers)
+
+
+def _gradients(weights, transformed, particular, rows, pde, data, grid, ridge, centers):
+    """`∇_w ½‖r_k(w_k)‖²` of every expert, in field form: `T^T G_k` plus the ridge rows'
+    part, where `G_k` is the cotangent of expert `k`'s field (`Σ_j L_j^T R_j` at its rows)."""
+
+    def halves(field, w, rows, center):
+        def objective(field, w):
+            r, _ = field_rows(field, w, rows, pde, data, grid, ridge, center)
+            return 0.5 * jnp.sum(r * r)
+
+        return jax.grad(objective, argnums=(0, 1))(field, w)
+
+    axes = (-1, 0, _expert_axes(rows), None if centers is None else 0)
+    fields = expert_fields(weights, transformed, particular)
+    field_part, weight_part = jax.vmap(halves, in_axes=axes)(fields, weights, rows, centers)
+    n = transformed.shape[-1]
+    return (jnp.reshape(field_part, (weights.shape[0], -1)) @ jnp.reshape(transformed, (-1, n))
+            + weight_part)
+
+
+def _float0_zeros(tree):
+    return jax.tree.map(lambda x: np.zeros(np.shape(x), jax.dtypes.float0), tree)
+
+
+def implicit_solve(args: dict[str, Any], run: Callable, *, grid: Grid, ridge: float,
+                   ridge_toward: str):
+    """`run(args, hessian=False)` -> `(weights (K, N), steps, result, ok)`, differentiated
+    by the implicit function theorem in field form (module docstring).
+
+    `args` holds `transformed`, `particular`, `rows` (a `ProblemRows`), `init`, `pde`,
+    `data` and whatever else `run` needs; its JAX arrays are the differentiable inputs, the
+    rest is static. `run(args, hessian=True)` must also return each expert's Hessian of
+    `½‖r‖²` at its weights, `(K, N, N)`.
+    """
+    dynamic, static = eqx.partition(args, _is_jax_array)
+
+    @jax.custom_jvp
+    def solve(dynamic):
+        return run(eqx.combine(dynamic, static), hessian=False)
+
+    def solve_jvp(primals, tangents):
+        (dynamic,), (tangent,) = primals, tangents
+        weights, steps, result, ok, hessian = run(eqx.combine(dynamic, static), hessian=True)
+        # `eqx.partition` leaves None where the static parts are; keep them as leaves so
+        # that the primal and tangent leaves line up.
+        leaves, treedef = jax.tree.flatten(dynamic, is_leaf=lambda x: x is None)
+        tangent_leaves = treedef.flatten_up_to(tangent)
+        live = [
+            i for i, t in enumerate(tangent_leaves)
+            if not isinstance(t, SymbolicZero) and t is not None
+            and jnp.result_type(t) != jax.dtypes.float0
+        ]
+        if live:
+            fixed = jax.lax.stop_gradient(weights)
+
+            def gradients(live_leaves):
+                merged = list(leaves)
+                for i, leaf in zip(live, live_leaves):
+                    merged[i] = leaf
+                a = eqx.combine(jax.tree.unflatten(treedef, merged), static)
+                centers = a["init"] if ridge_toward == "init" else None
+                return _gradients(fixed, a["transformed"], a["particular"], a["rows"],
+                                  a["pde"], a["data"], grid, ridge, centers)
+
+            _, rhs = jax.jvp(gradients, ([leaves[i] for i in live],),
+                             ([tangent_leaves[i] for i in live],))
+            d_weights = -jax.vmap(jnp.linalg.solve)(hessian, rhs.astype(weights.dtype))
+        else:
+            d_weights = jnp.zeros_like(weights)
+        out = (weights, steps, result, ok)
+        return out, (d_weights, *_float0_zeros((steps, result, ok)))
+
+    solve.defjvp(solve_jvp, symbolic_zeros=True)
+    return solve(dynamic)

@@ -1,0 +1,183 @@
+"""hcmoe's field-form implicit adjoint (`_adjoint`) against optimistix's and finite differences.
+
+The default adjoint of a nonlinear solve is `_adjoint.implicit_solve`: the same implicit
+function theorem as `optimistix.ImplicitAdjoint`, taken through the operators applied to each
+expert's field instead of through the operator stacks. So the two must agree to rounding,
+for every differentiable input (the basis, the data, PDE parameters, `init` when the ridge
+pulls toward it), in forward and reverse mode, on every schedule and partition.
+"""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import lineax as lx
+import numpy as np
+import optimistix as optx
+import pytest
+
+import hcmoe
+from hcmoe.problems import diffusion_sorption as ds, navier_stokes as ns
+
+from .helpers import (
+    ForcedBurgers,
+    basis_with_exact,
+    data_for,
+    finite_difference_jvp,
+    small_grid,
+)
+
+
+OPTIMISTIX = optx.ImplicitAdjoint(lx.AutoLinearSolver(well_posed=None))  # the previous default
+TIGHT = dict(rtol=1e-12, atol=1e-12, max_steps=200)
+
+
+def _relative(a, b):
+    return float(jnp.linalg.norm(jnp.ravel(a - b)) / jnp.linalg.norm(jnp.ravel(b)))
+
+
+def _burgers_case(getkey, n_basis=4):
+    grid = small_grid(nt=7, nx=9)
+    basis = basis_with_exact(grid, getkey(), n_basis=n_basis)
+    basis = basis + 0.1 * jr.normal(getkey(), basis.shape)
+    return grid, basis, data_for(grid)
+
+
+def _readout_loss(pde, partition, grid, data_fn, readout, **options):
+    """`loss(basis, x)`: a fixed read-out of `u` plus the weights' squares (both outputs
+    carry gradient), with `data_fn(x)` the data."""
+
+    def loss(basis, x):
+        sol = hcmoe.solve(basis, pde, partition, grid, data_fn(x), **options)
+        return jnp.sum(sol.u * readout) + 0.1 * jnp.sum(sol.weights**2)
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "blocks, schedule, ridge_toward",
+    [(dict(), "auto", "zero"), (dict(x=2), "map", "zero"), (dict(x=2, t=2), "vmap", "zero"),
+     (dict(x=2), "map", "init")],
+    ids=["one-expert", "map", "vmap-4", "ridge-init"],
+)
+def test_matches_optimistix_adjoint_for_basis_and_data(getkey, blocks, schedule, ridge_toward):
+    grid, basis, data = _burgers_case(getkey)
+    readout = jr.normal(getkey(), grid.shape)
+    u0 = data["u0"]
+    common = dict(**TIGHT, ridge=1e-2, schedule=schedule, ridge_toward=ridge_toward,
+                  init=jnp.linspace(0.5, 1.5, basis.shape[-1]))
+    partition = hcmoe.Partition(**blocks)
+    new = _readout_loss(ForcedBurgers(), partition, grid, lambda x: {"u0": x}, readout,
+                        **common)
+    old = _readout_loss(ForcedBurgers(), partition, grid, lambda x: {"u0": x}, readout,
+                        adjoint=OPTIMISTIX, **common)
+    grads_new = jax.grad(new, argnums=(0, 1))(basis, u0)
+    grads_old = jax.grad(old, argnums=(0, 1))(basis, u0)
+    for g_new, g_old in zip(grads_new, grads_old):
+        assert bool(jnp.all(jnp.isfinite(g_new)))
+        assert _relative(g_new, g_old) < 1e-8
+    # Forward mode gives the same directional derivative as the transpose.
+    directions = (jr.normal(getkey(), basis.shape), jr.normal(getkey(), u0.shape))
+    tangent = jax.jvp(new, (basis, u0), directions)[1]
+    from_grad = sum(jnp.sum(g * d) for g, d in zip(grads_new, directions))
+    assert abs(float(tangent - from_grad)) <= 1e-9 * (1 + abs(float(from_grad)))
+
+
+def test_matches_finite_differences_in_a_pde_parameter(getkey):
+    grid, basis, data = _burgers_case(getkey)
+    readout = jr.normal(getkey(), grid.shape)
+
+    def loss(nu):
+        sol = hcmoe.solve(basis, ForcedBurgers(nu=nu), hcmoe.Partition(x=2), grid, data,
+                          **TIGHT, ridge=1e-2)
+        return jnp.sum(sol.u * readout)
+
+    nu = jnp.asarray(0.1)
+    analytic = jax.grad(loss)(nu)
+    numeric = finite_difference_jvp(loss, nu, jnp.asarray(1.0), eps=1e-5)
+    assert abs(float(analytic - numeric)) <= 1e-6 * (1 + abs(float(numeric)))
+    old = jax.grad(lambda nu: jnp.sum(hcmoe.solve(
+        basis, ForcedBurgers(nu=nu), hcmoe.Partition(x=2), grid, data, **TIGHT, ridge=1e-2,
+        adjoint=OPTIMISTIX).u * readout))(nu)
+    assert abs(float(analytic - old)) <= 1e-8 * (1 + abs(float(old)))
+
+
+def test_diffusion_sorption_exact_initial_condition_and_robin_boundary(getkey):
+    """The benchmark PDE (exact IC in the ansatz, Robin rows, a t > 0 residual mask, sampled
+    points), four experts: the field-form gradient equals optimistix's and finite
+    differences."""
+    grid = ds.make_grid(nt=9, nx=16)
+    pde = ds.DiffusionSorption()
+    mesh = grid.mesh()
+    t, x = jnp.asarray(mesh["t"]), jnp.asarray(mesh["x"])
+    basis = jnp.stack([jnp.cos(k * np.pi * x) * (1 + 0.1 * k * t) for k in range(5)], -1)
+    basis = basis + 0.05 * jr.normal(getkey(), basis.shape)
+    data = {"u0": 0.1 + 0.05 * jnp.sin(np.pi * jnp.asarray(grid.coords("x")))}
+    readout = jr.normal(getkey(), grid.shape)
+    key = getkey()
+
+    def loss(basis, adjoint=None):
+        sol = hcmoe.solve(basis, pde, hcmoe.Partition(x=4), grid, data, key=key,
+                          points_per_expert=20, **TIGHT, ridge=1e-2, adjoint=adjoint)
+        return jnp.sum(sol.u * readout)
+
+    sol = hcmoe.solve(basis, pde, hcmoe.Partition(x=4), grid, data, key=key,
+                      points_per_expert=20, **TIGHT, ridge=1e-2)
+    assert bool(jnp.all(sol.stats.converged))
+    grad = jax.grad(loss)(basis)
+    assert _relative(grad, jax.grad(lambda b: loss(b, OPTIMISTIX))(basis)) < 1e-8
+    direction = jr.normal(getkey(), basis.shape)
+    numeric = finite_difference_jvp(loss, basis, direction, eps=1e-5)
+    analytic = jnp.sum(grad * direction)
+    assert abs(float(analytic - numeric)) <= 1e-6 * (1 + abs(float(numeric)))
+
+
+def test_navier_stokes_spectral_operators_and_joint_coupling(getkey):
+    """Fourier multipliers (one shared FFT), the particular part `u_p = w0`, and the joint
+    blended solve (one solve on the windowed basis): gradients equal optimistix's."""
+    grid = ns.make_grid(nt=4, n=8)
+    pde = ns.NavierStokes()
+    w0 = ns.sample_initial_conditions(getkey(), 1, grid)[0]
+    basis = 0.1 * jr.normal(getkey(), grid.shape + (3,))
+    readout = jr.normal(getkey(), grid.shape)
+
+    def loss(basis, adjoint, **options):
+        sol = hcmoe.solve(basis, pde, hcmoe.Partition(x=2, overlap=0.25), grid, {"w0": w0},
+                          **TIGHT, ridge=1e-2, adjoint=adjoint, **options)
+        return jnp.sum(sol.u * readout)
+
+    for options in (dict(), dict(coupling="joint")):
+        new = jax.grad(lambda b: loss(b, None, **options))(basis)
+        old = jax.grad(lambda b: loss(b, OPTIMISTIX, **options))(basis)
+        assert _relative(new, old) < 1e-8, options
+
+
+def test_jit_and_vmap_over_a_batch(getkey):
+    grid, basis, data = _burgers_case(getkey)
+    batch = jnp.stack([basis, basis + 0.02 * jr.normal(getkey(), basis.shape)])
+    readout = jr.normal(getkey(), grid.shape)
+
+    def loss(basis, adjoint=None):
+        sol = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data, **TIGHT,
+                          ridge=1e-2, adjoint=adjoint)
+        return jnp.sum(sol.u * readout)
+
+    new = jax.jit(jax.vmap(jax.grad(loss)))(batch)
+    old = jax.vmap(jax.grad(lambda b: loss(b, OPTIMISTIX)))(batch)
+    assert _relative(new, old) < 1e-8
+
+
+def test_diagnostics_keep_their_gradient(getkey):
+    """`stats.residual_norm` is computed from the fields, so it differentiates (it is not a
+    constant of the custom rule): its gradient matches finite differences."""
+    grid, basis, data = _burgers_case(getkey)
+
+    def norm(basis):
+        sol = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data, **TIGHT,
+                          ridge=1e-2)
+        return jnp.sum(sol.stats.residual_norm)
+
+    direction = jr.normal(getkey(), basis.shape)
+    analytic = jnp.sum(jax.grad(norm)(basis) * direction)
+    numeric = finite_difference_jvp(norm, basis, direction, eps=1e-5)
+    assert abs(float(analytic)) > 1e-6  # not a constant
+    assert abs(float(analytic - numeric)) <= 1e-5 * (1 + abs(float(numeric)))
