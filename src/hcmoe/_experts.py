@@ -396,20 +396,20 @@ def solve(
       init)`, so they keep `init` (default ones: the unconstrained sum of the basis, which is
       PI-SC's prediction). Only the weakly determined directions differ.
     - `init`: initial weights, shape `(n_basis,)` or `(K, n_basis)`; default ones (paper).
-    - `adjoint`: None (default): hcmoe's implicit adjoint for nonlinear PDEs without a
-      `mesh`: the same equation as `optimistix.ImplicitAdjoint` (the exact Hessian of each
-      expert's objective at its solution, LU), whose right-hand side is the tangent of the
-      objective's gradient evaluated through the expert's field `T(B) w + u_p`. Its cotangent
-      of the basis is a few outer products of fields with `w`, where optimistix's goes through
-      the `points x n_basis` stacks of every operator (gradient memory at the paper size, four
-      experts: 115 -> 84 MiB; benchmarks/README.md). Gradients agree to rounding
-      (tests/test_adjoint.py). Otherwise an optimistix adjoint, used as given (with a `mesh`,
-      or a `linear_solver`, the default becomes `ImplicitAdjoint(linear_solver)`).
+    - `adjoint`: None (default): hcmoe's implicit adjoint for nonlinear PDEs, the same
+      equation as `optimistix.ImplicitAdjoint` (the exact Hessian of each expert's objective
+      at its solution, LU) with its right-hand side, the tangent of the objective's gradient,
+      taken through the expert's field `T(B) w + u_p`. Its cotangent of the basis is a few
+      outer products of fields with `w`, where optimistix's goes through the
+      `points x n_basis` stacks of every operator (gradient memory at the paper size, four
+      experts: 115 -> 84 MiB; benchmarks/README.md, section 9). Gradients agree to rounding
+      (tests/test_adjoint.py). Otherwise an optimistix adjoint, used as given (with a
+      `linear_solver`, the default becomes `ImplicitAdjoint(linear_solver)`).
     - `linear_solver`: lineax solver of optimistix's implicit adjoint (default
-      `lineax.AutoLinearSolver(well_posed=None)`; passing one selects that adjoint), and of the
-      single least-squares solve when
-      `pde.linear` (a tall system; default `lineax.QR()`; `lineax.Normal(lineax.Cholesky())`
-      is 2-8x faster when points >> n_basis, at the cost of squaring the condition number).
+      `lineax.AutoLinearSolver(well_posed=None)`; passing one selects that adjoint), and of
+      the single least-squares solve when `pde.linear` (a tall system; default `lineax.QR()`;
+      `lineax.Normal(lineax.Cholesky())` is 2-8x faster when points >> n_basis, at the cost
+      of squaring the condition number).
     - `precision`: dtype of the solve. None (default): float64 when x64 is on, else float32;
       `"float64"`: float64, an error if x64 is off; `"float32"`; `"input"`: the basis dtype.
       The solution is cast back to the basis dtype.
@@ -520,10 +520,8 @@ def solve(
         solver = default_solver(rtol, atol, dtype, initial_damping)
     # hcmoe's own implicit adjoint (`_adjoint`: the same equation as optimistix's, without
     # the operator stacks' cotangents) unless the user chose an adjoint or its linear solver;
-    # linear PDEs keep lineax's differentiable least-squares solve, sharded experts the
-    # optimistix adjoint inside `shard_map`.
-    field_adjoint = (adjoint is None and linear_solver is None and mesh is None
-                     and not pde.linear)
+    # linear PDEs keep lineax's differentiable least-squares solve.
+    field_adjoint = adjoint is None and linear_solver is None and not pde.linear
     if adjoint is None:
         adjoint = optx.ImplicitAdjoint(
             linear_solver if linear_solver is not None else lx.AutoLinearSolver(well_posed=None)
