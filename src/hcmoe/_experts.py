@@ -21,7 +21,7 @@ from ._adjoint import field_residuals, implicit_solve
 from ._grid import Grid
 from ._joint import COUPLINGS, joint_init, windowed_basis
 from ._levenberg_marquardt import LevenbergMarquardt, check_initial_damping
-from ._ops import evaluate_at_points
+from ._ops import evaluate_at_points, whole_grid_values
 from ._partition import AbstractPartition, ExpertRows, as_partition
 from ._pde import SCOPES, AbstractPDE, ansatz, residual_mask
 from ._solve import (
@@ -273,16 +273,17 @@ def problem_rows(
 
 
 def evaluate_rows(rows: ProblemRows, transformed: Array, particular: Array | None,
-                  grid: Grid) -> ExpertProblem:
+                  grid: Grid, whole: dict[int, Array] | None = None) -> ExpertProblem:
     """The `ExpertProblem` of `rows` (expert-stacked, or one expert's when `rows` has no
     leading `K` axis): every operator at every row in one pass (the PDE
     operators at the sampled points, the condition operators at their face points; one
     gather-and-contract scan for all local stencils, one FFT for the spectral ones; see
-    `evaluate_at_points`)."""
+    `evaluate_at_points`). `whole`: `whole_grid_values` of `transformed` for these requests,
+    if already computed (then only gathered)."""
     dtype = transformed.dtype
     requests = rows.requests()
     names = rows.names
-    values = evaluate_at_points(requests, transformed, grid)
+    values = evaluate_at_points(requests, transformed, grid, whole)
     if particular is None:
         offset_values = [jnp.zeros(jnp.shape(points_), dtype) for _, points_ in requests]
     else:
@@ -575,15 +576,16 @@ def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, r
     (`(K, N, N)`, for `_adjoint`).
 
     Without a mesh each expert's operator stacks are evaluated inside its own solve (one
-    expert's rows live at a time under `schedule="map"`); with one, all experts' stacks are
-    built first and sharded (`sharded_expert_map`)."""
+    expert's rows live at a time under `schedule="map"`), from the whole-grid results of the
+    operators that are not local stencils, computed once for all experts; with a mesh, all
+    experts' stacks are built first and sharded (`sharded_expert_map`)."""
     pde, data, rows = a["pde"], a["data"], a["rows"]
     transformed, particular = a["transformed"], a["particular"]
 
     def one(problem, w0):
         if isinstance(problem, ProblemRows):
             problem = evaluate_rows(dataclasses.replace(problem, operators=rows.operators),
-                                    transformed, particular, grid)
+                                    transformed, particular, grid, whole)
         w, steps, _, result, ok = solve_expert(
             problem, w0, pde, data, solver=a["solver"], max_steps=max_steps, ridge=ridge,
             adjoint=adjoint, linear_solver=linear_solver, warm_start=warm_start,
@@ -604,6 +606,9 @@ def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, r
 
         problems = evaluate_rows(rows, transformed, particular, grid)
         return sharded_expert_map(one, mesh, problems, a["init"])
+    # Operators that are not local stencils (spectral, whole-grid callables) act on the whole
+    # basis: applied once here, and each expert's solve gathers its rows from the results.
+    whole = whole_grid_values(rows.requests(), transformed, grid)
     # The operators (modules, possibly holding arrays) are shared, not mapped over.
     per_expert = dataclasses.replace(rows, operators=())
     if schedule == "map":

@@ -171,17 +171,46 @@ def _contract_many(flat: Array, stencils: Sequence[tuple[Array, Array]]) -> list
     ]
 
 
-def evaluate_at_points(
+def whole_grid_values(
     requests: Sequence[tuple[AbstractOperator, ArrayLike]], field: Array, grid: Grid
+) -> dict[int, Array]:
+    """`{i: op(field)}` on the whole grid, flattened to `(grid.size, *trailing)`, for the
+    requests whose operator is not a local stencil (Fourier multipliers, from one shared
+    real FFT of `field`; other whole-grid operators): what `evaluate_at_points(...,
+    whole=...)` then only gathers. Computed once, it serves requests at other points of the
+    same field (e.g. each expert's rows in turn)."""
+    whole, spectral = {}, []
+    for i, (op, points) in enumerate(requests):
+        symbol = op.fourier_symbol(grid)
+        if symbol is not None:
+            spectral.append((i, symbol))
+        elif op.point_stencil(grid, points) is None:
+            whole[i] = flat_field(op(field, grid), grid)
+    if spectral:
+        names = tuple(a for a in grid.names if any(a in axes for _, (axes, _) in spectral))
+        spectrum = _rfft(field, grid, names)
+        for i, (_, symbol) in spectral:
+            whole[i] = flat_field(_irfft(spectrum, symbol, grid, names, field), grid)
+    return whole
+
+
+def evaluate_at_points(
+    requests: Sequence[tuple[AbstractOperator, ArrayLike]], field: Array, grid: Grid,
+    whole: Mapping[int, Array] | None = None,
 ) -> list[Array]:
     """`[op.at_points(field, grid, points) for op, points in requests]`, computed together:
     every local stencil (`point_stencil`) in one gather-and-contract pass (one cotangent
     buffer in the gradient), every Fourier multiplier from one shared real FFT of `field`
     (each then one inverse FFT, gathered), the rest applied on the whole grid and gathered.
+    `whole`: `whole_grid_values` of the same field and operators, already computed; the
+    requests it holds are gathered from it.
     """
     out: list[Array | None] = [None] * len(requests)
     local, spectral = [], []
     for i, (op, points) in enumerate(requests):
+        if whole is not None and i in whole:
+            out[i] = whole[i][jnp.asarray(points)]
+            continue
         symbol = op.fourier_symbol(grid)
         if symbol is not None:
             spectral.append((i, symbol))
