@@ -576,8 +576,8 @@ def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, r
     (`(K, N, N)`, for `_adjoint`).
 
     Without a mesh each expert's operator stacks are evaluated inside its own solve (one
-    expert's rows live at a time under `schedule="map"`), from the whole-grid results of the
-    operators that are not local stencils, computed once for all experts; with a mesh, all
+    expert's rows live at a time under `schedule="map"`), gathering the Fourier multipliers'
+    rows from their whole-grid results, computed once for all experts; with a mesh, all
     experts' stacks are built first and sharded (`sharded_expert_map`)."""
     pde, data, rows = a["pde"], a["data"], a["rows"]
     transformed, particular = a["transformed"], a["particular"]
@@ -606,8 +606,8 @@ def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, r
 
         problems = evaluate_rows(rows, transformed, particular, grid)
         return sharded_expert_map(one, mesh, problems, a["init"])
-    # Operators that are not local stencils (spectral, whole-grid callables) act on the whole
-    # basis: applied once here, and each expert's solve gathers its rows from the results.
+    # Fourier multipliers act on the whole basis: applied once here (one FFT), and each
+    # expert's solve gathers its rows from the results.
     whole = whole_grid_values(rows.requests(), transformed, grid)
     # The operators (modules, possibly holding arrays) are shared, not mapped over.
     per_expert = dataclasses.replace(rows, operators=())

@@ -175,17 +175,19 @@ def whole_grid_values(
     requests: Sequence[tuple[AbstractOperator, ArrayLike]], field: Array, grid: Grid
 ) -> dict[int, Array]:
     """`{i: op(field)}` on the whole grid, flattened to `(grid.size, *trailing)`, for the
-    requests whose operator is not a local stencil (Fourier multipliers, from one shared
-    real FFT of `field`; other whole-grid operators): what `evaluate_at_points(...,
-    whole=...)` then only gathers. Computed once, it serves requests at other points of the
-    same field (e.g. each expert's rows in turn)."""
+    requests whose operator is a Fourier multiplier (from one shared real FFT of `field`):
+    what `evaluate_at_points(..., whole=...)` then only gathers. Computed once, it serves
+    requests at other points of the same field (e.g. each expert's rows in turn).
+
+    Other whole-grid operators (`Compose`, `Linear`) are left out on purpose: gathered right
+    after they are applied, XLA fuses the two and computes only the rows gathered (measured:
+    `Compose` of two x-differences, 101 x 1024 x 16, 20k rows: 15 ms with the gather, 23 ms
+    for the whole grid alone); an FFT cannot be fused that way."""
     whole, spectral = {}, []
-    for i, (op, points) in enumerate(requests):
+    for i, (op, _) in enumerate(requests):
         symbol = op.fourier_symbol(grid)
         if symbol is not None:
             spectral.append((i, symbol))
-        elif op.point_stencil(grid, points) is None:
-            whole[i] = flat_field(op(field, grid), grid)
     if spectral:
         names = tuple(a for a in grid.names if any(a in axes for _, (axes, _) in spectral))
         spectrum = _rfft(field, grid, names)
