@@ -33,6 +33,14 @@ LOCAL = {
     + ops.FiniteDifference("y", order=2),
     "laplacian_fd": ops.Laplacian(("x", "y"), method="fd"),
     "compose": ops.Compose(ops.FiniteDifference("t"), ops.FiniteDifference("x")),
+    "compose_xx": ops.Compose(ops.FiniteDifference("x"), ops.FiniteDifference("x")),
+    "compose_x_xx4": ops.Compose(ops.FiniteDifference("x", order=2, accuracy=4),
+                                 ops.FiniteDifference("x")),
+    "compose_t_backward": ops.Compose(ops.BackwardDifference("t"), ops.FiniteDifference("t")),
+    "compose_nested": ops.Compose(ops.FiniteDifference("y"), ops.Compose(
+        ops.FiniteDifference("y"), ops.FiniteDifference("x"))),
+    "compose_combination": ops.Compose(2.0 * ops.Identity() - ops.FiniteDifference("x"),
+                                       ops.FiniteDifference("y", order=2)),
     "user": ops.Linear(lambda f, g: jnp.cumsum(f, axis=g.axis("x"))),
 }
 SPECTRAL = {
@@ -105,9 +113,11 @@ def test_evaluate_at_points_mixed_requests_and_transpose(getkey, monkeypatch, ch
         return [flat_field(op(f, grid), grid)[points] for op, points in requests]
 
     got, expected = fused(field), reference(field)
-    for (op, points), a, b in zip(requests, got, expected):
+    direct = evaluate_at_points(requests, field, grid, chunked=False)  # one fused gather
+    for (op, points), a, b, c in zip(requests, got, expected, direct):
         assert a.shape == points.shape + (3,)
         assert _close(a, b)
+        assert c.shape == a.shape and _close(c, b)
     cotangents = [jr.normal(getkey(), a.shape) for a in got]
     (ct_fused,) = jax.vjp(fused, field)[1](cotangents)
     (ct_reference,) = jax.vjp(reference, field)[1](cotangents)
@@ -148,6 +158,27 @@ def test_gradients_through_points_equal_full_grid(getkey):
             return jnp.sum(op.at_points(f, grid, points) * cotangent)
 
         assert _close(jax.grad(sampled)(field), jax.grad(full)(field)), name
+
+
+def test_compose_of_stencils_is_a_stencil():
+    # Same axis: one merged per-position stencil, each neighbour once (d_x d_x inside: the
+    # 5-point stencil with zero weights at +-1 dropped); across axes: the product of widths;
+    # with an operator that is not local: not a stencil (whole grid, then gathered).
+    grid = _grid(("y",))
+    points = jnp.arange(grid.size)
+    neighbours, weights = LOCAL["compose_xx"].point_stencil(grid, points)
+    assert neighbours.shape == (grid.size, 4)  # 3 inside, 4 next to the (one-sided) ends
+    inside = np.asarray(weights)[np.asarray(neighbours)[:, 0] // 6 % 10 == 3]
+    h = grid.spacing("x")
+    assert np.allclose(np.sort(np.abs(inside[:, :3]), axis=1)[0],
+                       np.array([0.25, 0.25, 0.5]) / h**2, rtol=1e-14)
+    for index in np.asarray(neighbours):
+        assert len(set(index.tolist())) >= 3
+    assert LOCAL["compose"].point_stencil(grid, points)[0].shape == (grid.size, 9)
+    user = ops.Compose(ops.FiniteDifference("x"), LOCAL["user"])
+    assert user.point_stencil(grid, points) is None
+    field = jnp.sin(jnp.arange(grid.size, dtype=jnp.float64)).reshape(grid.shape)
+    assert _close(user.at_points(field, grid, points), flat_field(user(field, grid), grid))
 
 
 def test_custom_operator_falls_back_to_full_grid(getkey):
