@@ -126,9 +126,15 @@ def test_diffusion_sorption_exact_initial_condition_and_robin_boundary(getkey):
     grad = jax.grad(loss)(basis)
     assert _relative(grad, jax.grad(lambda b: loss(b, OPTIMISTIX))(basis)) < 1e-8
     direction = jr.normal(getkey(), basis.shape)
-    numeric = finite_difference_jvp(loss, basis, direction, eps=1e-5)
+    # This constrained u leaves [0, 1] (down to -10), where the retardation's guard
+    # max(u, 0) makes the residual non-smooth, and the perturbed solves stop after 6 to 40
+    # steps: their error over eps limits the difference quotient. Measured on one machine
+    # (relative error): eps 1e-3 1.6e-5, 1e-4 1.6e-7, 1e-5 5.6e-6, 1e-6 1.3e-6; with 1e-5 it
+    # passed at 1e-6 on another. eps 1e-4 with a 1e-5 bound keeps a wide margin either way;
+    # an adjoint error shows at O(1).
+    numeric = finite_difference_jvp(loss, basis, direction, eps=1e-4)
     analytic = jnp.sum(grad * direction)
-    assert abs(float(analytic - numeric)) <= 1e-6 * (1 + abs(float(numeric)))
+    assert abs(float(analytic - numeric)) <= 1e-5 * (1 + abs(float(numeric)))
 
 
 def test_navier_stokes_spectral_operators_and_joint_coupling(getkey):

@@ -72,7 +72,12 @@ def test_joint_loss_is_at_most_the_independent_experts_blended_loss(getkey):
     tiny ridge) of the blended field; the independent experts' weights are one candidate."""
     grid, pde, data, basis = _ds_case(getkey(), nt=9, nx=32, n=5)
     partition = hcmoe.Partition(x=4, overlap=0.15)
-    opts = dict(ridge=1e-8, max_steps=200, rtol=1e-10, atol=1e-10)
+    # rtol 1e-6: most of this u is negative, where the retardation's guard max(u, 0) has a
+    # kink, and the joint solve stops at the same weights for every rtol from 1e-10 to 1e-6,
+    # one Gauss-Newton step short of 1.3e-4 of its objective 181 (7e-7 relative). Since the
+    # stationarity check, "converged" at 1e-10 (which the step test alone had reported) is
+    # false there; at 1e-6 it is true.
+    opts = dict(ridge=1e-8, max_steps=200, rtol=1e-6, atol=1e-6)
     joint = hcmoe.solve(basis, pde, partition, grid, data, coupling="joint", **opts)
     independent = hcmoe.solve(basis, pde, partition, grid, data, **opts)
     assert bool(jnp.all(joint.stats.converged))

@@ -121,3 +121,40 @@ def test_initial_damping_errors(getkey):
                            search=optx.ClassicalTrustRegion())
     with pytest.raises(ValueError, match="initial_damping: expected a positive number"):
         hcmoe.TrustRegion(initial_damping=0.0)
+
+
+def test_a_collapsed_trust_region_is_not_reported_converged(getkey):
+    # A huge first damping makes the first steps tiny: the Cauchy test (step and residual
+    # change within the tolerances) passes at once, at the starting weights, far from the
+    # minimiser. optimistix reports success; hcmoe's stationarity check must not.
+    grid = small_grid()
+    basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
+    solve = functools.partial(hcmoe.solve, basis, ForcedBurgers(), hcmoe.Partition(x=2), grid,
+                              data_for(grid), rtol=1e-4, atol=1e-4, max_steps=100)
+    stalled = solve(initial_damping=1e12)
+    assert bool(jnp.all(stalled.stats.result == optx.RESULTS.successful))
+    assert not bool(jnp.any(stalled.stats.converged))
+    assert jnp.max(jnp.abs(stalled.weights - 1.0)) < 1e-6  # it never left the start
+    good = solve()
+    assert bool(jnp.all(good.stats.converged))
+
+
+def test_converged_experts_are_stationary(getkey):
+    # The property the check enforces, recomputed from scratch: at every expert reported
+    # converged, one Gauss-Newton step would lower the objective by at most rtol of it.
+    grid = small_grid()
+    basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
+    pde, data, partition = ForcedBurgers(), data_for(grid), hcmoe.Partition(x=2)
+    ridge, tol = 1e-3, 1e-8
+    key = getkey()
+    sol = hcmoe.solve(basis, pde, partition, grid, data, key=key, points_per_expert=30,
+                      rtol=tol, atol=tol, ridge=ridge, max_steps=200)
+    assert bool(jnp.all(sol.stats.converged))
+    problems, _, _ = build_problems(basis, pde, grid, data, partition, 30, key)
+    for k in range(2):
+        problem = jax.tree_util.tree_map(lambda a: a[k], problems)
+        r = residual(sol.weights[k], problem, pde, data, ridge)
+        jac = jax.jacfwd(residual)(sol.weights[k], problem, pde, data, ridge)
+        g = r @ jac
+        decrement = 0.5 * g @ jnp.linalg.solve(jac.T @ jac, g)
+        assert float(decrement) <= tol * 0.5 * float(r @ r) + tol**2
