@@ -273,24 +273,21 @@ def problem_rows(
 
 
 def evaluate_rows(rows: ProblemRows, transformed: Array, particular: Array | None,
-                  grid: Grid, whole: dict[int, Array] | None = None, *,
-                  chunked: bool = True) -> ExpertProblem:
+                  grid: Grid, whole: dict[int, Array] | None = None) -> ExpertProblem:
     """The `ExpertProblem` of `rows` (expert-stacked, or one expert's when `rows` has no
     leading `K` axis): every operator at every row in one pass (the PDE
     operators at the sampled points, the condition operators at their face points; one
     gather-and-contract scan for all local stencils, one FFT for the spectral ones; see
     `evaluate_at_points`). `whole`: `whole_grid_values` of `transformed` for these requests,
-    if already computed (then only gathered). `chunked=False` when the stacks will not be
-    differentiated (hcmoe's implicit adjoint): one fused gather per operator instead of the
-    scan whose transpose is memory-lean (`_ops._contract`)."""
+    if already computed (then only gathered)."""
     dtype = transformed.dtype
     requests = rows.requests()
     names = rows.names
-    values = evaluate_at_points(requests, transformed, grid, whole, chunked=chunked)
+    values = evaluate_at_points(requests, transformed, grid, whole)
     if particular is None:
         offset_values = [jnp.zeros(jnp.shape(points_), dtype) for _, points_ in requests]
     else:
-        offset_values = evaluate_at_points(requests, particular, grid, chunked=chunked)
+        offset_values = evaluate_at_points(requests, particular, grid)
     lead, n = rows.index.shape[:-1], transformed.shape[-1]  # lead: (K,) or () for one expert
     if len(requests) > len(names):
         matrices = jnp.concatenate(values[len(names):], axis=-2)
@@ -533,7 +530,7 @@ def solve(
     run = functools.partial(
         _run_experts, grid=grid, mesh=mesh, schedule=schedule, max_steps=max_steps,
         ridge=ridge, adjoint=adjoint, linear_solver=linear_solver, warm_start=warm_start,
-        ridge_toward=ridge_toward, differentiated=not field_adjoint,
+        ridge_toward=ridge_toward,
     )
     args = dict(transformed=transformed, particular=particular, rows=rows, init=init, pde=pde,
                 data=data, solver=solver)
@@ -572,7 +569,7 @@ def solve(
 
 
 def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, ridge, adjoint,
-                 linear_solver, warm_start, ridge_toward, differentiated=True):
+                 linear_solver, warm_start, ridge_toward):
     """Every expert's solve on its schedule: `(weights, steps, result, ok)`, leading axis `K`,
     from `a`'s `rows`, `transformed`, `particular`, `init`, `pde`, `data` and `solver`.
     `hessian=True` also returns each expert's Hessian of `½‖r‖²` at its solution
@@ -581,17 +578,14 @@ def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, r
     Without a mesh each expert's operator stacks are evaluated inside its own solve (one
     expert's rows live at a time under `schedule="map"`), gathering the Fourier multipliers'
     rows from their whole-grid results, computed once for all experts; with a mesh, all
-    experts' stacks are built first and sharded (`sharded_expert_map`). `differentiated=False`
-    (under `_adjoint`, which never differentiates the stacks): they are built by one fused
-    gather per operator, not by the scan whose transpose is memory-lean."""
+    experts' stacks are built first and sharded (`sharded_expert_map`)."""
     pde, data, rows = a["pde"], a["data"], a["rows"]
     transformed, particular = a["transformed"], a["particular"]
 
     def one(problem, w0):
         if isinstance(problem, ProblemRows):
             problem = evaluate_rows(dataclasses.replace(problem, operators=rows.operators),
-                                    transformed, particular, grid, whole,
-                                    chunked=differentiated)
+                                    transformed, particular, grid, whole)
         w, steps, _, result, ok = solve_expert(
             problem, w0, pde, data, solver=a["solver"], max_steps=max_steps, ridge=ridge,
             adjoint=adjoint, linear_solver=linear_solver, warm_start=warm_start,
@@ -610,7 +604,7 @@ def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, r
     if mesh is not None:
         from ._sharding import sharded_expert_map
 
-        problems = evaluate_rows(rows, transformed, particular, grid, chunked=differentiated)
+        problems = evaluate_rows(rows, transformed, particular, grid)
         return sharded_expert_map(one, mesh, problems, a["init"])
     # Fourier multipliers act on the whole basis: applied once here (one FFT), and each
     # expert's solve gathers its rows from the results.
