@@ -112,19 +112,16 @@ class AbstractOperator(eqx.Module):
 CHUNK_ROWS = 4096  # rows per step of `_contract`'s scan
 
 
-def _contract(flat: Array, neighbours: Array, weights: Array, chunked: bool = True) -> Array:
+def _contract(flat: Array, neighbours: Array, weights: Array) -> Array:
     """`sum_j weights[..., j] * flat[neighbours[..., j]]`, in a `lax.scan` over chunks of
     about `CHUNK_ROWS` rows (each chunk one fused gather-multiply-add over the stencil).
 
     Why a scan: its transpose scatters every chunk into one grid-sized accumulator carried
     through the reversed loop, and its temporaries are chunk-sized. An unrolled sum of
     gathers transposes to one zero-filled grid-sized buffer per stencil column, all live at
-    once; a single gather of every column materialises `rows x width` gathered rows.
-
-    `chunked=False`: one fused gather-multiply-add over all rows, for values that are not
-    differentiated (the solves' stacks under hcmoe's implicit adjoint): no per-chunk copy
-    into the stacked output (measured, 61k rows x width 4 x 16 columns of a 101 x 1024 grid,
-    2-core CPU: 3.0 ms against 4.6 ms for the scan)."""
+    once; a single gather of every column materialises `rows x width` gathered rows. (For
+    stacks that are not differentiated, one fused gather was tried too: faster alone, slower
+    inside the solve; benchmarks/README.md, section 10.)"""
     trailing = flat.shape[1:]
     lead, width = neighbours.shape[:-1], neighbours.shape[-1]
     rows = int(np.prod(lead, dtype=np.int64))
@@ -134,13 +131,6 @@ def _contract(flat: Array, neighbours: Array, weights: Array, chunked: bool = Tr
         # would store its per-chunk indices and weights again as residuals when linearised.
         weights = jnp.asarray(weights).astype(flat.dtype)
         return jnp.sum(weights * flat[neighbours], axis=-1)
-    if not chunked:
-        weights = jnp.asarray(weights).astype(flat.dtype)
-        ones = (1,) * len(trailing)
-        out = 0
-        for j in range(width):
-            out = out + weights[..., j].reshape(lead + ones) * flat[neighbours[..., j]]
-        return out
     neighbours = jnp.reshape(neighbours, (rows, width))
     weights = jnp.reshape(jnp.asarray(weights).astype(flat.dtype), (rows, width))
     chunks = max(1, -(-rows // CHUNK_ROWS))
@@ -162,12 +152,10 @@ def _contract(flat: Array, neighbours: Array, weights: Array, chunked: bool = Tr
     return values.reshape(lead + trailing)
 
 
-def _contract_many(flat: Array, stencils: Sequence[tuple[Array, Array]],
-                   chunked: bool = True) -> list[Array]:
+def _contract_many(flat: Array, stencils: Sequence[tuple[Array, Array]]) -> list[Array]:
     """`_contract` of several `(neighbours, weights)` stencils (any point shapes, any widths)
     of the same field in one scan: rows concatenated, narrower stencils padded with zero
-    weights. One scan means one cotangent accumulator for all of them. `chunked=False`: one
-    fused gather instead of the scan (see `_contract`)."""
+    weights. One scan means one cotangent accumulator for all of them."""
     width = max(neighbours.shape[-1] for neighbours, _ in stencils)
     rows, neighbour_rows, weight_rows = [], [], []
     for neighbours, weights in stencils:
@@ -177,8 +165,7 @@ def _contract_many(flat: Array, stencils: Sequence[tuple[Array, Array]],
         neighbour_rows.append(jnp.pad(neighbours, pad))  # padded columns read row 0 ...
         weight_rows.append(jnp.pad(weights, pad))  # ... with weight 0
         rows.append(neighbours.shape[0])
-    values = _contract(flat, jnp.concatenate(neighbour_rows), jnp.concatenate(weight_rows),
-                       chunked)
+    values = _contract(flat, jnp.concatenate(neighbour_rows), jnp.concatenate(weight_rows))
     pieces = jnp.split(values, np.cumsum(rows)[:-1].tolist())
     return [
         piece.reshape(neighbours.shape[:-1] + flat.shape[1:])
@@ -213,16 +200,14 @@ def whole_grid_values(
 
 def evaluate_at_points(
     requests: Sequence[tuple[AbstractOperator, ArrayLike]], field: Array, grid: Grid,
-    whole: Mapping[int, Array] | None = None, *, chunked: bool = True,
+    whole: Mapping[int, Array] | None = None,
 ) -> list[Array]:
     """`[op.at_points(field, grid, points) for op, points in requests]`, computed together:
     every local stencil (`point_stencil`) in one gather-and-contract pass (one cotangent
     buffer in the gradient), every Fourier multiplier from one shared real FFT of `field`
     (each then one inverse FFT, gathered), the rest applied on the whole grid and gathered.
     `whole`: `whole_grid_values` of the same field and operators, already computed; the
-    requests it holds are gathered from it. `chunked=False`: the local stencils in one fused
-    gather rather than a scan over row chunks, for values that will not be differentiated
-    (faster; see `_contract`).
+    requests it holds are gathered from it.
     """
     out: list[Array | None] = [None] * len(requests)
     local, spectral = [], []
@@ -246,8 +231,7 @@ def evaluate_at_points(
             values = _irfft(spectrum, symbol, grid, names, field)
             out[i] = flat_field(values, grid)[jnp.asarray(requests[i][1])]
     if local:
-        values = _contract_many(flat_field(field, grid), [stencil for _, stencil in local],
-                                chunked)
+        values = _contract_many(flat_field(field, grid), [stencil for _, stencil in local])
         for (i, _), value in zip(local, values):
             out[i] = value
     return out
