@@ -95,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--initial-damping", type=float,
                         help="LM damping of the first step (default: the library's, 1e-6; "
                         "1 reproduces results from before 2026-12-03)")
+    parser.add_argument("--termination", choices=("objective", "cauchy"),
+                        help="when LM stops (default: the library's, objective: once the "
+                        "objective has converged, or at optimistix's Cauchy test; cauchy: that "
+                        "test alone, which reproduces results from before 2026-12-06)")
     parser.add_argument("--coupling", choices=("joint", "independent"), default="joint",
                         help="PI-HC-MoE experts' weights fitted together (default) or each "
                         "expert on its own (the paper)")
@@ -151,6 +155,8 @@ def run_directory(args, kind: str | None = None):
         name += "_totalpoints"
     if kind != "sc" and args.initial_damping is not None:
         name += f"_lambda0{args.initial_damping:g}"
+    if kind != "sc" and args.termination is not None:
+        name += f"_stop{args.termination}"
     if args.seed != 0:  # a checkpoint resumes only the seed that wrote it
         name += f"_seed{args.seed}"
     return args.out / name
@@ -187,6 +193,7 @@ def run(kind: str, args, train, test, grid) -> dict:
         points_per_expert=points,
         balance="mean" if args.formulation == "hcmoe" else "sum",
         initial_damping=args.initial_damping,  # None: the library's default
+        termination=args.termination,  # None: the library's default
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)

@@ -145,6 +145,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--initial-damping", type=float,
                         help="LM damping of the first step (default: the library's, 1e-6; "
                         "1 reproduces results from before 2026-12-03)")
+    parser.add_argument("--termination", choices=("objective", "cauchy"),
+                        help="when LM stops (default: the library's, objective: once the "
+                        "objective has converged, or at optimistix's Cauchy test; cauchy: that "
+                        "test alone, which reproduces results from before 2026-12-06)")
     parser.add_argument("--train-n-xy", type=int,
                         help="spatial resolution of the training grid (default: the size's, "
                         "32 / 64); the loss and the solves live there")
@@ -237,6 +241,8 @@ def run_directory(args, kind: str | None = None) -> Path:
             name += f"_toward{args.ridge_toward}"
         if args.initial_damping is not None:
             name += f"_lambda0{args.initial_damping:g}"
+        if args.termination is not None:
+            name += f"_stop{args.termination}"
     if args.train_n_xy is not None:
         name += f"_train{args.train_n_xy}"
     if args.backbone != CONFIGS[args.size]["backbone"]:
@@ -284,6 +290,7 @@ def run(kind: str, args, train, tests, grid) -> dict:
         ridge=args.ridge,
         ridge_toward=args.ridge_toward,
         initial_damping=args.initial_damping,  # None: the library's default
+        termination=args.termination,  # None: the library's default
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)

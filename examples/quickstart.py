@@ -67,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--initial-damping", type=float,
                         help="LM damping of the first step (default: the library's, 1e-6; "
                         "1 reproduces results from before 2026-12-03)")
+    parser.add_argument("--termination", choices=("objective", "cauchy"),
+                        help="when LM stops (default: the library's, objective: once the "
+                        "objective has converged, or at optimistix's Cauchy test; cauchy: that "
+                        "test alone, which reproduces results from before 2026-12-06)")
     parser.add_argument("--warm-start", action="store_true",
                         help="start LM from one Gauss-Newton step")
     parser.add_argument("--time-derivative", choices=("central", "backward"))
@@ -178,6 +182,7 @@ def run_method(kind, args, train, test, grid):
         max_steps=args.max_steps,
         warm_start=args.warm_start,
         initial_damping=args.initial_damping,  # None: the library's default
+        termination=args.termination,  # None: the library's default
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ==", flush=True)

@@ -148,3 +148,17 @@ def check_blended_solve(getkey, partition, *, n_basis=5, **options):
     grad = jax.grad(loss)(noisy)
     fd = finite_difference_jvp(loss, noisy, direction, eps=1e-5)
     assert float(jnp.sum(grad * direction)) == pytest.approx(float(fd), rel=1e-5, abs=1e-8)
+
+
+def smooth_basis(key, grid, n_basis, modes=4):
+    """`n_basis` random smooth fields on a (t, x) grid: random combinations of products of
+    `modes` cosines per axis with decaying amplitudes, `0.1 * fields + 0.05` (the benchmarks'
+    stand-in for a backbone's output; their expert problems are ill-conditioned)."""
+    fields = jr.normal(key, (modes, modes, n_basis))
+    for name in grid.names:
+        low, high = grid.extent(name)
+        s = (np.asarray(grid.coords(name)) - low) / (high - low)
+        waves = np.stack([np.cos(np.pi * k * s) for k in range(modes)], -1)
+        waves = waves / (1.0 + np.arange(modes))
+        fields = jnp.tensordot(fields, jnp.asarray(waves), axes=([0], [1]))
+    return 0.1 * jnp.moveaxis(fields, 0, -1) + 0.05

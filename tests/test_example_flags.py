@@ -76,12 +76,13 @@ def test_navier_stokes_runs_with_other_solve_settings_get_their_own_directory(tm
                       ["--train-n-xy", "64"], ["--backbone", "small"], ["--backbone", "wide"],
                       ["--seed", "0"], ["--seed", "2"], ["--backbone", "small", "--seed", "1"],
                       ["--backbone", "wide16"], ["--initial-damping", "1"],
-                      ["--experts", "1x2x1"], ["--experts", "1x2x2"])
+                      ["--termination", "cauchy"], ["--experts", "1x2x1"],
+                      ["--experts", "1x2x2"])
     }
     assert names == {"small", "small_scale1", "small_ridge0.02", "small_towardinit",
                      "small_scale1_ridge0.02_towardinit", "small_train64", "small_backbonesmall",
                      "small_seed2", "small_backbonesmall_seed1", "small_backbonewide16",
-                     "small_lambda01", "small_experts1x2x2"}
+                     "small_lambda01", "small_stopcauchy", "small_experts1x2x2"}
     # PI-SC has no solve: the old solver's start does not retrain it.
     args = example.parse_args(["--out", str(tmp_path), "--initial-damping", "1"])
     assert example.run_directory(args, "sc").name == "small"
@@ -120,6 +121,9 @@ def test_diffusion_sorption_seeds_get_their_own_directory(tmp_path):
     damped = example.parse_args(["--out", str(tmp_path), "--initial-damping", "1"])
     assert {kind: example.run_directory(damped, kind).name for kind in ("sc", "hc", "moe")} == {
         "sc": "small", "hc": "small_lambda01", "moe": "small_lambda01"}
+    cauchy = example.parse_args(["--out", str(tmp_path), "--termination", "cauchy"])
+    assert {kind: example.run_directory(cauchy, kind).name for kind in ("sc", "hc", "moe")} == {
+        "sc": "small", "hc": "small_stopcauchy", "moe": "small_stopcauchy"}
     assert example.run_settings(args, "hc")["total_points"] is True
     assert "coupling" not in example.run_settings(args, "sc")
 

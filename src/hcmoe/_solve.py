@@ -24,12 +24,13 @@ class SolveStats(eqx.Module):
     - `converged`: the solver reported success, the residual is finite and, with hcmoe's
       default Levenberg–Marquardt, the returned weights are stationary: the Gauss–Newton
       model predicts no further decrease of `½‖r‖²` beyond `rtol` of it (plus `atol²`; see
-      `gauss_newton_decrement`). The Cauchy test alone also passes where the trust region has
-      collapsed and the last accepted step was tiny, far from a minimiser (measured: gradient
-      0.2 and a negative Hessian eigenvalue at an expert reported converged at rtol = atol =
-      1e-12). Gradients through an expert that did not converge are unreliable: the implicit
-      adjoint assumes a stationary point (benchmarks/README.md shows a gradient norm changing
-      3-6x with the summation order at two capped experts).
+      `hcmoe._levenberg_marquardt.gauss_newton_decrement`). The Cauchy test alone also
+      passes where the trust region has collapsed and the last accepted step was tiny, far
+      from a minimiser (measured: gradient 0.2 and a negative Hessian eigenvalue at an expert
+      reported converged at rtol = atol = 1e-12). Gradients through an expert that did not
+      converge are unreliable: the implicit adjoint assumes a stationary point
+      (benchmarks/README.md shows a gradient norm changing 3-6x with the summation order at
+      two capped experts).
     - `result`: the raw `optimistix.RESULTS` (or `lineax.RESULTS`) of each expert.
     - `condition_error`: the largest unweighted residual `|L u - g|` of the expert's own
       function over its least-squares condition rows (0 without any; exact conditions hold by
@@ -167,17 +168,6 @@ def _gauss_newton_start(w, problem, pde, data, ridge, center):
     return jnp.where(better & jnp.all(jnp.isfinite(candidate)), candidate, w)
 
 
-def gauss_newton_decrement(gram: Array, gradient: Array) -> Array:
-    """`½ gᵀ (JᵀJ)⁻¹ g`: the decrease of `½‖r‖²` that one undamped Gauss–Newton step would
-    give in the linearised model (`gram = JᵀJ`, which includes the ridge rows' `ridge² I`,
-    `gradient = Jᵀ r`). Unlike the Gauss–Newton *step*, which divides by the curvature of
-    the flattest direction (as low as `ridge²`) and so amplifies rounding there by up to
-    `1 / ridge²`, the decrement weights each direction by its curvature: directions that do
-    not change the objective do not count."""
-    factor = jax.scipy.linalg.cho_factor(gram)
-    return 0.5 * gradient @ jax.scipy.linalg.cho_solve(factor, gradient)
-
-
 def solve_expert(
     problem: ExpertProblem,
     init: Array,
@@ -244,11 +234,10 @@ def solve_expert(
         ok = sol.result == optx.RESULTS.successful
         result = sol.result
         if isinstance(solver, LevenbergMarquardt):
-            # Stationarity, from the Gram matrix and gradient the descent already holds at
-            # the returned weights (no extra pass over the rows).
+            # Stationarity, from the decrement the descent already holds at the returned
+            # weights (no extra pass over the rows).
             state = jax.lax.stop_gradient(sol.state.descent_state)
-            objective = 0.5 * jnp.sum(state.residual**2)
-            decrement = gauss_newton_decrement(state.gram, state.gradient)
-            ok = ok & (decrement <= solver.rtol * objective + solver.atol**2)
+            tol = solver.rtol * state.objective + solver.atol**2
+            ok = ok & (state.decrement <= tol)
     norm = jnp.linalg.norm(fn(w, None))
     return w, num_steps, norm, result, ok & jnp.isfinite(norm)
