@@ -8,7 +8,12 @@ import pytest
 
 import hcmoe
 from hcmoe import _ops, ops
-from hcmoe._ops import evaluate_at_points, flat_field, operators_at_points
+from hcmoe._ops import (
+    evaluate_at_expert_points,
+    evaluate_at_points,
+    flat_field,
+    operators_at_points,
+)
 
 
 def _close(a, b, tol=1e-12):
@@ -121,6 +126,38 @@ def test_evaluate_at_points_mixed_requests_and_transpose(getkey, monkeypatch, ch
     (ct_reference,) = jax.vjp(reference, field)[1](cotangents)
     assert _close(ct_fused, ct_reference)
     assert _close(jax.jit(fused)(field)[2], expected[2])
+
+
+def test_expert_points_equal_each_experts_own_field(getkey):
+    # Every expert's requests on its own field, all experts at once (one flat gather): equal
+    # to evaluating each expert alone, for local stencils, Fourier multipliers and whole-grid
+    # operators, and so are the transposes.
+    grid = _grid(("x", "y"))
+    experts = 3
+    fields = jr.normal(getkey(), grid.shape + (experts,))
+    operators = [LOCAL[n] for n in ("identity", "d_t", "compose_xx", "combination", "user")]
+    operators += [SPECTRAL["laplacian"], SPECTRAL["mixed"]]
+    shapes = [(experts, 25), (experts, 25), (experts, 4, 3), (experts, 11), (experts, 5),
+              (experts, 25), (experts, 7)]
+    requests = [(op, jr.randint(getkey(), shape, 0, grid.size))
+                for op, shape in zip(operators, shapes)]
+
+    def together(f):
+        return evaluate_at_expert_points(requests, f, grid)
+
+    def one_by_one(f):
+        per_expert = [evaluate_at_points([(op, points[k]) for op, points in requests],
+                                         f[..., k], grid) for k in range(experts)]
+        return [jnp.stack([values[i] for values in per_expert]) for i in range(len(requests))]
+
+    got, expected = together(fields), one_by_one(fields)
+    for (_, points), a, b in zip(requests, got, expected):
+        assert a.shape == points.shape
+        assert _close(a, b)
+    cotangents = [jr.normal(getkey(), a.shape) for a in got]
+    (ct_together,) = jax.vjp(together, fields)[1](cotangents)
+    (ct_one_by_one,) = jax.vjp(one_by_one, fields)[1](cotangents)
+    assert _close(ct_together, ct_one_by_one)
 
 
 def _complex_fft_reference(op, field, grid):

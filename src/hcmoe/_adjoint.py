@@ -39,7 +39,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from ._grid import Grid
-from ._ops import evaluate_at_points
+from ._ops import evaluate_at_expert_points
 from ._solve import residual_rows
 
 
@@ -52,21 +52,6 @@ def _expert_axes(rows):
     return type(rows)(rows.names, None, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
-def field_rows(field, w, rows, pde, data, grid: Grid, ridge: float, center=None):
-    """One expert's residual rows `r(w)` (as `_solve.residual`) and its unweighted condition
-    residual `L u - g`, from the operators applied to its field `u = T w + u_p` (grid shape)
-    at the rows (`rows`: one expert's `ProblemRows`), not from operator stacks."""
-    values = evaluate_at_points(rows.requests(), field, grid)
-    names = rows.names
-    if len(values) > len(names):
-        cond_values = jnp.concatenate([jnp.reshape(v, (-1,)) for v in values[len(names):]])
-    else:  # no conditions: the inert zero row
-        cond_values = jnp.zeros_like(rows.cond_target)
-    r = residual_rows(dict(zip(names, values[: len(names)])), cond_values, w, rows, pde, data,
-                      ridge, center)
-    return r, cond_values - rows.cond_target
-
-
 def expert_fields(weights, transformed, particular):
     """`T w_k + u_p` of every expert, shape `(*grid, K)` (one product `T W^T`, whose
     transpose in `T` is `ct W`, in the basis' own layout)."""
@@ -74,32 +59,45 @@ def expert_fields(weights, transformed, particular):
     return fields if particular is None else fields + particular[..., None]
 
 
-def field_residuals(weights, transformed, particular, rows, pde, data, grid, ridge,
-                    centers=None):
-    """`field_rows` of every expert (leading axis `K` on `weights`, `rows`, `centers` and
-    the outputs)."""
-    axes = (-1, 0, _expert_axes(rows), None, None, None, None, None if centers is None else 0)
-    return jax.vmap(field_rows, in_axes=axes)(
-        expert_fields(weights, transformed, particular), weights, rows, pde, data, grid, ridge,
-        centers)
+def rows_from_fields(fields, weights, rows, pde, data, grid: Grid, ridge: float,
+                     centers=None):
+    """Every expert's residual rows `r_k(w_k)` (as `_solve.residual`) and its unweighted
+    condition residual `L u - g`, from the operators applied to its field `fields[..., k]`
+    (`(*grid, K)`) at its rows (`rows`: the experts' `ProblemRows`), not from operator
+    stacks. Leading axis `K` on `weights`, `rows`, `centers` and the outputs. The operators
+    are evaluated for all experts together (`evaluate_at_expert_points`), the pointwise
+    residual per expert."""
+    values = evaluate_at_expert_points(rows.requests(), fields, grid)
+    names = rows.names
+    num = weights.shape[0]
+    if len(values) > len(names):
+        cond_values = jnp.concatenate([jnp.reshape(v, (num, -1)) for v in values[len(names):]],
+                                      axis=1)
+    else:  # no conditions: the inert zero row
+        cond_values = jnp.zeros_like(rows.cond_target)
+
+    def one(pde_values, cond_values, w, rows, center):
+        r = residual_rows(dict(zip(names, pde_values)), cond_values, w, rows, pde, data, ridge,
+                          center)
+        return r, cond_values - rows.cond_target
+
+    axes = (0, 0, 0, _expert_axes(rows), None if centers is None else 0)
+    return jax.vmap(one, in_axes=axes)(values[: len(names)], cond_values, weights, rows,
+                                       centers)
 
 
 def _gradients(weights, transformed, particular, rows, pde, data, grid, ridge, centers):
     """`∇_w ½‖r_k(w_k)‖²` of every expert, in field form: `T^T G_k` plus the ridge rows'
     part, where `G_k` is the cotangent of expert `k`'s field (`Σ_j L_j^T R_j` at its rows)."""
 
-    def halves(field, w, rows, center):
-        def objective(field, w):
-            r, _ = field_rows(field, w, rows, pde, data, grid, ridge, center)
-            return 0.5 * jnp.sum(r * r)
+    def objective(fields, weights):
+        r, _ = rows_from_fields(fields, weights, rows, pde, data, grid, ridge, centers)
+        return 0.5 * jnp.sum(r * r)  # the experts' objectives are independent: their sum
 
-        return jax.grad(objective, argnums=(0, 1))(field, w)
-
-    axes = (-1, 0, _expert_axes(rows), None if centers is None else 0)
     fields = expert_fields(weights, transformed, particular)
-    field_part, weight_part = jax.vmap(halves, in_axes=axes)(fields, weights, rows, centers)
-    n = transformed.shape[-1]
-    return (jnp.reshape(field_part, (weights.shape[0], -1)) @ jnp.reshape(transformed, (-1, n))
+    field_part, weight_part = jax.grad(objective, argnums=(0, 1))(fields, weights)
+    n, num = transformed.shape[-1], weights.shape[0]
+    return (jnp.reshape(field_part, (-1, num)).T @ jnp.reshape(transformed, (-1, n))
             + weight_part)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._adjoint import field_residuals, implicit_solve
+from ._adjoint import expert_fields, implicit_solve, rows_from_fields
 from ._grid import Grid
 from ._joint import COUPLINGS, joint_init, windowed_basis
 from ._levenberg_marquardt import (
@@ -564,11 +564,11 @@ def solve(
                                                     ridge_toward=ridge_toward)
     else:
         weights, steps, result, ok = run(args)
-    # Diagnostics from the operators applied to each expert's field (`_adjoint.field_rows`),
-    # so that they differentiate like `u`, without the stacks.
+    # Diagnostics from the operators applied to each expert's field `T w_k + u_p`, so that
+    # they differentiate like `u`, without the stacks.
     centers = init if ridge_toward == "init" else None
-    rows_r, cond_rows = field_residuals(weights, transformed, particular, rows, pde, data, grid,
-                                        ridge, centers)
+    rows_r, cond_rows = rows_from_fields(expert_fields(weights, transformed, particular),
+                                         weights, rows, pde, data, grid, ridge, centers)
     norms = jnp.linalg.norm(rows_r, axis=-1)
     cond_error = jnp.max(jnp.where(rows.cond_valid, jnp.abs(cond_rows), 0.0), axis=-1)
     ok = ok & jnp.isfinite(norms)
@@ -721,7 +721,11 @@ def assemble(
     transformed: Array, particular: Array | None, weights: Array, labels, blend=None
 ) -> Array:
     """`u = u_p + sum_i T(B)_i * W[labels]_i` on the grid; with a partition of unity `blend`
-    (`(K, *grid.shape)`), `u = u_p + sum_k blend_k * (T(B) @ W_k)`."""
+    (`(K, *grid.shape)`), `u = u_p + sum_k blend_k * (T(B) @ W_k)`.
+
+    (Not from the experts' fields `T W^T`, which the diagnostics compute anyway: measured,
+    the transpose of that product, `(grid x K) @ (K x N)` for the basis, took 4.4 ms at
+    101 x 1024 x 16, K = 4, against 1.6 ms for this elementwise one.)"""
     if blend is None:
         per_point = weights[jnp.asarray(labels)]
         u = jnp.sum(transformed * per_point, axis=-1)

@@ -237,6 +237,52 @@ def evaluate_at_points(
     return out
 
 
+def evaluate_at_expert_points(
+    requests: Sequence[tuple[AbstractOperator, ArrayLike]], fields: Array, grid: Grid
+) -> list[Array]:
+    """`evaluate_at_points` of each expert's requests on its own field, for every expert at
+    once: `fields` has shape `(*grid.shape, K)` (expert `k`'s field in `fields[..., k]`) and
+    each request's points `(K, *p)`; returns one `(K, *p)` array per request.
+
+    Equal to `jax.vmap(evaluate_at_points)` over the experts, without its batched gathers:
+    XLA:CPU expands a gather (and the scatter of its transpose) whose operand and indices
+    both carry the experts' axis into index tuples built at run time (measured at 10^5
+    points, K = 4: 7 of a 30 ms backward). Here the fields are flattened to
+    `grid.size * K` numbers and every local stencil of every expert is read by one plain
+    gather at `neighbour * K + k`; Fourier multipliers share one real FFT of all the fields,
+    other operators run on the whole grid with the experts as a trailing axis."""
+    num = fields.shape[-1]
+    flat = jnp.reshape(fields, (-1,))
+    expert = jnp.arange(num, dtype=jnp.int32)
+    whole = whole_grid_values(requests, fields, grid)
+    out: list[Array | None] = [None] * len(requests)
+    local = []
+    for i, (op, points) in enumerate(requests):
+        points = jnp.asarray(points)
+        offset = expert.reshape((num,) + (1,) * (points.ndim - 1)).astype(points.dtype)
+        stencil = None if i in whole else op.point_stencil(grid, points)
+        if stencil is not None:
+            neighbours, weights = stencil
+            local.append((i, neighbours * num + offset[..., None], jnp.asarray(weights)))
+            continue
+        values = whole[i] if i in whole else flat_field(op(fields, grid), grid)
+        out[i] = jnp.reshape(values, (-1,))[points * num + offset]
+    if local:
+        # One gather (one scatter in the transpose) for all of them: rows concatenated,
+        # narrower stencils padded with zero weights.
+        width = max(index.shape[-1] for _, index, _ in local)
+        pad = [((0, 0), (0, width - index.shape[-1])) for _, index, _ in local]
+        index = jnp.concatenate([jnp.pad(jnp.reshape(x, (-1, x.shape[-1])), q)
+                                 for (_, x, _), q in zip(local, pad)])
+        weights = jnp.concatenate([jnp.pad(jnp.reshape(w, (-1, w.shape[-1])), q)
+                                   for (_, _, w), q in zip(local, pad)])
+        values = jnp.sum(weights.astype(fields.dtype) * flat[index], axis=-1)
+        sizes = [int(np.prod(x.shape[:-1])) for _, x, _ in local]
+        for (i, x, _), piece in zip(local, jnp.split(values, np.cumsum(sizes)[:-1].tolist())):
+            out[i] = jnp.reshape(piece, x.shape[:-1])
+    return out
+
+
 def operators_at_points(
     operators: Mapping[str, AbstractOperator], field: Array, grid: Grid, points
 ) -> dict[str, Array]:
