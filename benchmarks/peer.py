@@ -10,7 +10,12 @@ and K = 4 experts (blocks 1 (t) x K (x)) and each implementation:
   (R a fixed random field), what a training step differentiates through the layer.
 - `setup`: the forward with the LM capped at one step (everything but the iterations, plus
   the first one).
-- `backward`: per round, fwd+grad minus forward; the median of those.
+- `backward`: per round, fwd+grad minus forward; the median of those. On a 2-core CPU this
+  difference can be negative (the forward-only program ran slower than the gradient's;
+  benchmarks/README.md, section 10), so the backward is also timed on its own:
+- `backward (VJP)`: applying the stored VJP of the loss (`jax.vjp` outside the timing, then
+  only `vjp_fn(1.0)` timed): the implicit adjoint's solve and the transposes back to the basis,
+  nothing of the forward.
 - `per LM step`: (forward - setup) / (steps - 1), with `steps` the largest LM step count over
   the experts (the vmapped loop runs every expert until the slowest stops).
 
@@ -77,9 +82,12 @@ PDE's `residual_mask`, `points_per_expert=None`):
 
 Where the problems still differ:
 
-- *the solver*: hcmoe's default LM (normal equations, optimistix's trust-region search and
-  termination) against the release's `optimistix.LevenbergMarquardt` (QR); same tolerances and
-  cap. An expert that hits the cap (at K = 4 the experts of the right half do, on this basis)
+- *the solver*: hcmoe's default LM (normal equations, optimistix's trust-region search)
+  against the release's `optimistix.LevenbergMarquardt` (QR); same tolerances and cap, and by
+  default the same stopping rule: `--termination cauchy` (optimistix's Cauchy test, the
+  release's), where hcmoe's own default, `--termination objective`, also stops once the
+  objective has converged (fewer iterations where the weights walk along flat directions).
+  An expert that hits the cap (at K = 4 the experts of the right half do, on this basis)
   stops at a solver-dependent iterate, so its block, and the gradient through it, differ more.
 - *the draw of the points is not timed on hcmoe's side*: with the release's points the rows are
   fixed at trace time, while the release draws (permutation + nonzero) on every call, inside
@@ -140,6 +148,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--points-from", choices=("hcmoe", "release"), default="release",
                    help="hcmoe's PDE points in the timed runs: its own draw, or the release's")
     p.add_argument("--seed", type=int, default=0, help="seed of the shared random basis")
+    p.add_argument("--termination", choices=("cauchy", "objective"), default="cauchy",
+                   help="hcmoe's stopping rule: the release's (cauchy, default: like for like) "
+                        "or hcmoe's default (objective)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output (default results/peer.json, results/peer_small.json)")
     args = p.parse_args(argv)
@@ -364,7 +375,8 @@ def run(args, rel, root: Path) -> dict:
         expected = np.broadcast_to(np.repeat(np.arange(experts), nx // experts), grid.shape)
         assert np.array_equal(partition.labels(grid), expected), "blocks differ from the release's"
         options = dict(points_per_expert=None if mask is not None else points, rtol=args.tol,
-                       atol=args.tol, max_steps=max_steps, ridge=RIDGE, balance="sum")
+                       atol=args.tol, max_steps=max_steps, ridge=RIDGE, balance="sum",
+                       termination=args.termination)
 
         def forward(basis, key):
             solution = hcmoe.solve(basis, pde, partition, grid, data, key=key, **options)
@@ -378,6 +390,16 @@ def run(args, rel, root: Path) -> dict:
             return jnp.sum(forward(basis, key)["u"] * readout) / readout.size
 
         return jax.grad(loss)
+
+    def vjp_backward(forward, key):
+        """A zero-argument call that applies the loss's stored VJP (the backward alone)."""
+        def loss(b):
+            return jnp.sum(forward(b, key)["u"] * readout) / readout.size
+
+        _, vjp_fn = jax.jit(lambda b: jax.vjp(loss, b))(basis)
+        apply = jax.jit(lambda f: f(jnp.ones((), readout.dtype))[0])
+        jax.block_until_ready(apply(vjp_fn))
+        return lambda: apply(vjp_fn)
 
     def rel_diff(a, b) -> float:
         a, b = np.asarray(a), np.asarray(b)
@@ -410,6 +432,7 @@ def run(args, rel, root: Path) -> dict:
                 compile_s[name] = round(c.lower_s + c.compile_s, 3)
                 memory[name] = c.memory.get("peak_bytes")
                 outputs[name] = jax.block_until_ready(c.call())
+            compiled[f"{impl}/backward-vjp"] = vjp_backward(fns["forward"], key)
         steps = {impl: np.asarray(outputs[f"{impl}/forward"]["steps"]).tolist() for impl in solvers}
         converged = {impl: np.asarray(outputs[f"{impl}/forward"]["converged"]).tolist()
                      for impl in solvers}
@@ -439,7 +462,7 @@ def run(args, rel, root: Path) -> dict:
         print_agreement(experts, steps, converged, agreement, same_rows, args.points_from)
 
         load_before = load_avg()
-        order = [f"{impl}/{what}" for what in ("forward", "fwd+grad", "setup")
+        order = [f"{impl}/{what}" for what in ("forward", "fwd+grad", "setup", "backward-vjp")
                  for impl in solvers]
         t0 = time.perf_counter()
         timing = common.time_interleaved({n: compiled[n] for n in order}, repeats=args.rounds,
@@ -459,7 +482,8 @@ def run(args, rel, root: Path) -> dict:
                    "points_per_expert": points, "u0": U0, "ridge": RIDGE, "tol": args.tol,
                    "max_steps": args.max_steps, "rounds": args.rounds,
                    "hcmoe_variants": variants, "points_from": args.points_from,
-                   "basis_seed": args.seed, "dtype": "float64"},
+                   "basis_seed": args.seed, "dtype": "float64",
+                   "termination": args.termination},
         "release": {"path": str(root), "sources_sha256_16": release_fingerprint(root),
                     "shims": rel.shims},
         "results": results,
@@ -482,11 +506,13 @@ def summarize_k(experts, impls, timing, steps, compile_s, memory, common) -> dic
             "fwd_grad_ms": 1e3 * timing[f"{impl}/fwd+grad"]["median_s"],
             "setup_ms": setup_ms,
             "backward_ms": 1e3 * float(np.median(grad[:n] - fwd[:n])),
+            "backward_vjp_ms": 1e3 * timing[f"{impl}/backward-vjp"]["median_s"],
             "per_lm_step_ms": (forward_ms - setup_ms) / (max_steps - 1) if max_steps > 1 else None,
             "lm_steps": steps[impl],
             "compile_s": {w: compile_s[f"{impl}/{w}"] for w in ("forward", "fwd+grad", "setup")},
             "peak_bytes": {w: memory[f"{impl}/{w}"] for w in ("forward", "fwd+grad", "setup")},
-            "timing": {w: timing[f"{impl}/{w}"] for w in ("forward", "fwd+grad", "setup")},
+            "timing": {w: timing[f"{impl}/{w}"]
+                       for w in ("forward", "fwd+grad", "setup", "backward-vjp")},
         }
     r = out["release"]
 
@@ -499,6 +525,7 @@ def summarize_k(experts, impls, timing, steps, compile_s, memory, common) -> dic
             "fwd_grad": common.ratio(timing, f"{impl}/fwd+grad", "release/fwd+grad"),
             "setup": common.ratio(timing, f"{impl}/setup", "release/setup"),
             "backward": quotient(out[impl]["backward_ms"], r["backward_ms"]),
+            "backward_vjp": common.ratio(timing, f"{impl}/backward-vjp", "release/backward-vjp"),
             "per_lm_step": quotient(out[impl]["per_lm_step_ms"], r["per_lm_step_ms"]),
         }
         for impl in impls if impl != "release"
@@ -526,20 +553,22 @@ def _ms(value) -> str:
 
 def print_table(records, load_before, load_after) -> None:
     print(f"\n(ms, medians; load average before {load_before}, after {load_after})")
-    print("| K | impl | forward | fwd + grad | setup (1 LM step) | backward | per LM step "
-          "| LM steps | XLA peak fwd+grad |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| K | impl | forward | fwd + grad | setup (1 LM step) | backward | backward (VJP) "
+          "| per LM step | LM steps | XLA peak fwd+grad |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for rec in records:
         for impl, d in rec["impls"].items():
             peak = d["peak_bytes"]["fwd+grad"]
             peak = "-" if peak is None else f"{peak / 2**20:.0f} MiB"
             print(f"| {rec['experts']} | {impl} | {_ms(d['forward_ms'])} | {_ms(d['fwd_grad_ms'])} "
-                  f"| {_ms(d['setup_ms'])} | {_ms(d['backward_ms'])} | {_ms(d['per_lm_step_ms'])} "
+                  f"| {_ms(d['setup_ms'])} | {_ms(d['backward_ms'])} "
+                  f"| {_ms(d.get('backward_vjp_ms'))} | {_ms(d['per_lm_step_ms'])} "
                   f"| {d['lm_steps']} | {peak} |")
         for impl, q in rec["ratio_over_release"].items():
             fmt = {k: "-" if v is None else f"{v:.2f}x" for k, v in q.items()}
             print(f"| {rec['experts']} | {impl} / release | {fmt['forward']} | {fmt['fwd_grad']} "
-                  f"| {fmt['setup']} | {fmt['backward']} | {fmt['per_lm_step']} | | |")
+                  f"| {fmt['setup']} | {fmt['backward']} | {fmt.get('backward_vjp', '-')} "
+                  f"| {fmt['per_lm_step']} | | |")
 
 
 def hcmoe_changes() -> list[str] | None:

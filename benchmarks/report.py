@@ -40,12 +40,15 @@ def scaling(payload: dict) -> str:
         grid = " × ".join(str(v) for v in problem["grid"].values())
         points = [r for r in section["results"] if r["sweep"] == "points"]
         experts = sorted({r["experts"] for r in points})
-        header = ["points"] + [f"K={k} fwd / fwd+bwd (ms)" for k in experts]
+        seeds = sorted({r.get("seed", 0) for r in points})
+        header = ["basis"] * (len(seeds) > 1) + ["points"]
+        header += [f"K={k} fwd / fwd+bwd (ms)" for k in experts]
         header += [f"HC/MoE K={k} fwd, fwd+bwd" for k in experts if k > 1]
         rows = []
-        for total in sorted({r["points_total"] for r in points}):
-            by_k = {r["experts"]: r for r in points if r["points_total"] == total}
-            row = [f"{total:g}"]
+        for seed, total in sorted({(r.get("seed", 0), r["points_total"]) for r in points}):
+            by_k = {r["experts"]: r for r in points
+                    if r["points_total"] == total and r.get("seed", 0) == seed}
+            row = [seed] * (len(seeds) > 1) + [f"{total:g}"]
             for k in experts:
                 r = by_k.get(k, {})
                 row.append(f"{ms(r.get('forward'))} / {ms(r.get('gradient'))}"
@@ -178,7 +181,8 @@ def peer(payload: dict) -> str:
     if c:
         grid = " × ".join(str(v) for v in c["grid"].values())
         out.append(f"\n{grid}, N = {c['n_basis']}, {c['points_per_expert']} points per expert, "
-                   f"{c['rounds']} rounds (medians), {c['dtype']}\n")
+                   f"{c['rounds']} rounds (medians), {c['dtype']}, hcmoe's termination "
+                   f"{c.get('termination', 'cauchy')}\n")
     rows = []
     for r in payload["results"]:
         for name, e in r["impls"].items():
@@ -187,15 +191,19 @@ def peer(payload: dict) -> str:
                 r["experts"], name,
                 *(f"{e[key]:.0f}" for key in ("forward_ms", "fwd_grad_ms", "setup_ms")),
                 f"{e['backward_ms']:.0f}" if e["backward_ms"] > 0 else "—",
+                f"{e['backward_vjp_ms']:.0f}" if "backward_vjp_ms" in e else "—",
                 f"{e['per_lm_step_ms']:.1f}",
                 f"{e['peak_bytes']['fwd+grad'] / 2**20:.0f}",
                 "/".join(str(n) for n in e["lm_steps"]),
                 "—" if ratio is None else f"{ratio['forward']:.2f}× / {ratio['fwd_grad']:.2f}×",
             ])
     out.append(table(["K", "impl", "forward (ms)", "fwd+grad (ms)", "setup (ms)",
-                      "backward (ms)", "per LM step (ms)", "fwd+grad peak (MiB)", "LM steps",
+                      "backward (ms)", "backward, VJP alone (ms)", "per LM step (ms)",
+                      "fwd+grad peak (MiB)", "LM steps",
                       "forward / fwd+grad vs release"], rows))
-    out.append("\n(backward = fwd+grad − forward; — where that difference is not positive.)")
+    out.append("\n(backward = fwd+grad − forward, — where that difference is not positive; "
+               "backward, VJP alone = applying the stored VJP, timed on its own; — in runs "
+               "before it was measured.)")
     return "\n".join(out)
 
 

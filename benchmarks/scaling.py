@@ -16,6 +16,12 @@ converged and their residual norms.
     python benchmarks/scaling.py --quick            # a few minutes on a laptop CPU
     python benchmarks/scaling.py                    # paper sizes (GPU recommended)
     python benchmarks/scaling.py --problem ds --points 100 1000 --experts 1 4
+    python benchmarks/scaling.py --problem ds --points 10000 100000 --experts 1 4 \
+        --sweep-experts 1 --seeds 0 1 2          # MoE vs HC on three random bases
+
+`--seeds` repeats the sweeps on several random bases (seed s: basis `s`, point draw `s`): the LM
+iteration counts, and so the MoE / HC ratios, depend on the basis (benchmarks/README.md,
+section 11). `--termination` picks the solver's stopping rule (default: the library's).
 """
 
 from __future__ import annotations
@@ -69,21 +75,23 @@ def solve_stats(solution) -> dict:
     }
 
 
-def run_group(problem, configs: list[dict], args, skip: dict) -> list[dict]:
-    """Compile, check and time a group of configurations interleaved. `skip` maps K to the
-    reason larger configurations of that K are skipped (a call over the time limit)."""
-    basis = problem.basis()
-    key = jr.key(0)
+def run_group(problem, configs: list[dict], args, skip: dict, seed: int = 0) -> list[dict]:
+    """Compile, check and time a group of configurations interleaved, on basis `seed` (and
+    point draw `seed`). `skip` maps K to the reason larger configurations of that K are
+    skipped (a call over the time limit)."""
+    basis = problem.basis(seed)
+    key = jr.key(seed)
     records, calls = [], {}
     for config in configs:
         experts, points = config["experts"], config["points_per_expert"]
-        record = dict(config)
+        record = dict(config) | {"seed": seed}
         if experts in skip:
             record["skipped"] = skip[experts]
             records.append(record)
             continue
         partition = problem.partition(experts)
-        forward, grad = common.solve_and_grad(problem, partition, **common.solve_kwargs(points))
+        forward, grad = common.solve_and_grad(problem, partition,
+                                              **common.solve_kwargs(points, **solve_extra(args)))
         fwd = common.compile_fn(forward, basis, key)
         bwd = common.compile_fn(grad, basis, key)
         start = time.perf_counter()
@@ -121,13 +129,20 @@ def run_group(problem, configs: list[dict], args, skip: dict) -> list[dict]:
     return records
 
 
+def solve_extra(args) -> dict:
+    """Solve options set on the command line (none: the library's defaults)."""
+    return {} if args.termination is None else {"termination": args.termination}
+
+
 def sweep_points(problem, size: dict, args) -> list[dict]:
-    results, skip = [], {}
-    for total in size["points"]:
-        print(f"{problem.name}: {total} constrained points", flush=True)
-        configs = [{"sweep": "points", "experts": k, "points_total": total,
-                    "points_per_expert": max(total // k, 1)} for k in size["experts"]]
-        results += run_group(problem, configs, args, skip)
+    results = []
+    for seed in args.seeds:
+        skip = {}
+        for total in size["points"]:
+            print(f"{problem.name}: {total} constrained points, basis {seed}", flush=True)
+            configs = [{"sweep": "points", "experts": k, "points_total": total,
+                        "points_per_expert": max(total // k, 1)} for k in size["experts"]]
+            results += run_group(problem, configs, args, skip, seed)
     return results
 
 
@@ -135,10 +150,22 @@ def sweep_experts(problem, size: dict, args) -> list[dict]:
     if not size["sweep_experts"]:
         return []
     per_expert = size["per_expert"]
-    print(f"{problem.name}: {per_expert} points per expert", flush=True)
-    configs = [{"sweep": "experts", "experts": k, "points_total": k * per_expert,
-                "points_per_expert": per_expert} for k in size["sweep_experts"]]
-    return run_group(problem, configs, args, {})
+    results = []
+    for seed in args.seeds:
+        print(f"{problem.name}: {per_expert} points per expert, basis {seed}", flush=True)
+        configs = [{"sweep": "experts", "experts": k, "points_total": k * per_expert,
+                    "points_per_expert": per_expert} for k in size["sweep_experts"]]
+        results += run_group(problem, configs, args, {}, seed)
+    return results
+
+
+def print_ratios(results: list[dict]) -> None:
+    """PI-HC / PI-HC-MoE time ratios of the points sweep (> 1: the MoE is faster)."""
+    for r in results:
+        if r["sweep"] == "points" and r["experts"] != 1 and "forward_speedup_vs_hc" in r:
+            print(f"  basis {r['seed']}, {r['points_total']} points, K = {r['experts']}: "
+                  f"HC / MoE forward {r['forward_speedup_vs_hc']:.2f}x, fwd+bwd "
+                  f"{r['gradient_speedup_vs_hc']:.2f}x (steps {r['lm_steps']})", flush=True)
 
 
 def plot(payload: dict, path) -> None:
@@ -151,6 +178,8 @@ def plot(payload: dict, path) -> None:
     fig, axes = plt.subplots(len(problems), 3, figsize=(15, 4.2 * len(problems)), squeeze=False)
     for row, name in zip(axes, problems):
         records = payload["problems"][name]["results"]
+        first = records[0].get("seed", 0) if records else 0
+        records = [r for r in records if r.get("seed", 0) == first]  # one basis per curve
         points = [r for r in records if r["sweep"] == "points" and "forward" in r]
         for k in sorted({r["experts"] for r in points}):
             rs = sorted((r for r in points if r["experts"] == k), key=lambda r: r["points_total"])
@@ -193,6 +222,10 @@ def main():
     p.add_argument("--experts", type=int, nargs="+", help="expert counts of the points sweep")
     p.add_argument("--sweep-experts", type=int, nargs="+", help="expert counts, fixed points")
     p.add_argument("--per-expert", type=int, help="points per expert of the experts sweep")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="random bases (and point draws) to repeat the sweeps on")
+    p.add_argument("--termination", choices=("objective", "cauchy"), default=None,
+                   help="the solver's stopping rule (default: the library's)")
     p.add_argument("--max-call-seconds", type=float, default=None,
                    help="skip larger configurations of a K once one forward call is slower")
     args = p.parse_args()
@@ -208,9 +241,11 @@ def main():
                 size[option] = getattr(args, option)
         problem = make_problem(name, size["grid"])
         results = sweep_points(problem, size, args) + sweep_experts(problem, size, args)
+        print_ratios(results)
         payload["problems"][problem.name] = {
             "problem": problem.describe(),
-            "solver": common.solve_kwargs(None) | {"solver": "hcmoe default"},
+            "solver": common.solve_kwargs(None, **solve_extra(args))
+            | {"solver": "hcmoe default"},
             "results": results,
         }
     name = common.output_name("scaling", args)
