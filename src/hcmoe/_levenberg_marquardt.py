@@ -32,7 +32,8 @@ less than `atol + rtol` times their size. The constraint layer's problems are il
 by design: the ridge (`1e-4 w`) is the only curvature in the directions the PDE and condition
 rows cannot see, `ridge^2 = 1e-8` against Gram eigenvalues up to `1e4`. There the weights walk
 for tens of iterations while `½‖r‖²` changes in its seventh to tenth digit (the paper-size
-benchmark: one expert took 56 iterations, its objective the same to 1e-9 after the third).
+benchmark: one expert ran 56 iterations when uncapped, its objective the same to 1e-9 after
+the ninth).
 So by default (`termination="objective"`) the solve also stops as soon as the objective has
 converged: the last accepted step lowered `½‖r‖²` by at most `rtol ½‖r‖² + atol^2`, and the
 Gauss–Newton model predicts no more than that from here (the decrement
