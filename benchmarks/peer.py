@@ -385,18 +385,19 @@ def run(args, rel, root: Path) -> dict:
 
         return forward
 
-    def with_grad(forward):
+    def loss_of(forward):
         def loss(basis, key):
             return jnp.sum(forward(basis, key)["u"] * readout) / readout.size
 
-        return jax.grad(loss)
+        return loss
+
+    def with_grad(forward):
+        return jax.grad(loss_of(forward))
 
     def vjp_backward(forward, key):
         """A zero-argument call that applies the loss's stored VJP (the backward alone)."""
-        def loss(b):
-            return jnp.sum(forward(b, key)["u"] * readout) / readout.size
-
-        _, vjp_fn = jax.jit(lambda b: jax.vjp(loss, b))(basis)
+        loss = loss_of(forward)
+        _, vjp_fn = jax.jit(lambda b: jax.vjp(lambda b: loss(b, key), b))(basis)
         apply = jax.jit(lambda f: f(jnp.ones((), readout.dtype))[0])
         jax.block_until_ready(apply(vjp_fn))
         return lambda: apply(vjp_fn)

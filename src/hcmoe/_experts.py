@@ -493,21 +493,9 @@ def solve(
     resolve_schedule(schedule, pde.linear)  # an unknown name fails here, before any work
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling: expected one of {COUPLINGS}; got {coupling!r}.")
-    if initial_damping is not None:
-        check_initial_damping(initial_damping)
-        if solver is not None:
-            raise ValueError(
-                f"initial_damping: {initial_damping!r} applies to the default solver only; got "
-                f"a solver ({type(solver).__name__}) as well. Set it on that solver instead."
-            )
-    if termination is not None:
-        check_termination(termination)
-        if solver is not None:
-            raise ValueError(
-                f"termination: {termination!r} applies to the default solver only; got a solver "
-                f"({type(solver).__name__}) as well. Set it on that solver instead (e.g. "
-                "hcmoe.LevenbergMarquardt(rtol, atol, termination=...))."
-            )
+    _check_default_solver_option("initial_damping", initial_damping, check_initial_damping,
+                                 solver)
+    _check_default_solver_option("termination", termination, check_termination, solver)
     if ridge_toward not in RIDGE_TOWARD:
         raise ValueError(
             f"ridge_toward: expected one of {RIDGE_TOWARD}; got {ridge_toward!r}."
@@ -652,6 +640,20 @@ RIDGE_TOWARD = ("zero", "init")
 # counts) 1.2-1.4x faster; above, at 5000 x 16 and 20000 x 16 (80k, 320k, unequal counts),
 # the sequential one was 1.2-1.4x faster. The threshold lies in the unmeasured gap.
 MAP_MIN_WORK = 32_768
+
+
+def _check_default_solver_option(name: str, value, check, solver) -> None:
+    """`check(value)` for an option of the default solver (None: unset), and a clear error
+    when a `solver` is given as well."""
+    if value is None:
+        return
+    check(value)
+    if solver is not None:
+        raise ValueError(
+            f"{name}: {value!r} applies to the default solver only; got a solver "
+            f"({type(solver).__name__}) as well. Set it on that solver instead (e.g. "
+            f"hcmoe.LevenbergMarquardt(rtol, atol, {name}=...))."
+        )
 
 
 def resolve_schedule(schedule: str, linear: bool = False, work: int | None = None) -> str:

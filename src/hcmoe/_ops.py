@@ -263,23 +263,14 @@ def evaluate_at_expert_points(
         stencil = None if i in whole else op.point_stencil(grid, points)
         if stencil is not None:
             neighbours, weights = stencil
-            local.append((i, neighbours * num + offset[..., None], jnp.asarray(weights)))
+            local.append((i, (neighbours * num + offset[..., None], weights)))
             continue
         values = whole[i] if i in whole else flat_field(op(fields, grid), grid)
         out[i] = jnp.reshape(values, (-1,))[points * num + offset]
-    if local:
-        # One gather (one scatter in the transpose) for all of them: rows concatenated,
-        # narrower stencils padded with zero weights.
-        width = max(index.shape[-1] for _, index, _ in local)
-        pad = [((0, 0), (0, width - index.shape[-1])) for _, index, _ in local]
-        index = jnp.concatenate([jnp.pad(jnp.reshape(x, (-1, x.shape[-1])), q)
-                                 for (_, x, _), q in zip(local, pad)])
-        weights = jnp.concatenate([jnp.pad(jnp.reshape(w, (-1, w.shape[-1])), q)
-                                   for (_, _, w), q in zip(local, pad)])
-        values = jnp.sum(weights.astype(fields.dtype) * flat[index], axis=-1)
-        sizes = [int(np.prod(x.shape[:-1])) for _, x, _ in local]
-        for (i, x, _), piece in zip(local, jnp.split(values, np.cumsum(sizes)[:-1].tolist())):
-            out[i] = jnp.reshape(piece, x.shape[:-1])
+    if local:  # one gather (one scatter in the transpose) for all of them
+        values = _contract_many(flat, [stencil for _, stencil in local])
+        for (i, _), value in zip(local, values):
+            out[i] = value
     return out
 
 
