@@ -112,9 +112,25 @@ def _lowest(scores: Array, count: int) -> Array:
     bounds = (jnp.min(bits, axis=1), jnp.max(bits, axis=1))
     _, threshold = jax.lax.fori_loop(0, 64 if wide else 32, halve, bounds)
     below = bits < threshold[:, None]
-    tied = bits == threshold[:, None]
-    room = count - jnp.sum(below, axis=1, keepdims=True)
-    chosen = below | (tied & (jnp.cumsum(tied, axis=1) <= room))
+    at_most = bits <= threshold[:, None]
+    # More entries at the threshold than room for them (padding scores, equal draws): the
+    # lowest positions, up to the last one `last` that is needed, found by bisection on the
+    # position. Without such ties (the rule for uniform draws) the loop does not iterate;
+    # a cumulative sum over the ties cost 1.4 ms per call at 10^5 scores on XLA:CPU.
+    position = jnp.arange(bits.shape[1])[None, :]
+    end = bits.shape[1] - 1
+    excess = jnp.sum(at_most, axis=1) > count
+
+    def narrow(bounds):
+        low, high = bounds
+        middle = low + (high - low) // 2
+        kept = below | (at_most & (position <= middle[:, None]))
+        enough = jnp.sum(kept, axis=1) >= count
+        return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+    start = (jnp.where(excess, 0, end), jnp.full(excess.shape, end))
+    _, last = jax.lax.while_loop(lambda b: jnp.any(b[0] < b[1]), narrow, start)
+    chosen = below | (at_most & (position <= last[:, None]))
     return jax.vmap(lambda row: jnp.nonzero(row, size=count)[0])(chosen)
 
 
@@ -131,7 +147,9 @@ def _condition_rows(conditions, grid, members, scope, points, dtype, balance, pd
     `([], None)` when there are no least-squares conditions.
     """
     num_experts = members.shape[0]
-    flat_index = np.arange(grid.size).reshape(grid.shape)
+    # int32 like the sampled PDE points (`ExpertRows`), so that all stencil indices stay int32
+    flat_index = np.arange(grid.size, dtype=np.int32 if grid.size < 2**31 else np.int64)
+    flat_index = flat_index.reshape(grid.shape)
     face_points, targets, scales, valids = [], [], [], []
     has_rows = np.zeros(num_experts, bool)
     for cond in conditions:

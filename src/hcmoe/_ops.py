@@ -257,8 +257,11 @@ def evaluate_at_expert_points(
     whole = whole_grid_values(requests, fields, grid)
     out: list[Array | None] = [None] * len(requests)
     local = []
+    wide = grid.size * num >= 2**31  # flat indices into `fields` past int32
     for i, (op, points) in enumerate(requests):
         points = jnp.asarray(points)
+        if wide:
+            points = points.astype(jnp.int64)
         offset = expert.reshape((num,) + (1,) * (points.ndim - 1)).astype(points.dtype)
         stencil = None if i in whole else op.point_stencil(grid, points)
         if stencil is not None:
