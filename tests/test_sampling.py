@@ -40,3 +40,18 @@ def test_lowest_breaks_ties_by_position(getkey, dtype):
         np.testing.assert_array_equal(got, _reference(scores, count))
         assert np.all(np.diff(got, axis=1) > 0)  # distinct, in position order
     assert set(np.asarray(_lowest(scores, 560))[0, :500].tolist()) == set(range(500))
+
+
+def test_lowest_float64_ties_in_the_high_word(getkey):
+    """float64 scores that share their high 32 bits (and the threshold's), told apart by
+    their low words only; and scores equal in all 64 bits."""
+    num, n = 2, 400
+    bits = jr.bits(getkey(), (num, n), jnp.uint32).astype(jnp.uint64)
+    high = jnp.uint64(0x3FE00000) << 32  # one high word for every score: [0.5, 0.5 + 2^-21)
+    scores = jax.lax.bitcast_convert_type(high | bits, jnp.float64)
+    scores = scores.at[1, 100:200].set(scores[1, 0])  # a hundred equal to one score
+    scores = scores.at[1, 300].set(jax.lax.bitcast_convert_type(high | jnp.uint64(2**32 - 1),
+                                                                jnp.float64))
+    for count in (1, 150, 399):
+        np.testing.assert_array_equal(np.asarray(_lowest(scores, count)),
+                                      _reference(scores, count))

@@ -98,27 +98,45 @@ def _lowest(scores: Array, count: int) -> Array:
 
     The same set as `jax.lax.top_k(-scores, count)` without a sort (XLA's CPU sort of 10^5
     keys costs tens of ms): the threshold is found by bisection on the scores' bit patterns
-    (non-negative floats order as their unsigned integers), one vectorised count per bit.
+    (non-negative floats order as their unsigned integers), one vectorised count per bit, 32
+    bits at a time: float64 scores by their high words first (32 counts of 32-bit words),
+    then the low words of the few scores that share the threshold's high word (usually one,
+    and then no count at all).
     """
-    wide = scores.dtype == jnp.float64
-    bits = jax.lax.bitcast_convert_type(scores, jnp.uint64 if wide else jnp.uint32)
+    if scores.dtype == jnp.float64:
+        bits = jax.lax.bitcast_convert_type(scores, jnp.uint64)
+        words = [(bits >> 32).astype(jnp.uint32), bits.astype(jnp.uint32)]
+    else:
+        words = [jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)]
+    below = jnp.zeros(scores.shape, bool)  # smaller than the threshold in the words so far
+    equal = None  # equal to it in the words so far (None: every score)
+    for word in words:
+        taken = jnp.sum(below, axis=1)
 
-    def halve(_, bounds):
-        low, high = bounds
-        middle = low + (high - low) // 2
-        enough = jnp.sum(bits <= middle[:, None], axis=1) >= count
-        return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+        def halve(bounds, word=word, equal=equal, taken=taken):
+            low, high = bounds
+            middle = low + (high - low) // 2
+            fit = word <= middle[:, None]
+            enough = taken + jnp.sum(fit if equal is None else equal & fit, axis=1) >= count
+            return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
 
-    bounds = (jnp.min(bits, axis=1), jnp.max(bits, axis=1))
-    _, threshold = jax.lax.fori_loop(0, 64 if wide else 32, halve, bounds)
-    below = bits < threshold[:, None]
-    at_most = bits <= threshold[:, None]
+        if equal is None:
+            low, high = jnp.min(word, axis=1), jnp.max(word, axis=1)
+        else:
+            top = jnp.uint32(np.iinfo(np.uint32).max)
+            low = jnp.min(jnp.where(equal, word, top), axis=1)
+            high = jnp.max(jnp.where(equal, word, 0), axis=1)
+        _, threshold = jax.lax.while_loop(lambda b: jnp.any(b[0] < b[1]), halve, (low, high))
+        smaller, same = word < threshold[:, None], word == threshold[:, None]
+        below = below | (smaller if equal is None else equal & smaller)
+        equal = same if equal is None else equal & same
+    at_most = below | equal
     # More entries at the threshold than room for them (padding scores, equal draws): the
     # lowest positions, up to the last one `last` that is needed, found by bisection on the
     # position. Without such ties (the rule for uniform draws) the loop does not iterate;
     # a cumulative sum over the ties cost 1.4 ms per call at 10^5 scores on XLA:CPU.
-    position = jnp.arange(bits.shape[1])[None, :]
-    end = bits.shape[1] - 1
+    position = jnp.arange(scores.shape[1])[None, :]
+    end = scores.shape[1] - 1
     excess = jnp.sum(at_most, axis=1) > count
 
     def narrow(bounds):
