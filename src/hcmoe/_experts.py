@@ -495,7 +495,7 @@ def solve(
       slowest); `"map"`: one after the other (`jax.lax.map`), each stopping at its own
       iteration count; `"auto"` (default): `"map"` for a nonlinear PDE on CPU when one
       expert's problem is large (sampled PDE rows x basis functions >= `MAP_MIN_WORK`,
-      32,768), else `"vmap"` (a linear PDE has no iterations to wait on; a small problem
+      65,536), else `"vmap"` (a linear PDE has no iterations to wait on; a small problem
       pays more for the sequential loop than it saves; measured: `benchmarks/README.md`,
       "Schedules"). Results agree to rounding. With a
       `mesh` the experts are sharded over devices (vmapped within each) and `schedule` is
@@ -670,12 +670,12 @@ RIDGE_TOWARD = ("zero", "init")
 
 
 # `schedule="auto"` on CPU runs experts one after the other only when one expert's problem
-# (sampled PDE rows x basis functions) is at least this large. Measured on a 2-core CPU
-# (benchmarks/README.md, "Schedules"): below, at 400 x 8 and 400 x 16 (3.2k, 6.4k), the
-# batched loop was 1.5-1.7x faster even with unequal iteration counts; 5000 x 8 (40k, equal
-# counts) 1.2-1.4x faster; above, at 5000 x 16 and 20000 x 16 (80k, 320k, unequal counts),
-# the sequential one was 1.2-1.4x faster. The threshold lies in the unmeasured gap.
-MAP_MIN_WORK = 32_768
+# (sampled PDE rows x basis functions) is at least this large. Measured on a 2-core CPU with
+# the objective stopping rule (benchmarks/README.md, "Schedules"; every expert 3 LM steps):
+# the batched loop was faster at 400 x 8 and 400 x 16 (3.2k, 6.4k: 1.4-1.7x) and 5000 x 8
+# (40k: 1.15-1.24x), even at 2500 x 16 (40k), and the sequential one at 5000 x 16 (80k: the
+# gradient 1.35x), 20000 x 16 and 25000 x 16 (320k, 400k: 1.2-1.5x; smaller working sets).
+MAP_MIN_WORK = 65_536
 
 
 def _check_default_solver_option(name: str, value, check, solver) -> None:
