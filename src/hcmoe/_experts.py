@@ -92,6 +92,20 @@ def _sample_rows(rows: ExpertRows, points: int | None, key) -> tuple[Array, Arra
     return index, valid
 
 
+def _bisect(enough, low: Array, high: Array) -> Array:
+    """Per row, the smallest integer `t` in `[low, high]` with `enough(t)` (a monotone
+    test, true at `high`), by bisection; the loop stops once every row's bounds meet (at
+    once where they start equal)."""
+
+    def halve(bounds):
+        low, high = bounds
+        middle = low + (high - low) // 2
+        fits = enough(middle)
+        return jnp.where(fits, low, middle + 1), jnp.where(fits, middle, high)
+
+    return jax.lax.while_loop(lambda b: jnp.any(b[0] < b[1]), halve, (low, high))[1]
+
+
 def _lowest(scores: Array, count: int) -> Array:
     """Per row of non-negative `scores` `(K, n)`, the positions of its `count` smallest
     entries in increasing order (ties at the threshold: the lower positions, as `top_k`).
@@ -113,12 +127,9 @@ def _lowest(scores: Array, count: int) -> Array:
     for word in words:
         taken = jnp.sum(below, axis=1)
 
-        def halve(bounds, word=word, equal=equal, taken=taken):
-            low, high = bounds
-            middle = low + (high - low) // 2
+        def enough(middle, word=word, equal=equal, taken=taken):
             fit = word <= middle[:, None]
-            enough = taken + jnp.sum(fit if equal is None else equal & fit, axis=1) >= count
-            return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+            return taken + jnp.sum(fit if equal is None else equal & fit, axis=1) >= count
 
         if equal is None:
             low, high = jnp.min(word, axis=1), jnp.max(word, axis=1)
@@ -126,7 +137,7 @@ def _lowest(scores: Array, count: int) -> Array:
             top = jnp.uint32(np.iinfo(np.uint32).max)
             low = jnp.min(jnp.where(equal, word, top), axis=1)
             high = jnp.max(jnp.where(equal, word, 0), axis=1)
-        _, threshold = jax.lax.while_loop(lambda b: jnp.any(b[0] < b[1]), halve, (low, high))
+        threshold = _bisect(enough, low, high)
         smaller, same = word < threshold[:, None], word == threshold[:, None]
         below = below | (smaller if equal is None else equal & smaller)
         equal = same if equal is None else equal & same
@@ -139,17 +150,12 @@ def _lowest(scores: Array, count: int) -> Array:
     end = scores.shape[1] - 1
     excess = jnp.sum(at_most, axis=1) > count
 
-    def narrow(bounds):
-        low, high = bounds
-        middle = low + (high - low) // 2
-        kept = below | (at_most & (position <= middle[:, None]))
-        enough = jnp.sum(kept, axis=1) >= count
-        return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+    def keep(last):
+        return below | (at_most & (position <= last[:, None]))
 
-    start = (jnp.where(excess, 0, end), jnp.full(excess.shape, end))
-    _, last = jax.lax.while_loop(lambda b: jnp.any(b[0] < b[1]), narrow, start)
-    chosen = below | (at_most & (position <= last[:, None]))
-    return jax.vmap(lambda row: jnp.nonzero(row, size=count)[0])(chosen)
+    last = _bisect(lambda last: jnp.sum(keep(last), axis=1) >= count,
+                   jnp.where(excess, 0, end), jnp.full(excess.shape, end))
+    return jax.vmap(lambda row: jnp.nonzero(row, size=count)[0])(keep(last))
 
 
 def _condition_rows(conditions, grid, members, scope, points, dtype, balance, pde, warn=True):
