@@ -178,7 +178,12 @@ def sharded_expert_map(fn: Callable, mesh: Mesh, problems: Any, init: Any) -> An
     total = padded_size(num_experts, axis_size(mesh, EXPERTS))
     padded = constrain_to(pad_leading((problems, init), total), mesh, P(EXPERTS))
     outputs = constrain_to(jax.vmap(fn)(*padded), mesh, P(EXPERTS))
-    return take_leading(outputs, num_experts)
+    if total == num_experts:
+        return outputs
+    # Replicated, as documented: left to XLA, the slice of the padded experts can come out
+    # tiled in a way that jax 0.9.2 cannot express on the mesh (IndivisibleError when the
+    # jitted call returns; K = 6 on 4 devices).
+    return constrain_to(take_leading(outputs, num_experts), mesh, P())
 
 
 def batch_map(fn: Callable, mesh: Mesh, *args: Any) -> Any:
