@@ -15,6 +15,7 @@ from ._compiled import solve as solve
 from ._constrain import Constrained as Constrained, constrain as constrain
 from ._experts import ConditionWarning as ConditionWarning
 from ._grid import Grid as Grid, uniform_grid as uniform_grid
+from ._jaxlib_check import JaxlibHangWarning as JaxlibHangWarning
 from ._levenberg_marquardt import (
     LevenbergMarquardt as LevenbergMarquardt,
     TrustRegion as TrustRegion,

@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._adjoint import expert_fields, implicit_solve, rows_from_fields
 from ._grid import Grid
+from ._jaxlib_check import warn_if_hang_prone
 from ._joint import COUPLINGS, joint_init, windowed_basis
 from ._levenberg_marquardt import (
     LevenbergMarquardt,
@@ -513,7 +514,11 @@ def solve(
     unknown partition axis, more experts than points, missing data, or float64 without x64.
     At run time (`equinox.error_if`) for a non-finite basis, and with `throw=True` for a
     non-converged expert.
+
+    **Warns:** `hcmoe.JaxlibHangWarning`, once per process, on CPU with a jaxlib whose batched
+    linear algebra can hang (0.10.0-0.11.0; see `hcmoe._jaxlib_check`).
     """
+    warn_if_hang_prone()
     _check_basis(basis, grid)
     partition = as_partition(partition)
     dtype = solve_dtype(precision, basis.dtype)
