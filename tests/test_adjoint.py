@@ -187,3 +187,43 @@ def test_diagnostics_keep_their_gradient(getkey):
     numeric = finite_difference_jvp(norm, basis, direction, eps=1e-5)
     assert abs(float(analytic)) > 1e-6  # not a constant
     assert abs(float(analytic - numeric)) <= 1e-5 * (1 + abs(float(numeric)))
+
+
+@pytest.mark.parametrize("per_expert", [True, False], ids=["per-expert", "matrix-product"])
+def test_product_tangents_match_the_plain_products(getkey, monkeypatch, per_expert):
+    """`T W^T` and `F^T T` carry their own tangents (per expert for few experts, so that the
+    transposes fuse; one matrix product past `_UNROLL_MAX`): both forms give the plain
+    products' JVPs and VJPs in every argument."""
+    from hcmoe import _adjoint
+
+    monkeypatch.setattr(_adjoint, "_UNROLL_MAX", 16 if per_expert else 0)
+    basis, weights, fields = (jr.normal(getkey(), s) for s in ((50, 6), (4, 6), (50, 4)))
+    cases = [(_adjoint._fields_product, lambda t, w: t @ w.T, (basis, weights)),
+             (_adjoint._contract, lambda f, t: f.T @ t, (fields, basis))]
+    for custom, plain, args in cases:
+        tangents = tuple(jr.normal(getkey(), a.shape) for a in args)
+        out, tangent = jax.jvp(custom, args, tangents)
+        expected, expected_tangent = jax.jvp(plain, args, tangents)
+        assert _relative(out, expected) < 1e-14
+        assert _relative(tangent, expected_tangent) < 1e-14
+        cotangent = jr.normal(getkey(), out.shape)
+        for got, want in zip(jax.vjp(custom, *args)[1](cotangent),
+                             jax.vjp(plain, *args)[1](cotangent)):
+            assert _relative(got, want) < 1e-14
+
+
+def test_gradient_is_the_same_with_either_product_form(getkey, monkeypatch):
+    """Four experts on the per-expert tangents (the default) and on matrix products give the
+    same gradient in the basis and data (rounding only)."""
+    from hcmoe import _adjoint
+
+    grid, basis, data = _burgers_case(getkey)
+    readout = jr.normal(getkey(), grid.shape)
+    loss = _readout_loss(ForcedBurgers(), hcmoe.Partition(x=2, t=2), grid,
+                         lambda x: {"u0": x}, readout, **TIGHT, ridge=1e-2)
+    per_expert = jax.grad(loss, argnums=(0, 1))(basis, data["u0"])
+    monkeypatch.setattr(_adjoint, "_UNROLL_MAX", 0)
+    jax.clear_caches()  # `hcmoe.solve` is jitted: retrace it with the other form
+    matrix = jax.grad(loss, argnums=(0, 1))(basis, data["u0"])
+    for a, b in zip(per_expert, matrix):
+        assert _relative(a, b) < 1e-10

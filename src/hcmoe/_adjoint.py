@@ -52,10 +52,62 @@ def _expert_axes(rows):
     return type(rows)(rows.names, None, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
+# Up to this many experts, the tangents of the products below with the basis are written
+# one expert at a time, so that their transposes are sums of outer products, which XLA fuses
+# with each other and with the other terms of the basis' cotangent into one pass over the
+# grid. Past it, one matrix product is faster (measured at 101 x 1024 x 16 on a 2-core CPU:
+# `(grid x K) @ (K x N) + U` took 1.33 ms at K = 4 against 0.78 ms for the outer products,
+# 1.65 against 1.23 ms at K = 16, 3.47 against 3.73 ms at K = 32).
+_UNROLL_MAX = 16
+
+
+def _per_expert(num: int) -> bool:
+    return num <= _UNROLL_MAX
+
+
+@jax.custom_jvp
+def _fields_product(basis, weights):
+    """`basis @ weights.T`: `(P, N)` and `(K, N)` -> `(P, K)`."""
+    return basis @ weights.T
+
+
+@_fields_product.defjvp
+def _fields_product_jvp(primals, tangents):
+    basis, weights = primals
+    d_basis, d_weights = tangents
+    num = weights.shape[0]
+    if _per_expert(num):
+        tangent = jnp.stack([d_basis @ weights[k] for k in range(num)], axis=-1)
+    else:
+        tangent = d_basis @ weights.T
+    return basis @ weights.T, tangent + basis @ d_weights.T
+
+
+@jax.custom_jvp
+def _contract(fields, basis):
+    """`fields.T @ basis`: `(P, K)` and `(P, N)` -> `(K, N)`."""
+    return fields.T @ basis
+
+
+@_contract.defjvp
+def _contract_jvp(primals, tangents):
+    fields, basis = primals
+    d_fields, d_basis = tangents
+    num = fields.shape[1]
+    if _per_expert(num):
+        tangent = jnp.stack([fields[:, k] @ d_basis for k in range(num)])
+    else:
+        tangent = fields.T @ d_basis
+    return fields.T @ basis, tangent + d_fields.T @ basis
+
+
 def expert_fields(weights, transformed, particular):
-    """`T w_k + u_p` of every expert, shape `(*grid, K)` (one product `T W^T`, whose
-    transpose in `T` is `ct W`, in the basis' own layout)."""
-    fields = transformed @ weights.T
+    """`T w_k + u_p` of every expert, shape `(*grid, K)`: one product `T W^T`, whose
+    tangent in `T` is taken one expert at a time for few experts (`_fields_product`), so
+    that its transpose fuses with the rest of the basis' cotangent."""
+    n, num = transformed.shape[-1], weights.shape[0]
+    fields = _fields_product(jnp.reshape(transformed, (-1, n)), weights)
+    fields = jnp.reshape(fields, (*transformed.shape[:-1], num))
     return fields if particular is None else fields + particular[..., None]
 
 
@@ -97,7 +149,7 @@ def _gradients(weights, transformed, particular, rows, pde, data, grid, ridge, c
     fields = expert_fields(weights, transformed, particular)
     field_part, weight_part = jax.grad(objective, argnums=(0, 1))(fields, weights)
     n, num = transformed.shape[-1], weights.shape[0]
-    return (jnp.reshape(field_part, (-1, num)).T @ jnp.reshape(transformed, (-1, n))
+    return (_contract(jnp.reshape(field_part, (-1, num)), jnp.reshape(transformed, (-1, n)))
             + weight_part)
 
 
