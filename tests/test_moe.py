@@ -325,3 +325,34 @@ def test_warm_start_reaches_the_same_minimiser_with_the_same_gradient(getkey):
                              warm_start=warm, **capped) for warm in (False, True)}
     assert float(jnp.sum(few[True].stats.residual_norm)) < 0.7 * float(
         jnp.sum(few[False].stats.residual_norm))
+
+
+@pytest.mark.parametrize("partition", [hcmoe.Partition(x=4), hcmoe.Partition(x=2, t=2),
+                                       hcmoe.Partition(x=4, overlap=0.1),
+                                       hcmoe.Partition(x=20)],
+                         ids=["x4", "x2-t2", "blended", "20-experts"])
+def test_u_from_the_fields_equals_the_reference_assembly(getkey, partition):
+    """`solve` takes `u` from the experts' fields `T w_k + u_p` (`assemble_from_fields`, per
+    expert up to 16 experts, a gather past that); it equals `assemble`'s `u_p + T W[label]`
+    (or the blend of the fields)."""
+    from hcmoe._adjoint import expert_fields
+    from hcmoe._experts import assemble_from_fields
+
+    grid = hcmoe.uniform_grid(t=(0.0, 1.0, 9), x=(0.0, 1.0, 41))
+    labels, blend = partition.labels(grid), partition.blend(grid)
+    num = int(labels.max()) + 1
+    transformed = jr.normal(getkey(), grid.shape + (5,))
+    particular = jr.normal(getkey(), grid.shape)
+    weights = jr.normal(getkey(), (num, 5))
+    fields = expert_fields(weights, transformed, particular)
+    got = assemble_from_fields(fields, labels, blend)
+    want = assemble(transformed, particular, weights, labels, blend)
+    assert float(jnp.max(jnp.abs(got - want))) < 1e-12
+    # and so does its gradient in the basis and the weights
+    readout = jr.normal(getkey(), grid.shape)
+    grads = jax.grad(lambda t, w: jnp.sum(readout * assemble_from_fields(
+        expert_fields(w, t, particular), labels, blend)), argnums=(0, 1))(transformed, weights)
+    wants = jax.grad(lambda t, w: jnp.sum(readout * assemble(t, particular, w, labels, blend)),
+                     argnums=(0, 1))(transformed, weights)
+    for g, w in zip(grads, wants):
+        assert float(jnp.max(jnp.abs(g - w))) < 1e-11
