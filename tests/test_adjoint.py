@@ -227,3 +227,45 @@ def test_gradient_is_the_same_with_either_product_form(getkey, monkeypatch):
     matrix = jax.grad(loss, argnums=(0, 1))(basis, data["u0"])
     for a, b in zip(per_expert, matrix):
         assert _relative(a, b) < 1e-10
+
+
+def _hessian_cases(getkey):
+    grid = ds.make_grid(nt=9, nx=16)
+    t, x = (jnp.asarray(c) for c in (grid.mesh()["t"], grid.mesh()["x"]))
+    ds_basis = jnp.stack([jnp.cos(k * np.pi * x) * (1 + 0.1 * k * t) for k in range(5)], -1)
+    ds_data = {"u0": 0.1 + 0.05 * jnp.sin(np.pi * jnp.asarray(grid.coords("x")))}
+    yield "ds", ds.DiffusionSorption(), grid, ds_basis, ds_data
+    ns_grid = ns.make_grid(nt=4, n=8)
+    w0 = ns.sample_initial_conditions(getkey(), 1, ns_grid)[0]
+    yield "ns", ns.NavierStokes(), ns_grid, 0.1 * jr.normal(getkey(), ns_grid.shape + (3,)), {
+        "w0": w0}
+    b_grid, b_basis, b_data = _burgers_case(getkey)
+    yield "burgers", ForcedBurgers(), b_grid, b_basis, b_data
+
+
+def test_stack_hessian_equals_jax_hessian(getkey):
+    """`_solve.hessian` (from the stacks, used for batched experts) is the Hessian of
+    `½‖residual‖²` that `jax.hessian` gives, second-order terms included, for a pointwise
+    nonlinear PDE (diffusion–sorption), spectral operators (Navier–Stokes) and Burgers, with
+    the ridge, at random weights."""
+    from hcmoe._experts import build_problems
+    from hcmoe._solve import hessian, residual
+
+    for name, pde, grid, basis, data in _hessian_cases(getkey):
+        problems, _, _ = build_problems(basis, pde, grid, data, hcmoe.Partition(x=2), 12,
+                                        getkey())
+        problem = jax.tree.map(lambda a: a[1] if isinstance(a, jax.Array) else a, problems)
+        w = jr.normal(getkey(), (basis.shape[-1],))
+
+        @jax.jit
+        def both(w):
+            def objective(v):
+                r = residual(v, problem, pde, data, 1e-2)
+                return 0.5 * jnp.sum(r * r)
+
+            return hessian(w, problem, pde, data, 1e-2), jax.hessian(objective)(w)
+
+        got, want = both(w)
+        assert _relative(got, want) < 1e-12, name
+        symmetry = jnp.linalg.norm(got - got.T) / jnp.linalg.norm(want)
+        assert float(symmetry) < 1e-13, name

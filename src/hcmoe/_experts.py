@@ -35,6 +35,7 @@ from ._solve import (
     Solution,
     SolveStats,
     condition_residual,
+    hessian as objective_hessian,
     residual,
     solve_expert,
 )
@@ -641,6 +642,7 @@ def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, r
     experts' stacks are built first and sharded (`sharded_expert_map`)."""
     pde, data, rows = a["pde"], a["data"], a["rows"]
     transformed, particular = a["transformed"], a["particular"]
+    batched = rows.index.shape[0] > 1 and (mesh is not None or schedule != "map")
 
     def one(problem, w0):
         if isinstance(problem, ProblemRows):
@@ -654,12 +656,8 @@ def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, r
         if not hessian:
             return w, steps, result, ok
         center = w0 if ridge_toward == "init" else None
-
-        def objective(v):
-            r = residual(v, problem, pde, data, ridge, center)
-            return 0.5 * jnp.sum(r * r)
-
-        return w, steps, result, ok, jax.hessian(objective)(w)
+        return w, steps, result, ok, _objective_hessian(w, problem, pde, data, ridge, center,
+                                                        batched)
 
     if mesh is not None:
         from ._sharding import sharded_expert_map
@@ -674,6 +672,20 @@ def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, r
     if schedule == "map":
         return jax.lax.map(lambda args: one(*args), (per_expert, a["init"]))
     return jax.vmap(one)(per_expert, a["init"])
+
+
+def _objective_hessian(w, problem, pde, data, ridge, center, batched: bool):
+    """Each expert's Hessian of `½‖r‖²` at its solution, for `_adjoint`: from the stacks
+    (`_solve.hessian`) when the experts run batched, else `jax.hessian` (the faster of the
+    two for one expert at a time; both measured in `_solve.hessian`)."""
+    if batched:
+        return objective_hessian(w, problem, pde, data, ridge)
+
+    def objective(v):
+        r = residual(v, problem, pde, data, ridge, center)
+        return 0.5 * jnp.sum(r * r)
+
+    return jax.hessian(objective)(w)
 
 
 SCHEDULES = ("auto", "vmap", "map")
