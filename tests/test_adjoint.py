@@ -190,16 +190,17 @@ def test_diagnostics_keep_their_gradient(getkey):
 
 
 @pytest.mark.parametrize("per_expert", [True, False], ids=["per-expert", "matrix-product"])
-def test_product_tangents_match_the_plain_products(getkey, monkeypatch, per_expert):
-    """`T W^T` and `F^T T` carry their own tangents (per expert for few experts, so that the
-    transposes fuse; one matrix product past `_UNROLL_MAX`): both forms give the plain
-    products' JVPs and VJPs in every argument."""
+def test_product_tangents_match_the_plain_products(getkey, per_expert):
+    """`T W^T` and `F^T T` carry their own tangents (per expert, so that the transposes
+    fuse, or one matrix product): both forms give the plain products' JVPs and VJPs in every
+    argument."""
     from hcmoe import _adjoint
 
-    monkeypatch.setattr(_adjoint, "_UNROLL_MAX", 16 if per_expert else 0)
     basis, weights, fields = (jr.normal(getkey(), s) for s in ((50, 6), (4, 6), (50, 4)))
-    cases = [(_adjoint._fields_product, lambda t, w: t @ w.T, (basis, weights)),
-             (_adjoint._contract, lambda f, t: f.T @ t, (fields, basis))]
+    cases = [(lambda t, w: _adjoint._fields_product(t, w, per_expert), lambda t, w: t @ w.T,
+              (basis, weights)),
+             (lambda f, t: _adjoint._contract(f, t, per_expert), lambda f, t: f.T @ t,
+              (fields, basis))]
     for custom, plain, args in cases:
         tangents = tuple(jr.normal(getkey(), a.shape) for a in args)
         out, tangent = jax.jvp(custom, args, tangents)
@@ -210,6 +211,36 @@ def test_product_tangents_match_the_plain_products(getkey, monkeypatch, per_expe
         for got, want in zip(jax.vjp(custom, *args)[1](cotangent),
                              jax.vjp(plain, *args)[1](cotangent)):
             assert _relative(got, want) < 1e-14
+
+
+def test_per_expert_products_only_for_few_experts_and_local_or_spectral_operators(getkey):
+    """The per-expert tangents are used for stencils and Fourier multipliers, not behind an
+    opaque whole-grid operator (`ops.Linear`), nor past `_UNROLL_MAX` experts."""
+    from hcmoe import ops
+    from hcmoe._adjoint import per_expert_products
+    from hcmoe._experts import problem_rows
+
+    grid, basis, data = _burgers_case(getkey)
+
+    class Opaque(ForcedBurgers):
+        def operators(self):
+            return {**super().operators(), "u_t": ops.Linear(
+                lambda f, g: jnp.gradient(f, g.spacing("t"), axis=g.axis("t")))}
+
+    ns_grid = ns.make_grid(nt=4, n=8)
+    ns_data = {"w0": ns.sample_initial_conditions(getkey(), 1, ns_grid)[0]}
+    ns_basis = jr.normal(getkey(), ns_grid.shape + (3,))
+    cases = [(ForcedBurgers(), grid, basis, data, hcmoe.Partition(x=2), True),
+             (ns.NavierStokes(), ns_grid, ns_basis, ns_data, hcmoe.Partition(x=2), True),
+             (Opaque(), grid, basis, data, hcmoe.Partition(x=2), False),
+             (ForcedBurgers(), hcmoe.uniform_grid(t=(0.0, 1.0, 7), x=(0.0, 1.0, 40)),
+              None, None, hcmoe.Partition(x=20), False)]
+    for pde, grid_, basis_, data_, partition, expected in cases:
+        if basis_ is None:
+            basis_ = jr.normal(getkey(), grid_.shape + (3,))
+            data_ = data_for(grid_)
+        rows, _, _ = problem_rows(basis_, pde, grid_, data_, partition, 4, getkey())
+        assert per_expert_products(rows, grid_) is expected, type(pde).__name__
 
 
 def test_gradient_is_the_same_with_either_product_form(getkey, monkeypatch):

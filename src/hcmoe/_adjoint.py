@@ -29,6 +29,7 @@ differentiated cost nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -61,52 +62,59 @@ def _expert_axes(rows):
 _UNROLL_MAX = 16
 
 
-def _per_expert(num: int) -> bool:
-    return num <= _UNROLL_MAX
+def per_expert_products(rows, grid: Grid) -> bool:
+    """Whether `expert_fields`/`_gradients` take their tangents one expert at a time: few
+    experts, and every operator of `rows` a local stencil or a Fourier multiplier. An opaque
+    whole-grid operator (`ops.Linear`) keeps the matrix products: behind its transpose XLA
+    did not fuse the outer products, and each held a grid-sized copy of the basis (measured:
+    +48 MiB at the paper size, K = 4, 20k points per expert)."""
+    num = rows.index.shape[0]
+    if num > _UNROLL_MAX:
+        return False
+    return all(op.fourier_symbol(grid) is not None or op.point_stencil(grid, points) is not None
+               for op, points in rows.requests())
 
 
-@jax.custom_jvp
-def _fields_product(basis, weights):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _fields_product(basis, weights, per_expert):
     """`basis @ weights.T`: `(P, N)` and `(K, N)` -> `(P, K)`."""
     return basis @ weights.T
 
 
 @_fields_product.defjvp
-def _fields_product_jvp(primals, tangents):
+def _fields_product_jvp(per_expert, primals, tangents):
     basis, weights = primals
     d_basis, d_weights = tangents
-    num = weights.shape[0]
-    if _per_expert(num):
-        tangent = jnp.stack([d_basis @ weights[k] for k in range(num)], axis=-1)
+    if per_expert:
+        tangent = jnp.stack([d_basis @ weights[k] for k in range(weights.shape[0])], axis=-1)
     else:
         tangent = d_basis @ weights.T
     return basis @ weights.T, tangent + basis @ d_weights.T
 
 
-@jax.custom_jvp
-def _contract(fields, basis):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _contract(fields, basis, per_expert):
     """`fields.T @ basis`: `(P, K)` and `(P, N)` -> `(K, N)`."""
     return fields.T @ basis
 
 
 @_contract.defjvp
-def _contract_jvp(primals, tangents):
+def _contract_jvp(per_expert, primals, tangents):
     fields, basis = primals
     d_fields, d_basis = tangents
-    num = fields.shape[1]
-    if _per_expert(num):
-        tangent = jnp.stack([fields[:, k] @ d_basis for k in range(num)])
+    if per_expert:
+        tangent = jnp.stack([fields[:, k] @ d_basis for k in range(fields.shape[1])])
     else:
         tangent = fields.T @ d_basis
     return fields.T @ basis, tangent + d_fields.T @ basis
 
 
-def expert_fields(weights, transformed, particular):
+def expert_fields(weights, transformed, particular, per_expert: bool = False):
     """`T w_k + u_p` of every expert, shape `(*grid, K)`: one product `T W^T`, whose
-    tangent in `T` is taken one expert at a time for few experts (`_fields_product`), so
-    that its transpose fuses with the rest of the basis' cotangent."""
+    tangent in `T` is taken one expert at a time with `per_expert` (`per_expert_products`),
+    so that its transpose fuses with the rest of the basis' cotangent."""
     n, num = transformed.shape[-1], weights.shape[0]
-    fields = _fields_product(jnp.reshape(transformed, (-1, n)), weights)
+    fields = _fields_product(jnp.reshape(transformed, (-1, n)), weights, per_expert)
     fields = jnp.reshape(fields, (*transformed.shape[:-1], num))
     return fields if particular is None else fields + particular[..., None]
 
@@ -146,10 +154,12 @@ def _gradients(weights, transformed, particular, rows, pde, data, grid, ridge, c
         r, _ = rows_from_fields(fields, weights, rows, pde, data, grid, ridge, centers)
         return 0.5 * jnp.sum(r * r)  # the experts' objectives are independent: their sum
 
-    fields = expert_fields(weights, transformed, particular)
+    per_expert = per_expert_products(rows, grid)
+    fields = expert_fields(weights, transformed, particular, per_expert)
     field_part, weight_part = jax.grad(objective, argnums=(0, 1))(fields, weights)
     n, num = transformed.shape[-1], weights.shape[0]
-    return (_contract(jnp.reshape(field_part, (-1, num)), jnp.reshape(transformed, (-1, n)))
+    return (_contract(jnp.reshape(field_part, (-1, num)), jnp.reshape(transformed, (-1, n)),
+                      per_expert)
             + weight_part)
 
 

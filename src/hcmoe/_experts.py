@@ -17,7 +17,13 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._adjoint import _UNROLL_MAX, expert_fields, implicit_solve, rows_from_fields
+from ._adjoint import (
+    _UNROLL_MAX,
+    expert_fields,
+    implicit_solve,
+    per_expert_products,
+    rows_from_fields,
+)
 from ._grid import Grid
 from ._jaxlib_check import warn_if_hang_prone
 from ._joint import COUPLINGS, joint_init, windowed_basis
@@ -609,7 +615,8 @@ def solve(
     # Diagnostics from the operators applied to each expert's field `T w_k + u_p`, so that
     # they differentiate like `u`, without the stacks.
     centers = init if ridge_toward == "init" else None
-    fields = expert_fields(weights, transformed, particular)
+    fields = expert_fields(weights, transformed, particular,
+                           per_expert_products(rows, grid))
     rows_r, cond_rows = rows_from_fields(fields, weights, rows, pde, data, grid, ridge, centers)
     norms = jnp.linalg.norm(rows_r, axis=-1)
     cond_error = jnp.max(jnp.where(rows.cond_valid, jnp.abs(cond_rows), 0.0), axis=-1)
