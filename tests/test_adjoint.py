@@ -199,7 +199,7 @@ def test_product_tangents_match_the_plain_products(getkey, per_expert):
     basis, weights, fields = (jr.normal(getkey(), s) for s in ((50, 6), (4, 6), (50, 4)))
     cases = [(lambda t, w: _adjoint._fields_product(t, w, per_expert), lambda t, w: t @ w.T,
               (basis, weights)),
-             (lambda f, t: _adjoint._contract(f, t, per_expert), lambda f, t: f.T @ t,
+             (lambda f, t: _adjoint._transpose_product(f, t, per_expert), lambda f, t: f.T @ t,
               (fields, basis))]
     for custom, plain, args in cases:
         tangents = tuple(jr.normal(getkey(), a.shape) for a in args)

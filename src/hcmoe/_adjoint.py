@@ -93,13 +93,13 @@ def _fields_product_jvp(per_expert, primals, tangents):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _contract(fields, basis, per_expert):
+def _transpose_product(fields, basis, per_expert):
     """`fields.T @ basis`: `(P, K)` and `(P, N)` -> `(K, N)`."""
     return fields.T @ basis
 
 
-@_contract.defjvp
-def _contract_jvp(per_expert, primals, tangents):
+@_transpose_product.defjvp
+def _transpose_product_jvp(per_expert, primals, tangents):
     fields, basis = primals
     d_fields, d_basis = tangents
     if per_expert:
@@ -158,8 +158,8 @@ def _gradients(weights, transformed, particular, rows, pde, data, grid, ridge, c
     fields = expert_fields(weights, transformed, particular, per_expert)
     field_part, weight_part = jax.grad(objective, argnums=(0, 1))(fields, weights)
     n, num = transformed.shape[-1], weights.shape[0]
-    return (_contract(jnp.reshape(field_part, (-1, num)), jnp.reshape(transformed, (-1, n)),
-                      per_expert)
+    field_part = jnp.reshape(field_part, (-1, num))
+    return (_transpose_product(field_part, jnp.reshape(transformed, (-1, n)), per_expert)
             + weight_part)
 
 

@@ -819,6 +819,5 @@ def assemble(
         per_point = weights[jnp.asarray(labels)]
         u = jnp.sum(transformed * per_point, axis=-1)
     else:
-        fields = transformed @ weights.T  # (*grid, K)
-        u = jnp.sum(fields * jnp.moveaxis(jnp.asarray(blend, fields.dtype), 0, -1), axis=-1)
+        u = assemble_from_fields(transformed @ weights.T, labels, blend)  # fields (*grid, K)
     return u if particular is None else u + particular

@@ -115,6 +115,12 @@ def _values(problem: ExpertProblem, w: Array) -> dict[str, Array]:
     return {name: a @ w + problem.offsets[name] for name, a in problem.stacks.items()}
 
 
+def _on_valid_rows(problem, rows: Array) -> Array:
+    """`rows` (leading axis: the PDE rows) with the rows outside `problem.pde_valid` zeroed."""
+    mask = problem.pde_valid.reshape(problem.pde_valid.shape + (1,) * (rows.ndim - 1))
+    return jnp.where(mask, rows, 0.0)
+
+
 def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float,
              center: Array | None = None):
     """`r(w) = [F(A_j w + c_j) on PDE rows ; condition rows ; ridge * (w - center)]` for one
@@ -130,8 +136,7 @@ def residual_rows(values: dict[str, Array], cond_values: Array, w: Array, proble
     the rows' `coords`, `pde_valid`, `point_data`, `cond_target` and `cond_scale` (an
     `ExpertProblem`, or any object with those fields)."""
     pde_rows = pde.residual(values, problem.coords, _data_at_points(problem, data))
-    mask = problem.pde_valid.reshape(problem.pde_valid.shape + (1,) * (pde_rows.ndim - 1))
-    pde_rows = jnp.where(mask, pde_rows, 0.0).reshape(-1)
+    pde_rows = _on_valid_rows(problem, pde_rows).reshape(-1)
     cond_rows = problem.cond_scale * (cond_values - problem.cond_target)
     ridge_rows = ridge * (w if center is None else w - center)
     return jnp.concatenate([pde_rows.astype(w.dtype), cond_rows, ridge_rows])
@@ -149,8 +154,7 @@ def jacobian(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridg
     _, pde_jvp = jax.linearize(lambda v: pde.residual(v, problem.coords, data), values)
     in_axes = ({name: 1 for name in values},)
     columns = jax.vmap(pde_jvp, in_axes=in_axes, out_axes=-1)(problem.stacks)  # (m, ..., n)
-    mask = problem.pde_valid.reshape(problem.pde_valid.shape + (1,) * (columns.ndim - 1))
-    pde_rows = jnp.where(mask, columns, 0.0).reshape(-1, w.shape[0]).astype(w.dtype)
+    pde_rows = _on_valid_rows(problem, columns).reshape(-1, w.shape[0]).astype(w.dtype)
     cond_rows = problem.cond_scale[:, None] * problem.cond_matrix
     ridge_rows = ridge * jnp.eye(w.shape[0], dtype=w.dtype)
     return jnp.concatenate([pde_rows, cond_rows, ridge_rows])
@@ -174,9 +178,7 @@ def hessian(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge
     data = _data_at_points(problem, data)
 
     def energy(v):
-        rows = pde.residual(v, problem.coords, data)
-        mask = problem.pde_valid.reshape(problem.pde_valid.shape + (1,) * (rows.ndim - 1))
-        rows = jnp.where(mask, rows, 0.0).astype(w.dtype)
+        rows = _on_valid_rows(problem, pde.residual(v, problem.coords, data)).astype(w.dtype)
         return 0.5 * jnp.sum(rows * rows)
 
     _, hvp = jax.linearize(jax.grad(energy), values)
