@@ -21,7 +21,9 @@ converged and their residual norms.
 
 `--seeds` repeats the sweeps on several random bases (seed s: basis `s`, point draw `s`): the LM
 iteration counts, and so the MoE / HC ratios, depend on the basis (benchmarks/README.md,
-section 11). `--termination` picks the solver's stopping rule (default: the library's).
+section 11). `--termination` picks the solver's stopping rule, `--schedule` how the experts
+run and `--condition-scope` which condition rows each expert holds (defaults: the library's;
+section 15 compares them at 10^4 points).
 """
 
 from __future__ import annotations
@@ -131,7 +133,9 @@ def run_group(problem, configs: list[dict], args, skip: dict, seed: int = 0) -> 
 
 def solve_extra(args) -> dict:
     """Solve options set on the command line (none: the library's defaults)."""
-    return {} if args.termination is None else {"termination": args.termination}
+    options = {"termination": args.termination, "schedule": args.schedule,
+               "condition_scope": args.condition_scope}
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def sweep_points(problem, size: dict, args) -> list[dict]:
@@ -226,6 +230,11 @@ def main():
                    help="random bases (and point draws) to repeat the sweeps on")
     p.add_argument("--termination", choices=("objective", "cauchy"), default=None,
                    help="the solver's stopping rule (default: the library's)")
+    p.add_argument("--schedule", choices=("auto", "vmap", "map"), default=None,
+                   help="how the experts run (default: the library's, 'auto')")
+    p.add_argument("--condition-scope", choices=("owned", "global"), default=None,
+                   help="which condition rows each expert holds (default: each condition's "
+                        "own scope; the paper's diffusion-sorption MoE: global)")
     p.add_argument("--max-call-seconds", type=float, default=None,
                    help="skip larger configurations of a K once one forward call is slower")
     args = p.parse_args()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -18,9 +20,16 @@ def test_benchmark_scripts_compile():
         py_compile.compile(str(script), doraise=True)
 
 
-def test_scaling_smoke_run(tmp_path):
+@pytest.mark.parametrize("options", [
+    {},
+    # the solve options the command line passes through (benchmarks/README.md, section 15)
+    {"schedule": "map", "condition_scope": "owned"},
+])
+def test_scaling_smoke_run(tmp_path, options):
     command = [sys.executable, str(BENCHMARKS / "scaling.py"), "--smoke", "--problem", "ds",
                "--no-plot", "--out", str(tmp_path)]
+    for name, value in options.items():
+        command += ["--" + name.replace("_", "-"), value]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((tmp_path / "scaling_ds_smoke.json").read_text())
@@ -29,6 +38,9 @@ def test_scaling_smoke_run(tmp_path):
     assert all("forward" in r and "gradient" in r and r["converged_fraction"] == 1.0
                for r in records)
     assert result["machine"]["backend"]
+    solver = result["problems"]["diffusion_sorption"]["solver"]
+    for name in ("schedule", "condition_scope"):
+        assert solver.get(name) == options.get(name)
 
 
 def test_peer_skips_without_the_release(tmp_path):
