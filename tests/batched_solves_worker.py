@@ -1,6 +1,7 @@
 """Run by tests/test_batched_solves.py in a subprocess: a jitted, vmapped joint PI-HC-MoE solve
 (4 experts x 8 basis functions: 32 unknowns) over 64 samples, three times, then "done"."""
 
+import hcmoe
 import jax
 
 
@@ -23,7 +24,7 @@ def main():
 
     def one(b, u):
         return hcmoe.solve(b, pde, partition, grid, {"u0": u}, coupling="joint",
-                           points_per_expert=100, key=jr.key(1)).u
+                           key=jr.key(1), rows=hcmoe.Rows(points_per_expert=100)).u
 
     solve = jax.jit(jax.vmap(one))
     for _ in range(3):

@@ -63,8 +63,8 @@ def test_matches_optimistix_adjoint_for_basis_and_data(getkey, blocks, schedule,
     grid, basis, data = _burgers_case(getkey)
     readout = jr.normal(getkey(), grid.shape)
     u0 = data["u0"]
-    common = dict(**TIGHT, ridge=1e-2, schedule=schedule, ridge_toward=ridge_toward,
-                  init=jnp.linspace(0.5, 1.5, basis.shape[-1]))
+    common = dict(**TIGHT, 
+                  init=jnp.linspace(0.5, 1.5, basis.shape[-1]), rows=hcmoe.Rows(ridge=1e-2, ridge_toward=ridge_toward), coupling=hcmoe.Independent(schedule=schedule))
     partition = hcmoe.Partition(**blocks)
     new = _readout_loss(ForcedBurgers(), partition, grid, lambda x: {"u0": x}, readout,
                         **common)
@@ -88,7 +88,7 @@ def test_matches_finite_differences_in_a_pde_parameter(getkey):
 
     def loss(nu):
         sol = hcmoe.solve(basis, ForcedBurgers(nu=nu), hcmoe.Partition(x=2), grid, data,
-                          **TIGHT, ridge=1e-2)
+                          **TIGHT, rows=hcmoe.Rows(ridge=1e-2))
         return jnp.sum(sol.u * readout)
 
     nu = jnp.asarray(0.1)
@@ -96,8 +96,8 @@ def test_matches_finite_differences_in_a_pde_parameter(getkey):
     numeric = finite_difference_jvp(loss, nu, jnp.asarray(1.0), eps=1e-5)
     assert abs(float(analytic - numeric)) <= 1e-6 * (1 + abs(float(numeric)))
     old = jax.grad(lambda nu: jnp.sum(hcmoe.solve(
-        basis, ForcedBurgers(nu=nu), hcmoe.Partition(x=2), grid, data, **TIGHT, ridge=1e-2,
-        adjoint=OPTIMISTIX).u * readout))(nu)
+        basis, ForcedBurgers(nu=nu), hcmoe.Partition(x=2), grid, data, **TIGHT, 
+        adjoint=OPTIMISTIX, rows=hcmoe.Rows(ridge=1e-2)).u * readout))(nu)
     assert abs(float(analytic - old)) <= 1e-8 * (1 + abs(float(old)))
 
 
@@ -117,11 +117,11 @@ def test_diffusion_sorption_exact_initial_condition_and_robin_boundary(getkey):
 
     def loss(basis, adjoint=None):
         sol = hcmoe.solve(basis, pde, hcmoe.Partition(x=4), grid, data, key=key,
-                          points_per_expert=20, **TIGHT, ridge=1e-2, adjoint=adjoint)
+                          **TIGHT, adjoint=adjoint, rows=hcmoe.Rows(points_per_expert=20, ridge=1e-2))
         return jnp.sum(sol.u * readout)
 
     sol = hcmoe.solve(basis, pde, hcmoe.Partition(x=4), grid, data, key=key,
-                      points_per_expert=20, **TIGHT, ridge=1e-2)
+                      **TIGHT, rows=hcmoe.Rows(points_per_expert=20, ridge=1e-2))
     assert bool(jnp.all(sol.stats.converged))
     grad = jax.grad(loss)(basis)
     assert _relative(grad, jax.grad(lambda b: loss(b, OPTIMISTIX))(basis)) < 1e-8
@@ -148,7 +148,7 @@ def test_navier_stokes_spectral_operators_and_joint_coupling(getkey):
 
     def loss(basis, adjoint, **options):
         sol = hcmoe.solve(basis, pde, hcmoe.Partition(x=2, overlap=0.25), grid, {"w0": w0},
-                          **TIGHT, ridge=1e-2, adjoint=adjoint, **options)
+                          **TIGHT, adjoint=adjoint, **options, rows=hcmoe.Rows(ridge=1e-2))
         return jnp.sum(sol.u * readout)
 
     for options in (dict(), dict(coupling="joint")):
@@ -164,7 +164,7 @@ def test_jit_and_vmap_over_a_batch(getkey):
 
     def loss(basis, adjoint=None):
         sol = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data, **TIGHT,
-                          ridge=1e-2, adjoint=adjoint)
+                          adjoint=adjoint, rows=hcmoe.Rows(ridge=1e-2))
         return jnp.sum(sol.u * readout)
 
     new = jax.jit(jax.vmap(jax.grad(loss)))(batch)
@@ -179,7 +179,7 @@ def test_diagnostics_keep_their_gradient(getkey):
 
     def norm(basis):
         sol = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data, **TIGHT,
-                          ridge=1e-2)
+                          rows=hcmoe.Rows(ridge=1e-2))
         return jnp.sum(sol.stats.residual_norm)
 
     direction = jr.normal(getkey(), basis.shape)

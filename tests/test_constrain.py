@@ -161,7 +161,7 @@ def test_call_time_grid_override(getkey):
             t, x = jnp.asarray(mesh["t"]), jnp.asarray(mesh["x"])
             return jnp.stack([exact_field(grid), jnp.sin(3 * x) * t, x * t**2], -1)
 
-    model = hcmoe.constrain(AnyGrid(), ForcedHeat(), PARTITION, grid=GRID, ridge=0.0)
+    model = hcmoe.constrain(AnyGrid(), ForcedHeat(), PARTITION, grid=GRID, rows=hcmoe.Rows(ridge=0.0))
     coarse_sol = model(GRID, data_for(GRID))
     fine_sol = model(fine, data_for(fine), grid=fine)
     assert fine_sol.u.shape == fine.shape

@@ -75,10 +75,10 @@ def test_condition_target_of_wrong_shape(getkey):
 def test_sampling_needs_a_key_and_positive_points(getkey):
     with pytest.raises(ValueError, match="key: points_per_expert=5 samples points"):
         hcmoe.solve(_basis(getkey()), ForcedHeat(), None, GRID, data_for(GRID),
-                    points_per_expert=5)
+                    rows=hcmoe.Rows(points_per_expert=5))
     with pytest.raises(ValueError, match="points_per_expert: expected a positive int"):
         hcmoe.solve(_basis(getkey()), ForcedHeat(), None, GRID, data_for(GRID),
-                    points_per_expert=0)
+                    rows=hcmoe.Rows(points_per_expert=0))
 
 
 def test_init_shape(getkey):

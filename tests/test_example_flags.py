@@ -1,5 +1,7 @@
 """Examples check every flag before any work: a one-line argparse error, no traceback, no data
-generated (issue 9). Covers examples/navier_stokes.py and examples/custom_pde.py."""
+generated (issue 9), and pass the flags on to the solve. Covers examples/navier_stokes.py,
+examples/custom_pde.py and the research flags of examples/diffusion_sorption.py (the
+quickstart's before hcmoe 0.2)."""
 
 import importlib.util
 import sys
@@ -126,6 +128,87 @@ def test_diffusion_sorption_seeds_get_their_own_directory(tmp_path):
         "sc": "small", "hc": "small_stopcauchy", "moe": "small_stopcauchy"}
     assert example.run_settings(args, "hc")["total_points"] is True
     assert "coupling" not in example.run_settings(args, "sc")
+
+
+def test_diffusion_sorption_research_flags_get_their_own_directory(tmp_path):
+    example = _load("diffusion_sorption")
+
+    def names(*flags):
+        args = example.parse_args(["--out", str(tmp_path), *flags])
+        return {kind: example.run_directory(args, kind).name for kind in ("sc", "hc", "moe")}
+
+    # The formulation's pieces shape every method's problem (and PI-SC's loss).
+    assert names("--ic-weight", "2", "--no-exact-ic") == dict.fromkeys(
+        ("sc", "hc", "moe"), "small_noexactic_icweight2")
+    assert names("--scope", "owned", "--boundary", "cell", "--time-derivative", "backward",
+                 "--initial-layer", "5") == dict.fromkeys(
+        ("sc", "hc", "moe"), "small_scopeowned_initiallayer5_boundarycell_timederivativebackward")
+    # The solves' settings: PI-SC solves nothing and keeps its run.
+    assert names("--ridge", "0.001", "--max-steps", "100", "--warm-start", "--balance", "sum") == {
+        "sc": "small", "hc": "small_balancesum_ridge0.001_maxsteps100_warmstart",
+        "moe": "small_balancesum_ridge0.001_maxsteps100_warmstart"}
+    # A flag at the formulation's or the library's value is the default run (its checkpoints
+    # resume); --formulation paper's balance is sum.
+    assert names("--exact-ic", "--bc-weight", "10", "--ridge", "1e-4", "--max-steps", "50",
+                 "--balance", "mean") == dict.fromkeys(("sc", "hc", "moe"), "small")
+    assert names("--formulation", "paper", "--balance", "sum") == dict.fromkeys(
+        ("sc", "hc", "moe"), "small_paper")
+    default = example.parse_args(["--out", str(tmp_path)])
+    assert example.run_settings(default, "hc") == example.run_settings(
+        example.parse_args(["--out", str(tmp_path), "--ridge", "1e-4"]), "hc")
+    changed = example.parse_args(["--out", str(tmp_path), "--ic-weight", "2", "--ridge", "0.01"])
+    assert example.run_settings(changed, "hc") | {} == example.run_settings(default, "hc") | {
+        "ic_weight": 2.0, "ridge": 0.01}
+    assert "ridge" not in example.run_settings(changed, "sc")
+
+
+def test_diffusion_sorption_research_flags_reach_the_solve(tmp_path, monkeypatch):
+    import hcmoe
+
+    example = _load("diffusion_sorption")
+    made = {}
+
+    class Made(Exception):
+        pass
+
+    def make_method(kind, backbone, pde, grid, partition, **options):
+        made[kind] = dict(options, pde=pde, partition=partition)
+        raise Made
+
+    monkeypatch.setattr(example.methods, "make_method", make_method)
+    flags = ["--scope", "owned", "--no-exact-ic", "--ic-weight", "2", "--bc-weight", "3",
+             "--initial-layer", "5", "--boundary", "cell", "--time-derivative", "backward",
+             "--balance", "sum", "--ridge", "0.01", "--max-steps", "7", "--warm-start",
+             "--initial-damping", "1", "--termination", "cauchy", "--coupling", "independent",
+             "--total-points", "--experts", "2", "--overlap", "0.2"]
+    args = example.parse_args(["--out", str(tmp_path), *flags])
+    grid = example.diffusion_sorption.grid("small")
+    for kind in ("hc", "moe"):
+        with pytest.raises(Made):
+            example.run(kind, args, None, None, grid)
+    pde = made["hc"]["pde"]
+    assert (pde.scope, pde.exact_initial, pde.initial_weight, pde.boundary_weight,
+            pde.initial_layer, pde.boundary, pde.time_derivative) == (
+        "owned", False, 2.0, 3.0, 5.0, "cell", "backward")
+    assert made["hc"]["rows"] == hcmoe.Rows(points_per_expert=800, ridge=0.01, balance="sum")
+    assert made["moe"]["rows"] == hcmoe.Rows(points_per_expert=400, ridge=0.01, balance="sum")
+    assert made["moe"]["coupling"] == "independent" and "coupling" not in made["hc"]
+    assert made["moe"]["partition"] == hcmoe.Partition(t=1, x=2, overlap=0.2)
+    for options in made.values():
+        assert options["max_steps"] == 7
+        solver = options["solver"]
+        assert isinstance(solver, hcmoe.WarmStart)
+        assert isinstance(solver.solver, hcmoe.LevenbergMarquardt)
+        assert solver.solver.termination == "cauchy"
+        assert solver.solver.search.initial_damping == 1.0
+    # No flag: the library's own defaults (solver None, the formulation as published).
+    made.clear()
+    args = example.parse_args(["--out", str(tmp_path), "--formulation", "paper"])
+    with pytest.raises(Made):
+        example.run("hc", args, None, None, grid)
+    assert made["hc"]["solver"] is None and made["hc"]["max_steps"] == 50
+    assert made["hc"]["rows"] == hcmoe.Rows(points_per_expert=400, balance="sum")
+    assert made["hc"]["pde"] == example.diffusion_sorption.formulation("paper")
 
 
 def test_navier_stokes_methods_share_runs_across_settings_they_ignore(tmp_path):

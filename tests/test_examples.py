@@ -83,16 +83,28 @@ def test_custom_pde(tmp_path):
     _check_rows(rows, ["PI-SC", "PI-HC"])
 
 
-@pytest.mark.parametrize("name", ["quickstart", "diffusion_sorption"])
+SHARED_FLAGS = [  # the quickstart's flags, which the research script has too
+    (["--steps", "-5"], "--steps: expected a positive int"),
+    (["--experts", "0"], "--experts: expected a positive int"),
+    (["--points-per-expert", "0"], "--points-per-expert: expected a positive int"),
+]
+RESEARCH_FLAGS = [  # examples/diffusion_sorption.py's own (the quickstart's before hcmoe 0.2)
+    (["--batch-size", "0"], "--batch-size: expected a positive int"),
+    (["--n-train", "0"], "--n-train: expected a positive int"),
+    (["--max-steps", "0"], "--max-steps: expected a positive int"),
+    (["--overlap", "-0.1"], "--overlap: expected a non-negative number"),
+    (["--ic-weight", "-1"], "--ic-weight: expected a non-negative number"),
+    (["--bc-weight", "-1"], "--bc-weight: expected a non-negative number"),
+    (["--initial-layer", "-5"], "--initial-layer: expected a non-negative number"),
+    (["--ridge", "-1e-4"], "--ridge: expected a non-negative number"),
+    (["--termination", "never"], "invalid choice: 'never'"),
+]
+
+
 @pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--steps", "-5"], "--steps: expected a positive int"),
-        (["--batch-size", "0"], "--batch-size: expected a positive int"),
-        (["--experts", "0"], "--experts: expected a positive int"),
-        (["--points-per-expert", "0"], "--points-per-expert: expected a positive int"),
-        (["--overlap", "-0.1"], "--overlap: expected a non-negative number"),
-    ],
+    "name, flags, message",
+    [("quickstart", *case) for case in SHARED_FLAGS]
+    + [("diffusion_sorption", *case) for case in SHARED_FLAGS + RESEARCH_FLAGS],
 )
 def test_example_flags_are_checked_before_any_work(name, flags, message, capsys):
     example = _load(name)

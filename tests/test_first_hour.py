@@ -78,17 +78,17 @@ class EqxBackbone(eqx.Module):
 def test_eager_solve_does_not_retrace(getkey):
     pde_cls = counting_pde()
     basis, data = _basis(getkey()), data_for(GRID)
-    first = hcmoe.solve(basis, pde_cls(), PARTITION, GRID, data, points_per_expert=12,
-                        key=getkey())
+    first = hcmoe.solve(basis, pde_cls(), PARTITION, GRID, data, 
+                        key=getkey(), rows=hcmoe.Rows(points_per_expert=12))
     traced = pde_cls.traces
     assert traced >= 1
     for _ in range(3):  # new arrays of the same shapes, a new key: no new trace
         other = hcmoe.solve(basis * 1.01, pde_cls(), PARTITION, GRID,
-                            {"u0": data["u0"] + 0.1}, points_per_expert=12, key=getkey())
+                            {"u0": data["u0"] + 0.1}, key=getkey(), rows=hcmoe.Rows(points_per_expert=12))
     assert pde_cls.traces == traced
     assert not np.allclose(other.u, first.u)  # the arrays did reach the compiled solve
-    hcmoe.solve(basis, pde_cls(kappa=0.2), PARTITION, GRID, data, points_per_expert=12,
-                key=getkey())
+    hcmoe.solve(basis, pde_cls(kappa=0.2), PARTITION, GRID, data, 
+                key=getkey(), rows=hcmoe.Rows(points_per_expert=12))
     assert pde_cls.traces > traced  # a constant of the PDE is part of the configuration
 
 
@@ -122,7 +122,7 @@ def test_eager_wrapper_calls_do_not_retrace(family, getkey):
         call({"u0": data["u0"] + shift})
     assert pde_cls.traces == traced
     # call-time options in every family: the same configuration reuses the compilation
-    assert jnp.all(jnp.isfinite(call(data, points_per_expert=None).u))
+    assert jnp.all(jnp.isfinite(call(data, rows=hcmoe.Rows(points_per_expert=None)).u))
     assert pde_cls.traces == traced
     with pytest.raises(ValueError, match=r"call: unknown option\(s\) \['point'\]"):
         call(data, point=3)
@@ -152,13 +152,13 @@ def test_solve_with_a_mesh_compiles_once(getkey):
     pde_cls = counting_pde()
     basis, data, mesh = _basis(getkey()), data_for(GRID), hcmoe.expert_mesh()
     plain = hcmoe.solve(basis, pde_cls(), PARTITION, GRID, data)
-    sharded = hcmoe.solve(basis, pde_cls(), PARTITION, GRID, data, mesh=mesh)
+    sharded = hcmoe.solve(basis, pde_cls(), PARTITION, GRID, data, coupling=hcmoe.Independent(mesh=mesh))
     traced = pde_cls.traces
-    hcmoe.solve(basis + 0.01, pde_cls(), PARTITION, GRID, data, mesh=mesh)
+    hcmoe.solve(basis + 0.01, pde_cls(), PARTITION, GRID, data, coupling=hcmoe.Independent(mesh=mesh))
     assert pde_cls.traces == traced
     assert _close(sharded.u, plain.u, rtol=1e-9, atol=1e-11)
     model = hcmoe.constrain(EqxBackbone(_flat_backbone(4)[1]), pde_cls(), PARTITION, grid=GRID,
-                            mesh=mesh)
+                            coupling=hcmoe.Independent(mesh=mesh))
     x = jr.normal(getkey(), (4,))
     grads = eqx.filter_grad(lambda m: jnp.sum(m(x, data).u ** 2))(model)
     assert jnp.all(jnp.isfinite(grads.model.weight))
@@ -300,20 +300,20 @@ def test_call_time_options_without_rewrapping(getkey):
     backbone, params = _flat_backbone(4)
     x, data = jr.normal(getkey(), (4,)), data_for(GRID)
     model = hcmoe.constrain(EqxBackbone(params), ForcedHeat(), PARTITION, grid=GRID,
-                            points_per_expert=5)
+                            rows=hcmoe.Rows(points_per_expert=5))
     everywhere = hcmoe.constrain(EqxBackbone(params), ForcedHeat(), PARTITION, grid=GRID)
     sampled = model(x, data, key=getkey())
-    full = model(x, data, key=getkey(), points_per_expert=None)
+    full = model(x, data, key=getkey(), rows=hcmoe.Rows(points_per_expert=None))
     assert _close(full.u, everywhere(x, data).u, rtol=1e-10, atol=1e-12)
     assert not _close(full.u, sampled.u, rtol=1e-6, atol=1e-8)
     assert model.options == {"points_per_expert": 5}  # the wrapper itself is unchanged
     with pytest.raises(ValueError, match=r"call: unknown option\(s\) \['points'\]"):
         model(x, data, points=3)
     with pytest.raises(ValueError, match="points_per_expert: expected a positive int"):
-        model(x, data, key=getkey(), points_per_expert=0)
+        model(x, data, key=getkey(), rows=hcmoe.Rows(points_per_expert=0))
     fn_model = hcmoe.constrain(backbone, ForcedHeat(), PARTITION, grid=GRID,
-                               points_per_expert=5)
-    assert _close(fn_model(params, x, data, points_per_expert=None).u, full.u,
+                               rows=hcmoe.Rows(points_per_expert=5))
+    assert _close(fn_model(params, x, data, rows=hcmoe.Rows(points_per_expert=None)).u, full.u,
                          rtol=1e-10, atol=1e-12)
 
 
@@ -352,7 +352,7 @@ def test_readme_jitted_training_idiom_runs(getkey):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     x, data = jr.normal(getkey(), (4,)), data_for(GRID)
     model = hcmoe.constrain(EqxBackbone(_flat_backbone(4)[1]), ForcedHeat(), PARTITION,
-                            grid=GRID, points_per_expert=10)
+                            grid=GRID, rows=hcmoe.Rows(points_per_expert=10))
     optimizer = optax.adam(1e-2)
     namespace = {"eqx": eqx, "hcmoe": hcmoe, "optimizer": optimizer,
                  "reference": exact_field(GRID)}

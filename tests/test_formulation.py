@@ -15,8 +15,8 @@ def _discrete_solution(pde, grid, u0):
     n = grid.size
     basis = jnp.eye(n).reshape(grid.shape + (n,))
     weighted = methods.WeightedResidual(pde, 500.0)
-    sol = hcmoe.solve(basis, weighted, None, grid, {"u0": u0}, ridge=1e-8, max_steps=100,
-                      rtol=1e-8, atol=1e-8, init=jnp.full((n,), 0.5))
+    sol = hcmoe.solve(basis, weighted, None, grid, {"u0": u0}, max_steps=100,
+                      init=jnp.full((n,), 0.5), rows=hcmoe.Rows(ridge=1e-8), solver=hcmoe.LevenbergMarquardt(rtol=1e-8, atol=1e-8))
     return sol.u
 
 
@@ -34,7 +34,7 @@ def test_default_formulation_minimiser_is_close_to_the_reference(level):
     basis = jnp.eye(n).reshape(grid.shape + (n,))
     loose = hcmoe.solve(basis, methods.WeightedResidual(
         ds.formulation("hcmoe", initial_layer=90.0), 500.0), None, grid, {"u0": u0},
-        ridge=1e-8, max_steps=100, rtol=1e-8, atol=1e-8, init=jnp.full((n,), 0.5)).u
+        max_steps=100, init=jnp.full((n,), 0.5), rows=hcmoe.Rows(ridge=1e-8), solver=hcmoe.LevenbergMarquardt(rtol=1e-8, atol=1e-8)).u
     assert float(losses.relative_l2(loose, reference)) > 2 * error
 
 

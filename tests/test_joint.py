@@ -46,10 +46,10 @@ def test_joint_is_pi_hc_on_the_windowed_basis_with_the_experts_points(getkey):
     # Both run to the cap without a termination test (rtol = atol = 0), so both reach the
     # minimiser whatever path rounding sends them on.
     options = dict(key=key, rtol=0.0, atol=0.0, max_steps=200)
-    joint = hcmoe.solve(basis, pde, partition, grid, data, points_per_expert=20,
-                        coupling="joint", **options)
+    joint = hcmoe.solve(basis, pde, partition, grid, data, 
+                        coupling="joint", **options, rows=hcmoe.Rows(points_per_expert=20))
     direct = hcmoe.solve(windowed_basis(basis, partition, grid), pde, None, grid, data,
-                         points_per_expert=80, **options)
+                         **options, rows=hcmoe.Rows(points_per_expert=80))
     assert joint.weights.shape == (4, basis.shape[-1])
     scale = float(np.max(np.abs(direct.weights)))
     np.testing.assert_allclose(joint.weights.reshape(-1), direct.weights[0], rtol=0,
@@ -108,7 +108,7 @@ def test_joint_init_and_bad_options(getkey):
         hcmoe.solve(basis, pde, partition, grid, data, coupling="together")
     mesh = hcmoe.expert_mesh(1)
     with pytest.raises(ValueError, match="mesh: coupling='joint'"):
-        hcmoe.solve(basis, pde, partition, grid, data, coupling="joint", mesh=mesh)
+        hcmoe.solve(basis, pde, partition, grid, data, coupling=hcmoe.Joint(mesh=mesh))
     # One expert: "joint" is plain PI-HC.
     single = hcmoe.solve(basis, pde, None, grid, data, coupling="joint")
     plain = hcmoe.solve(basis, pde, None, grid, data)
@@ -134,10 +134,10 @@ def test_joint_on_a_periodic_spectral_problem(getkey):
         assert wrap <= inner + 1e-12
     key = getkey()
     opts = dict(init=jnp.zeros(3), max_steps=100, rtol=1e-10, atol=1e-10)
-    joint = hcmoe.solve(basis, pde, partition, grid, data, key=key, points_per_expert=60,
-                        coupling="joint", **opts)
+    joint = hcmoe.solve(basis, pde, partition, grid, data, key=key, 
+                        coupling="joint", **opts, rows=hcmoe.Rows(points_per_expert=60))
     direct = hcmoe.solve(windowed_basis(basis, partition, grid), pde, None, grid, data,
-                         key=key, points_per_expert=240, **(opts | {"init": jnp.zeros(12)}))
+                         key=key, **(opts | {"init": jnp.zeros(12)}), rows=hcmoe.Rows(points_per_expert=240))
     assert bool(jnp.all(joint.stats.converged))
     np.testing.assert_allclose(joint.weights.reshape(-1), direct.weights[0], rtol=1e-8,
                                atol=1e-6)

@@ -49,7 +49,7 @@ def test_default_solver_matches_optimistix_qr(getkey):
     # objective test stops once the objective has converged, weights to ~1e-6 here).
     options = dict(rtol=1e-10, atol=1e-10, max_steps=100)
     default = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
-                          termination="cauchy", **options)
+                          **options, solver=hcmoe.LevenbergMarquardt(termination="cauchy"))
     qr = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
                      solver=optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10), **options)
     assert bool(jnp.all(default.stats.converged))
@@ -88,7 +88,7 @@ def test_search_option_is_kept_and_used(getkey):
     basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
     options = dict(rtol=1e-10, atol=1e-10, max_steps=200)
     default = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
-                          termination="cauchy", **options)
+                          **options, solver=hcmoe.LevenbergMarquardt(termination="cauchy"))
     fast = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
                        solver=solver, **options)
     assert bool(jnp.all(default.stats.converged)) and bool(jnp.all(fast.stats.converged))
@@ -104,8 +104,8 @@ def test_initial_damping_changes_the_path_not_the_minimiser(getkey):
     basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
     options = dict(rtol=1e-10, atol=1e-10, max_steps=200)
     solve = functools.partial(hcmoe.solve, basis, ForcedBurgers(), hcmoe.Partition(x=2), grid,
-                              data_for(grid), termination="cauchy", **options)
-    small, one = solve(), solve(initial_damping=1.0)
+                              data_for(grid), **options, solver=hcmoe.LevenbergMarquardt(termination="cauchy"))
+    small, one = solve(), solve(solver=hcmoe.LevenbergMarquardt(initial_damping=1.0))
     assert bool(jnp.all(small.stats.converged)) and bool(jnp.all(one.stats.converged))
     assert jnp.max(jnp.abs(small.weights - one.weights)) < 1e-7
     assert not np.array_equal(small.stats.num_steps, one.stats.num_steps)
@@ -117,7 +117,7 @@ def test_initial_damping_changes_the_path_not_the_minimiser(getkey):
 
 
 def test_trust_region_starts_at_the_initial_damping():
-    state = hcmoe.TrustRegion(initial_damping=1e-3).init(jnp.zeros(2), None)
+    state = hcmoe.TrustRegion(solver=hcmoe.LevenbergMarquardt(initial_damping=1e-3)).init(jnp.zeros(2), None)
     assert float(state.step_size) == 1e3
     assert float(hcmoe.TrustRegion().init(jnp.zeros(2), None).step_size) == 1e6
 
@@ -127,7 +127,7 @@ def test_initial_damping_errors(getkey):
     basis = basis_with_exact(grid, getkey())
     for bad in (0.0, -1.0, "small"):
         with pytest.raises(ValueError, match="initial_damping: expected a positive number"):
-            hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid), initial_damping=bad)
+            hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid), solver=hcmoe.LevenbergMarquardt(initial_damping=bad))
     with pytest.raises(ValueError, match="initial_damping: 0.001 applies to the default solver"):
         hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid), initial_damping=1e-3,
                     solver=optx.LevenbergMarquardt(rtol=1e-6, atol=1e-6))
@@ -135,7 +135,7 @@ def test_initial_damping_errors(getkey):
         LevenbergMarquardt(1e-6, 1e-6, initial_damping=1e-3,
                            search=optx.ClassicalTrustRegion())
     with pytest.raises(ValueError, match="initial_damping: expected a positive number"):
-        hcmoe.TrustRegion(initial_damping=0.0)
+        hcmoe.TrustRegion(solver=hcmoe.LevenbergMarquardt(initial_damping=0.0))
 
 
 def test_a_collapsed_trust_region_is_not_reported_converged(getkey):
@@ -146,7 +146,7 @@ def test_a_collapsed_trust_region_is_not_reported_converged(getkey):
     basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
     solve = functools.partial(hcmoe.solve, basis, ForcedBurgers(), hcmoe.Partition(x=2), grid,
                               data_for(grid), rtol=1e-4, atol=1e-4, max_steps=100)
-    stalled = solve(initial_damping=1e12)
+    stalled = solve(solver=hcmoe.LevenbergMarquardt(initial_damping=1e12))
     assert bool(jnp.all(stalled.stats.result == optx.RESULTS.successful))
     assert not bool(jnp.any(stalled.stats.converged))
     assert jnp.max(jnp.abs(stalled.weights - 1.0)) < 1e-6  # it never left the start
@@ -162,8 +162,8 @@ def test_converged_experts_are_stationary(getkey):
     pde, data, partition = ForcedBurgers(), data_for(grid), hcmoe.Partition(x=2)
     ridge, tol = 1e-3, 1e-8
     key = getkey()
-    sol = hcmoe.solve(basis, pde, partition, grid, data, key=key, points_per_expert=30,
-                      rtol=tol, atol=tol, ridge=ridge, max_steps=200)
+    sol = hcmoe.solve(basis, pde, partition, grid, data, key=key, 
+                      max_steps=200, rows=hcmoe.Rows(points_per_expert=30, ridge=ridge), solver=hcmoe.LevenbergMarquardt(rtol=tol, atol=tol))
     assert bool(jnp.all(sol.stats.converged))
     problems, _, _ = build_problems(basis, pde, grid, data, partition, 30, key)
     for k in range(2):
@@ -193,7 +193,7 @@ def test_objective_termination_stops_earlier_at_the_same_objective():
     steps = {"objective": 0, "cauchy": 0}
     for basis in bases:
         fast = solve(basis, max_steps=100)  # the default: termination="objective"
-        slow = solve(basis, max_steps=100, termination="cauchy")
+        slow = solve(basis, max_steps=100, solver=hcmoe.LevenbergMarquardt(termination="cauchy"))
         assert bool(jnp.all(fast.stats.converged)) and bool(jnp.all(slow.stats.converged))
         # The same iterates until the earlier stop, so never more iterations, ...
         assert np.all(np.asarray(fast.stats.num_steps) <= np.asarray(slow.stats.num_steps))
@@ -213,7 +213,7 @@ def test_objective_termination_returns_the_iterate_of_the_cauchy_path():
     bases, solve = _walking_problems()
     basis = bases[2]
     fast = solve(basis, max_steps=100)
-    capped = solve(basis, max_steps=int(np.max(fast.stats.num_steps)), termination="cauchy")
+    capped = solve(basis, max_steps=int(np.max(fast.stats.num_steps)), solver=hcmoe.LevenbergMarquardt(termination="cauchy"))
     assert np.array_equal(np.asarray(fast.stats.num_steps), np.asarray(capped.stats.num_steps))
     assert jnp.max(jnp.abs(fast.weights - capped.weights)) < 1e-12
 
@@ -254,14 +254,14 @@ def test_termination_errors(getkey):
     basis = basis_with_exact(grid, getkey())
     solve = functools.partial(hcmoe.solve, basis, ForcedBurgers(), None, grid, data_for(grid))
     with pytest.raises(ValueError, match="termination: expected one of"):
-        solve(termination="weights")
+        solve(solver=hcmoe.LevenbergMarquardt(termination="weights"))
     with pytest.raises(ValueError, match="termination: expected one of"):
         LevenbergMarquardt(1e-6, 1e-6, termination="Objective")
     with pytest.raises(ValueError, match="termination: 'cauchy' applies to the default solver"):
         solve(termination="cauchy", solver=optx.LevenbergMarquardt(rtol=1e-6, atol=1e-6))
     with pytest.raises(ValueError, match="termination: 'objective' needs the float64 solver"):
-        solve(termination="objective", precision="float32")
-    assert bool(jnp.all(solve(termination="cauchy", precision="float32").stats.converged))
+        solve(precision="float32", solver=hcmoe.LevenbergMarquardt(termination="objective"))
+    assert bool(jnp.all(solve(precision="float32", solver=hcmoe.LevenbergMarquardt(termination="cauchy")).stats.converged))
     solver = LevenbergMarquardt(1e-6, 1e-6, termination="cauchy")
     assert solver.with_jacobian(lambda y: y).termination == "cauchy"
 

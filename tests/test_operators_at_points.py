@@ -282,7 +282,7 @@ def test_shipped_problems_rows_equal_full_grid(getkey, case):
     pde, grid, data, partition, scope = _shipped_problems(getkey())[case]
     basis = jr.normal(getkey(), grid.shape + (4,))
     problems, _, _ = build_problems(basis, pde, grid, data, partition, 20, getkey(),
-                                    condition_scope=scope)
+                                    rows=hcmoe.Rows(condition_scope=scope))
     stacks, offsets, matrix = _full_grid_rows(pde, basis, grid, data, partition, scope,
                                               problems)
     valid = problems.pde_valid[..., None]

@@ -46,6 +46,6 @@ def test_readme_forcing_field_example_runs(capsys):
     data = {"f": f, "u0": jnp.zeros(32)}
     unforced = hcmoe.solve(basis, pde, hcmoe.Partition(x=2), grid,
                            {"f": jnp.zeros_like(f), "u0": jnp.zeros(32)},
-                           points_per_expert=100, key=jr.key(1))
+                           key=jr.key(1), rows=hcmoe.Rows(points_per_expert=100))
     assert float(losses.residual_loss(forced.u, pde, grid, data)) < 0.5 * float(
         losses.residual_loss(unforced.u, pde, grid, data))

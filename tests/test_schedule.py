@@ -29,7 +29,7 @@ def test_map_equals_vmap(getkey, pde):
     partition = hcmoe.Partition(t=2, x=2)
     key = getkey()
     sols = {s: hcmoe.solve(basis, pde, partition, grid, data_for(grid), key=key,
-                           points_per_expert=15, schedule=s, **OPTIONS) for s in ("vmap", "map")}
+                           **OPTIONS, rows=hcmoe.Rows(points_per_expert=15), coupling=hcmoe.Independent(schedule=s)) for s in ("vmap", "map")}
     vmapped, mapped = sols["vmap"], sols["map"]
     assert bool(jnp.all(vmapped.stats.converged)) and bool(jnp.all(mapped.stats.converged))
     # Batched and sequential programs round differently, and LM at rtol = atol = 1e-12 stops
@@ -50,7 +50,7 @@ def test_map_gradient_equals_vmap_gradient(getkey):
 
     def loss(b, schedule):
         sol = hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid),
-                          schedule=schedule, **OPTIONS)
+                          **OPTIONS, coupling=hcmoe.Independent(schedule=schedule))
         return jnp.sum(sol.u * readout) + jnp.sum(sol.weights**2)
 
     grads = {s: jax.jit(jax.grad(loss), static_argnums=1)(basis, s) for s in ("vmap", "map")}
@@ -71,8 +71,8 @@ def test_map_under_batch_vmap_and_wrappers(getkey):
         return x * params
 
     model = hcmoe.constrain(backbone, ForcedBurgers(), partition, grid=grid, **OPTIONS)
-    vmapped = model(1.0, bases, data, schedule="vmap")
-    mapped = model(1.0, bases, data, schedule="map")
+    vmapped = model(1.0, bases, data, coupling=hcmoe.Independent(schedule="vmap"))
+    mapped = model(1.0, bases, data, coupling=hcmoe.Independent(schedule="map"))
     np.testing.assert_allclose(mapped.weights, vmapped.weights, rtol=0, atol=1e-8)
     assert mapped.weights.shape == (2, 2, 5)
 
@@ -88,13 +88,13 @@ def test_schedule_option_and_errors(getkey):
     grid, basis = _problem(getkey)
     with pytest.raises(ValueError, match=r"schedule: expected one of \('auto', 'vmap', 'map'\); "
                                          r"got 'serial'"):
-        hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid), schedule="serial")
+        hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid), coupling=hcmoe.Independent(schedule="serial"))
 
 
 def test_unknown_schedule_fails_at_wrap_time():
     grid = small_grid()
     with pytest.raises(ValueError, match="schedule: expected one of"):
-        hcmoe.constrain(lambda p, x: x, ForcedBurgers(), None, grid=grid, schedule="loop")
+        hcmoe.constrain(lambda p, x: x, ForcedBurgers(), None, grid=grid, coupling=hcmoe.Independent(schedule="loop"))
 
 
 def test_auto_batches_small_problems(getkey):
@@ -106,7 +106,7 @@ def test_auto_batches_small_problems(getkey):
     def program(schedule):
         return str(jax.make_jaxpr(lambda b: hcmoe.solve(
             b, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid), key=key,
-            points_per_expert=15, schedule=schedule, **OPTIONS).u)(basis))
+            **OPTIONS, rows=hcmoe.Rows(points_per_expert=15), coupling=hcmoe.Independent(schedule=schedule)).u)(basis))
 
     batched, sequential = program("vmap"), program("map")
     assert sequential.count(" scan[") == batched.count(" scan[") + 1

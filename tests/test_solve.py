@@ -45,7 +45,7 @@ def test_linear_fast_path_recovers_exact_solution(getkey, blocks):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey())
     sol = hcmoe.solve(basis, ForcedHeat(), hcmoe.Partition(**blocks), grid, data_for(grid),
-                      ridge=0.0)
+                      rows=hcmoe.Rows(ridge=0.0))
     assert bool(jnp.all(sol.stats.converged))
     assert bool(jnp.all(sol.stats.num_steps == 0))  # no iterations: one least-squares solve
     assert jnp.max(jnp.abs(sol.u - exact_field(grid))) < 1e-8
@@ -61,7 +61,7 @@ def test_linear_fast_path_matches_levenberg_marquardt(getkey):
         linear = False
 
     iterative = hcmoe.solve(basis, NotFlaggedLinear(), hcmoe.Partition(x=2), grid,
-                            data_for(grid), rtol=1e-12, atol=1e-12, max_steps=100)
+                            data_for(grid), max_steps=100, solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12))
     assert jnp.max(jnp.abs(direct.weights - iterative.weights)) < 1e-7
 
 
@@ -165,7 +165,7 @@ def test_jit_vmap_grad_compose_and_keys(getkey):
     def batched(bases, data, key):
         keys = jr.split(key, bases.shape[0])
         return jax.vmap(
-            lambda b, d, k: hcmoe.solve(b, pde, partition, grid, d, key=k, points_per_expert=40)
+            lambda b, d, k: hcmoe.solve(b, pde, partition, grid, d, key=k, rows=hcmoe.Rows(points_per_expert=40))
         )(bases, data, keys)
 
     key = getkey()
@@ -188,7 +188,7 @@ def test_points_per_expert_clipped_to_expert_size(getkey):
     basis = basis_with_exact(grid, getkey())
     everything = hcmoe.solve(basis, ForcedHeat(), hcmoe.Partition(x=2), grid, data_for(grid))
     clipped = hcmoe.solve(basis, ForcedHeat(), hcmoe.Partition(x=2), grid, data_for(grid),
-                          points_per_expert=10_000, key=getkey())
+                          key=getkey(), rows=hcmoe.Rows(points_per_expert=10_000))
     assert jnp.max(jnp.abs(everything.u - clipped.u)) < 1e-12
 
 
@@ -208,7 +208,7 @@ def test_other_optimistix_solvers(getkey):
     # where Dogleg's termination flips with the compiler's fusion choices.
     for solver in (optx.GaussNewton(rtol=1e-10, atol=1e-10), optx.Dogleg(rtol=1e-10, atol=1e-10)):
         sol = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
-                          solver=solver, max_steps=100, ridge=0.0)
+                          solver=solver, max_steps=100, rows=hcmoe.Rows(ridge=0.0))
         assert bool(jnp.all(sol.stats.converged))
         assert jnp.max(jnp.abs(sol.u - exact_field(grid))) < 1e-8
 
@@ -226,8 +226,8 @@ def test_non_converged_expert_is_reported_and_can_raise(getkey):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey()) + 0.2 * jr.normal(getkey(), grid.shape + (5,))
     args = (basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid))
-    sol = hcmoe.solve(*args, max_steps=1, rtol=1e-14, atol=1e-14)
+    sol = hcmoe.solve(*args, max_steps=1, solver=hcmoe.LevenbergMarquardt(rtol=1e-14, atol=1e-14))
     assert not bool(jnp.any(sol.stats.converged))
     assert int(sol.stats.num_failed) == 2
     with pytest.raises(Exception, match="did not converge"):
-        jax.block_until_ready(hcmoe.solve(*args, max_steps=1, rtol=1e-14, atol=1e-14, throw=True))
+        jax.block_until_ready(hcmoe.solve(*args, max_steps=1, throw=True, solver=hcmoe.LevenbergMarquardt(rtol=1e-14, atol=1e-14)))

@@ -11,14 +11,18 @@ from . import (
     problems as problems,
     training as training,
 )
-from ._compiled import solve as solve
 from ._constrain import Constrained as Constrained, constrain as constrain
-from ._experts import ConditionWarning as ConditionWarning
+from ._coupling import (
+    AbstractCoupling as AbstractCoupling,
+    Independent as Independent,
+    Joint as Joint,
+)
 from ._grid import Grid as Grid, uniform_grid as uniform_grid
 from ._jaxlib_check import JaxlibHangWarning as JaxlibHangWarning
 from ._levenberg_marquardt import (
     LevenbergMarquardt as LevenbergMarquardt,
     TrustRegion as TrustRegion,
+    WarmStart as WarmStart,
 )
 from ._partition import (
     AbstractPartition as AbstractPartition,
@@ -36,8 +40,10 @@ from ._pde import (
     robin as robin,
 )
 from ._pdedata import MissingDataError as MissingDataError, PDEData as PDEData
+from ._results import RESULTS as RESULTS, Solution as Solution, SolveStats as SolveStats
+from ._rows import ConditionWarning as ConditionWarning, Rows as Rows
 from ._sharding import expert_mesh as expert_mesh
-from ._solve import Solution as Solution, SolveStats as SolveStats
+from ._solve import solve as solve
 
 
 __version__ = importlib.metadata.version("hcmoe")

@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from ._expert import residual_rows
 from ._grid import Grid
-from ._ops import evaluate_at_expert_points
-from ._solve import residual_rows
+from ._operators import evaluate_at_expert_points
 
 
 def _is_jax_array(x) -> bool:

@@ -14,11 +14,11 @@ from typing import Any
 
 import equinox as eqx
 
-from ._compiled import call_options, check_options, constrained_solve
 from ._grid import Grid
 from ._partition import as_partition
 from ._pde import AbstractPDE
-from ._solve import Solution
+from ._results import Solution
+from ._solve import call_options, check_options, constrained_solve
 
 
 class Constrained(eqx.Module):
@@ -108,7 +108,7 @@ def constrain(
     Every call returns an `hcmoe.Solution`; `grid=` at call time overrides the default grid
     (e.g. to evaluate at a finer resolution: a coordinate `Partition` applies to any grid),
     and solve options given at call time override the wrap-time ones for that call only, e.g.
-    `m(x, data, points_per_expert=None)` to evaluate with every point.
+    `m(x, data, rows=hcmoe.Rows())` to evaluate with every point.
 
     The solve is jitted inside the wrapper (`equinox.filter_jit`) and compiles once per
     configuration, so eager calls do not retrace; for training, jit the whole step
@@ -120,8 +120,9 @@ def constrain(
     - `pde`: an `hcmoe.AbstractPDE`.
     - `partition`: `hcmoe.Partition(...)`, a label array, or None (one expert, PI-HC).
     - `grid`: the default `hcmoe.Grid`.
-    - `**options`: passed to `hcmoe.solve` (`points_per_expert`, `max_steps`, `rtol`, `atol`,
-      `ridge`, `solver`, `precision`, `throw`, `mesh`, ...).
+    - `**options`: passed to `hcmoe.solve` (`init`, `solver`, `rows`, `coupling`, `adjoint`,
+      `max_steps`, `precision`, `throw`; a coupling's `mesh` also splits a batch over the
+      mesh's `"batch"` axis). An hcmoe 0.1 option name raises an error naming its new home.
     """
     if not isinstance(pde, AbstractPDE):
         raise ValueError(f"pde: expected an hcmoe.AbstractPDE; got {type(pde).__name__}.")

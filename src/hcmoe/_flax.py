@@ -7,9 +7,9 @@ from typing import Any
 import flax.linen as linen
 from flax import nnx
 
-from ._compiled import call_options, constrained_solve
 from ._grid import Grid
-from ._solve import Solution
+from ._results import Solution
+from ._solve import call_options, constrained_solve
 
 
 class ConstrainedNNX(nnx.Module):

@@ -11,7 +11,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike
 
 from ._grid import Grid
-from ._ops import AbstractOperator, FiniteDifference, Identity
+from ._operators import AbstractOperator, FiniteDifference, Identity
 
 
 class Condition(eqx.Module):

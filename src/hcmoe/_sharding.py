@@ -34,7 +34,7 @@ def expert_mesh(
     batch: int = 1,
     devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
-    """A `Mesh` with axes `("batch", "experts")` for `solve(..., mesh=...)` / `constrain`.
+    """A `Mesh` with axes `("batch", "experts")` for `hcmoe.Independent(mesh=...)`.
 
     The devices are laid out as a `(batch, num_devices // batch)` grid: the samples of a batch
     are split over the first axis, the experts of each sample over the second. Any number of
@@ -60,7 +60,8 @@ def expert_mesh(
         ```python
         mesh = hcmoe.expert_mesh()          # all devices on "experts"
         mesh = hcmoe.expert_mesh(batch=2)   # 2 sample groups x (devices / 2) expert slabs
-        sol = hcmoe.solve(basis, pde, hcmoe.Partition(x=8), grid, data, mesh=mesh)
+        sol = hcmoe.solve(basis, pde, hcmoe.Partition(x=8), grid, data,
+                           coupling=hcmoe.Independent(mesh=mesh))
         ```
     """
     pool = list(jax.devices() if devices is None else devices)
@@ -195,9 +196,9 @@ def batch_map(fn: Callable, mesh: Mesh, *args: Any) -> Any:
     inside (the experts' `P("experts")`) becomes `P("batch", "experts")`; the padding is
     dropped.
 
-    **Raises:** `ValueError` for a mesh without an `"experts"` axis.
+    The mesh's `"experts"` axis, if any, is the coupling's business (`Independent` shards
+    each sample's experts over it).
     """
-    check_mesh(mesh, EXPERTS)
     if axis_size(mesh, BATCH) == 1:
         return jax.vmap(fn)(*args)
     size = leading_size(args)

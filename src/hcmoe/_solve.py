@@ -1,4 +1,15 @@
-"""One expert's least-squares problem, its solve, and the results types."""
+"""`hcmoe.solve`, the public entry point, and the jitted solve behind `hcmoe.constrain`.
+
+Tracing a solve (operator stacks, the optimistix loop, the implicit adjoint) takes seconds, so
+an eager call must not trace it again. Both entry points are `equinox.filter_jit`-ed: array
+leaves (the basis, the data, the key, `init`) are traced; everything else (the PDE's constants,
+the grid, the partition, the solver, the rows, the coupling) is static and part of the cache
+key, so the second eager call with the same configuration costs about what a jitted one does.
+Inside an outer `jit`, `vmap` or `grad` the inner jit is simply inlined.
+
+Both also wrap the data in `PDEData`, so a PDE reading a missing `data[key]` gets an error that
+names the PDE and the key.
+"""
 
 from __future__ import annotations
 
@@ -7,274 +18,300 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import lineax as lx
+import numpy as np
 import optimistix as optx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._levenberg_marquardt import LevenbergMarquardt
+from ._coupling import AbstractCoupling, as_coupling
+from ._grid import Grid
+from ._jaxlib_check import warn_if_hang_prone
+from ._partition import AbstractPartition, as_partition
 from ._pde import AbstractPDE
-from ._pdedata import PDEData
+from ._pdedata import wrap_data
+from ._results import Solution
+from ._rows import Rows
 
 
-class SolveStats(eqx.Module):
-    """Per-expert diagnostics of the constraint solve (each field has a leading `K` axis).
+_PRECISIONS = (None, "float64", "float32", "input")
 
-    - `num_steps`: solver iterations (0 for the direct linear solve).
-    - `residual_norm`: `||r_k(w_k)||_2` at the returned weights (PDE, condition and ridge rows).
-    - `converged`: the solver reported success, the residual is finite and, with hcmoe's
-      default Levenberg–Marquardt, the returned weights are stationary: the Gauss–Newton
-      model predicts no further decrease of `½‖r‖²` beyond `rtol` of it (plus `atol²`; see
-      `hcmoe._levenberg_marquardt.gauss_newton_decrement`). The Cauchy test alone also
-      passes where the trust region has collapsed and the last accepted step was tiny, far
-      from a minimiser (measured: gradient 0.2 and a negative Hessian eigenvalue at an expert
-      reported converged at rtol = atol = 1e-12). Gradients through an expert that did not
-      converge are unreliable: the implicit adjoint assumes a stationary point
-      (benchmarks/README.md shows a gradient norm changing 3-6x with the summation order at
-      two capped experts).
-    - `result`: the raw `optimistix.RESULTS` (or `lineax.RESULTS`) of each expert.
-    - `condition_error`: the largest unweighted residual `|L u - g|` of the expert's own
-      function over its least-squares condition rows (0 without any; exact conditions hold by
-      construction and are not counted).
-    - `points`: the flat grid indices (`numpy.unravel_index(points, grid.shape)`) of the PDE
-      points each expert used, shape `(*batch, experts, m)`, `-1` in padding slots.
-    """
+# The keyword options of `solve` (besides `key`), which `constrain` and the methods pass on.
+SOLVE_OPTIONS = ("init", "solver", "rows", "coupling", "adjoint", "max_steps", "precision",
+                 "throw")
 
-    num_steps: Int[Array, "*batch experts"]
-    residual_norm: Float[Array, "*batch experts"]
-    converged: Bool[Array, "*batch experts"]
-    result: Any
-    condition_error: Float[Array, "*batch experts"] | None = None
-    points: Int[Array, "*batch experts m"] | None = None
-
-    @property
-    def num_failed(self) -> Array:
-        """Number of experts that did not converge."""
-        return jnp.sum(~self.converged, axis=-1)
+# Options of hcmoe 0.1, and where they went (a clear error instead of "unknown option").
+MOVED_OPTIONS = {
+    **{name: f"solver=hcmoe.LevenbergMarquardt({name}=...)"
+       for name in ("rtol", "atol", "initial_damping", "termination")},
+    **{name: f"rows=hcmoe.Rows({name}=...)"
+       for name in ("points_per_expert", "ridge", "ridge_toward", "balance",
+                    "condition_scope")},
+    "schedule": "coupling=hcmoe.Independent(schedule=...)",
+    "mesh": "coupling=hcmoe.Independent(mesh=...) (or hcmoe.Joint(mesh=...))",
+    "warm_start": "solver=hcmoe.WarmStart(hcmoe.LevenbergMarquardt())",
+    "linear_solver": "adjoint=optimistix.ImplicitAdjoint(linear_solver) (and, for a linear "
+                     "PDE's least-squares solve, solver=<a lineax solver>)",
+}
 
 
-class Solution(eqx.Module):
-    """The constrained prediction.
-
-    - `u`: the prediction on the grid, `u = u_p + T(B) w_k` on expert `k`'s block,
-      shape `grid.shape`, in the basis dtype.
-    - `weights`: the basis weights of each expert, shape `(K, n_basis)`.
-    - `stats`: a `SolveStats`.
-
-    Batched calls add a leading batch axis to every field.
-    """
-
-    u: Array
-    weights: Array
-    stats: SolveStats
-
-
-class ExpertProblem(eqx.Module):
-    """The rows of one expert's least-squares problem.
-
-    For operator `j`, `L_j u = stacks[j] @ w + offsets[j]` at the expert's sampled PDE points
-    (shape `(m, N)` and `(m,)`); `coords` are those points' coordinates; `pde_valid` masks the
-    padding rows; `point_data` the data entries that are fields on the grid, gathered at those
-    points (they replace the whole-grid entries in `data` for `pde.residual`); `points` the
-    flat grid indices of the rows (-1: padding). Condition rows: `cond_matrix @ w +
-    cond_offset - cond_target`, scaled by `cond_scale` (weight and balance, zero on padding);
-    `cond_valid` marks real condition rows.
-    """
-
-    # `*experts`: the same type holds one expert's rows or the stack of all experts' rows.
-    stacks: dict[str, Float[Array, "*experts m n"]]
-    offsets: dict[str, Float[Array, "*experts m"]]
-    coords: dict[str, Float[Array, "*experts m"]]
-    pde_valid: Bool[Array, "*experts m"]
-    cond_matrix: Float[Array, "*experts c n"]
-    cond_offset: Float[Array, "*experts c"]
-    cond_target: Float[Array, "*experts c"]
-    cond_scale: Float[Array, "*experts c"]
-    cond_valid: Bool[Array, "*experts c"]
-    point_data: dict[str, Array]
-    points: Int[Array, "*experts m"]
-
-
-def _data_at_points(problem, data: Any) -> Any:
-    if not problem.point_data:
-        return data
-    merged = dict(data)
-    merged.update(problem.point_data)
-    owner = getattr(data, "owner", None)
-    return merged if owner is None else PDEData(merged, owner)  # keeps its missing-key error
-
-
-def condition_residual(problem: ExpertProblem, w: Array) -> Array:
-    """`L u - g` at the expert's condition rows, unweighted (`cond_matrix @ w + cond_offset -
-    cond_target`)."""
-    return problem.cond_matrix @ w + problem.cond_offset - problem.cond_target
-
-
-def _values(problem: ExpertProblem, w: Array) -> dict[str, Array]:
-    """`{j: A_j w + c_j}`, the operators' values at the PDE rows. (As matrix-vector products:
-    `sum(A_j * w, -1)` measured 1.4x slower in the forward and 1.8x in forward + backward.)"""
-    return {name: a @ w + problem.offsets[name] for name, a in problem.stacks.items()}
-
-
-def _on_valid_rows(problem, rows: Array) -> Array:
-    """`rows` (leading axis: the PDE rows) with the rows outside `problem.pde_valid` zeroed."""
-    mask = problem.pde_valid.reshape(problem.pde_valid.shape + (1,) * (rows.ndim - 1))
-    return jnp.where(mask, rows, 0.0)
-
-
-def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float,
-             center: Array | None = None):
-    """`r(w) = [F(A_j w + c_j) on PDE rows ; condition rows ; ridge * (w - center)]` for one
-    expert (`center` None: zero)."""
-    return residual_rows(_values(problem, w), problem.cond_matrix @ w + problem.cond_offset, w,
-                         problem, pde, data, ridge, center)
-
-
-def residual_rows(values: dict[str, Array], cond_values: Array, w: Array, problem,
-                  pde: AbstractPDE, data: Any, ridge: float, center: Array | None = None):
-    """`residual` from the operators' values at the PDE rows (`{j: L_j u}`) and at the
-    condition rows (`L_c u`, concatenated), however they were computed. `problem` supplies
-    the rows' `coords`, `pde_valid`, `point_data`, `cond_target` and `cond_scale` (an
-    `ExpertProblem`, or any object with those fields)."""
-    pde_rows = pde.residual(values, problem.coords, _data_at_points(problem, data))
-    pde_rows = _on_valid_rows(problem, pde_rows).reshape(-1)
-    cond_rows = problem.cond_scale * (cond_values - problem.cond_target)
-    ridge_rows = ridge * (w if center is None else w - center)
-    return jnp.concatenate([pde_rows.astype(w.dtype), cond_rows, ridge_rows])
-
-
-def jacobian(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float):
-    """`d r / d w` at `w`, rows ordered as in `residual`, shape `(rows, n)`.
-
-    Built from the stacks: column `i` is the linearised `F` applied to the `i`-th columns of
-    every `A_j`, so forming it costs `O(m N)` per operator, where `jax.jacfwd(residual)` would
-    multiply every stack by the `N x N` identity (`O(m N^2)` per operator).
-    """
-    values = _values(problem, w)
-    data = _data_at_points(problem, data)
-    _, pde_jvp = jax.linearize(lambda v: pde.residual(v, problem.coords, data), values)
-    in_axes = ({name: 1 for name in values},)
-    columns = jax.vmap(pde_jvp, in_axes=in_axes, out_axes=-1)(problem.stacks)  # (m, ..., n)
-    pde_rows = _on_valid_rows(problem, columns).reshape(-1, w.shape[0]).astype(w.dtype)
-    cond_rows = problem.cond_scale[:, None] * problem.cond_matrix
-    ridge_rows = ridge * jnp.eye(w.shape[0], dtype=w.dtype)
-    return jnp.concatenate([pde_rows, cond_rows, ridge_rows])
-
-
-def hessian(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float):
-    """`∇²_w ½‖r(w)‖²` at `w`, `(n, n)`: the same matrix as `jax.hessian` of
-    `½‖residual‖²` (the PDE's second-order terms included; the ridge's centre does not enter).
-
-    Built from the stacks. With `E(v) = ½‖F(v)‖²` over the PDE rows, a function of the
-    operators' values `v_j = A_j w + c_j`, the PDE part is `Σ_j A_jᵀ C_j`, where column `i`
-    of `C_j` is the Hessian-vector product of `E` with the `i`-th columns of the stacks; the
-    condition and ridge rows are linear in `w` and add their Gram matrices. The columns run
-    on the leading axis of the transposed stacks, where `vmap` keeps its batch, so no
-    `(m, n)` tangent is transposed on the way; `jax.hessian` pushes the `n x n` identity
-    through every stack instead. Measured on the diffusion–sorption benchmark (10⁴ and 10⁵
-    points, one process): 4% faster gradients with four batched experts, 1-2% slower with
-    one, so `_experts` uses it for batched experts only.
-    """
-    values = _values(problem, w)
-    data = _data_at_points(problem, data)
-
-    def energy(v):
-        rows = _on_valid_rows(problem, pde.residual(v, problem.coords, data)).astype(w.dtype)
-        return 0.5 * jnp.sum(rows * rows)
-
-    _, hvp = jax.linearize(jax.grad(energy), values)
-    n = w.shape[0]
-    stacks = {name: jnp.moveaxis(problem.stacks[name], -1, 0) for name in values}  # (n, m..)
-    columns = jax.vmap(hvp)(stacks)
-    pde_part = sum(
-        jnp.reshape(stacks[name], (n, -1)) @ jnp.reshape(columns[name], (n, -1)).T
-        for name in values
-    )
-    cond = problem.cond_scale[:, None] * problem.cond_matrix
-    return pde_part + cond.T @ cond + ridge**2 * jnp.eye(n, dtype=w.dtype)
-
-
-def _gauss_newton_start(w, problem, pde, data, ridge, center):
-    """One undamped Gauss–Newton step from `w`, or `w` itself if the step does not help."""
-    r = residual(w, problem, pde, data, ridge, center)
-    jac = jacobian(w, problem, pde, data, ridge)
-    gram = jac.T @ jac  # includes ridge^2 I from the ridge rows
-    step = jax.scipy.linalg.solve(gram, r @ jac, assume_a="pos")
-    candidate = w - step
-    better = (jnp.linalg.norm(residual(candidate, problem, pde, data, ridge, center))
-              < jnp.linalg.norm(r))
-    return jnp.where(better & jnp.all(jnp.isfinite(candidate)), candidate, w)
-
-
-def solve_expert(
-    problem: ExpertProblem,
-    init: Array,
-    pde: AbstractPDE,
-    data: Any,
-    *,
-    solver,
-    max_steps: int,
-    ridge: float,
-    adjoint,
-    linear_solver: lx.AbstractLinearSolver | None = None,
-    warm_start: bool = False,
-    ridge_toward: str = "zero",
-):
-    """Solve one expert's problem; returns `(w, num_steps, residual_norm, result, ok)`.
-
-    `ridge_toward`: `"zero"`, ridge rows `ridge * w`; `"init"`, `ridge * (w - init)` (see
-    `hcmoe.solve`).
-
-    `warm_start`: start the nonlinear solve from one Gauss–Newton step off `init` (kept only
-    if it lowers the residual), computed without gradient: at a converged minimiser, and by
-    the implicit function theorem its gradient, nothing depends on where the solve started
-    (but see `hcmoe.solve`: the termination test can pass early after a warm start).
-
-    `linear_solver` solves the linear PDEs' single least-squares problem (default `lx.QR()`:
-    `lx.Normal(lx.Cholesky())` is 2-8x faster for m >> N but squares the condition number,
-    which shows at the 1e-10 level). An `hcmoe` `LevenbergMarquardt` solver gets this expert's
-    Jacobian (`jacobian`).
-    """
-
-    center = None if ridge_toward == "zero" else init
-
-    def fn(w, _):
-        return residual(w, problem, pde, data, ridge, center)
-
-    if pde.linear:
-        # r(w) = M w + r(0) exactly: one least-squares solve, differentiated by lineax.
-        zeros = jnp.zeros_like(init)
-        offset = fn(zeros, None)
-        matrix = jacobian(zeros, problem, pde, data, ridge)
-        sol = lx.linear_solve(
-            lx.MatrixLinearOperator(matrix), -offset,
-            solver=lx.QR() if linear_solver is None else linear_solver, throw=False,
+def solve_dtype(precision: str | None, basis_dtype) -> jnp.dtype:
+    """The dtype of the constraint solve (see `solve`'s `precision`)."""
+    if precision not in _PRECISIONS:
+        raise ValueError(
+            f"precision: expected one of {_PRECISIONS}; got {precision!r}."
         )
-        w = sol.value
-        num_steps = jnp.array(0, dtype=jnp.int32)
-        ok = sol.result == lx.RESULTS.successful
-        result = sol.result
-    else:
-        if warm_start:
-            init = _gauss_newton_start(jax.lax.stop_gradient(init),
-                                       jax.lax.stop_gradient(problem), pde,
-                                       jax.lax.stop_gradient(data), ridge,
-                                       jax.lax.stop_gradient(center))  # None stays None
-        if isinstance(solver, LevenbergMarquardt):
-            solver = solver.with_jacobian(
-                eqx.Partial(jacobian, problem=problem, pde=pde, data=data, ridge=ridge)
+    x64 = jax.config.jax_enable_x64
+    if precision == "float64" and not x64:
+        raise ValueError(
+            "precision='float64' needs 64-bit JAX, which is off. Enable it at start-up with "
+            "`jax.config.update('jax_enable_x64', True)` or the environment variable "
+            "JAX_ENABLE_X64=1, or pass precision='float32' (less accurate constraints)."
+        )
+    if precision == "float32":
+        return jnp.dtype(jnp.float32)
+    if precision == "input":
+        return jnp.dtype(basis_dtype)
+    return jnp.dtype(jnp.float64 if x64 else jnp.float32)
+
+
+def _check_basis(basis, grid: Grid):
+    if not hasattr(basis, "shape") or not hasattr(basis, "dtype"):
+        raise ValueError(f"basis: expected an array; got {type(basis).__name__}.")
+    grid.check_field(basis, "basis", trailing=1)
+    if not jnp.issubdtype(basis.dtype, jnp.floating):
+        raise ValueError(f"basis: expected a floating-point array; got dtype {basis.dtype}.")
+
+
+def _check_options(pde: AbstractPDE, solver, rows, max_steps) -> None:
+    if not isinstance(rows, Rows):
+        raise ValueError(f"rows: expected an hcmoe.Rows(...); got {type(rows).__name__}.")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or (
+        max_steps < 1
+    ):
+        raise ValueError(f"max_steps: expected a positive int; got {max_steps!r}.")
+    if solver is None:
+        return
+    if isinstance(solver, lx.AbstractLinearSolver):
+        if not pde.linear:
+            raise ValueError(
+                f"solver: a lineax solver ({type(solver).__name__}) solves a linear PDE's "
+                f"least-squares problem, but {type(pde).__name__} is nonlinear; pass an "
+                "optimistix least-squares solver (e.g. hcmoe.LevenbergMarquardt()) or None."
             )
-        sol = optx.least_squares(
-            fn, solver, init, max_steps=max_steps, adjoint=adjoint, throw=False
+    elif not isinstance(solver, optx.AbstractLeastSquaresSolver):
+        raise ValueError(
+            "solver: expected an optimistix least-squares solver (e.g. "
+            "hcmoe.LevenbergMarquardt(rtol, atol)), a lineax solver for a linear PDE, or "
+            f"None; got {type(solver).__name__}."
         )
-        w = sol.value
-        num_steps = jnp.asarray(sol.stats["num_steps"], dtype=jnp.int32)
-        ok = sol.result == optx.RESULTS.successful
-        result = sol.result
-        if isinstance(solver, LevenbergMarquardt):
-            # Stationarity, from the decrement the descent already holds at the returned
-            # weights (no extra pass over the rows).
-            state = jax.lax.stop_gradient(sol.state.descent_state)
-            tol = solver.rtol * state.objective + solver.atol**2
-            ok = ok & (state.decrement <= tol)
-    norm = jnp.linalg.norm(fn(w, None))
-    return w, num_steps, norm, result, ok & jnp.isfinite(norm)
+
+
+def _solve(
+    basis, pde, partition, grid, data, *, key, init, solver, rows, coupling, adjoint,
+    max_steps, precision, throw,
+) -> Solution:
+    """`solve` without the jit: checks the arguments and dispatches on the coupling."""
+    warn_if_hang_prone()
+    _check_basis(basis, grid)
+    partition = as_partition(partition)
+    coupling = as_coupling(coupling)
+    _check_options(pde, solver, rows, max_steps)
+    dtype = solve_dtype(precision, basis.dtype)
+    return coupling.solve(
+        basis, pde, partition, grid, data, key=key, init=init, solver=solver, rows=rows,
+        adjoint=adjoint, max_steps=int(max_steps), dtype=dtype, throw=throw,
+    )
+
+
+@eqx.filter_jit
+def _solve_jit(basis, pde, partition, grid, data, key, init, options) -> Solution:
+    return _solve(basis, pde, partition, grid, wrap_data(data, pde), key=key, init=init,
+                  **options)
+
+
+def solve(
+    basis: Float[Array, "*grid n_basis"],
+    pde: AbstractPDE,
+    partition: AbstractPartition | np.ndarray | None,
+    grid: Grid,
+    data: Any = None,
+    *,
+    key: PRNGKeyArray | None = None,
+    init: Array | None = None,
+    solver: optx.AbstractLeastSquaresSolver | lx.AbstractLinearSolver | None = None,
+    rows: Rows = Rows(),
+    coupling: AbstractCoupling | str = "independent",
+    adjoint: optx.AbstractAdjoint | None = None,
+    max_steps: int = 50,
+    precision: str | None = None,
+    throw: bool = False,
+) -> Solution:
+    r"""Make the basis combination satisfy the PDE on every expert's block.
+
+    By default (`coupling="independent"`) each expert `k` solves
+
+    $$w_k = \arg\min_w \|F(A_{k,1} w + c_{k,1}, \dots) \|^2 + \|\text{conditions}\|^2
+    + \|\text{ridge}\, w\|^2$$
+
+    where `A_{k,j}` are the rows of `L_j T(B)` at the expert's (sampled) points, and `u =
+    u_p + T(B) w_k` on block `k` (blended, `u = u_p + sum_k phi_k T(B) w_k`, for a
+    `Partition(..., overlap=...)`). Conditions with `exact=True` are part of the ansatz
+    `u_p + T(B) w` (see `hcmoe.Condition`); the others are rows. Gradients with respect to
+    `basis` (and `data`, PDE parameters, ...) flow through the solve by the implicit function
+    theorem, in forward and reverse mode.
+
+    Settings live on the objects that own them: the solver's tolerances and damping on
+    `solver`, the rows' sampling, ridge and weighting on `rows`, how the experts are fitted
+    and on which devices on `coupling` (the "How to choose" page of the docs compares them).
+
+    **Arguments:**
+
+    - `basis`: the backbone's basis functions, shape `(*grid.shape, n_basis)`.
+    - `pde`: an `hcmoe.AbstractPDE`.
+    - `partition`: `hcmoe.Partition(...)`, an integer label array of `grid.shape`, or None for
+      a single expert (PI-HC).
+    - `grid`: the `hcmoe.Grid` the basis lives on.
+    - `data`: per-sample data for the PDE's residual and conditions (e.g. `{"u0": ...}`).
+      Entries shaped like the grid reach `residual` gathered at the sampled points.
+    - `key`: PRNG key, needed when `rows.points_per_expert` samples points.
+    - `init`: initial weights, shape `(n_basis,)` or `(K, n_basis)`; default ones (paper).
+    - `solver`: any optimistix least-squares solver. Default None: `hcmoe.LevenbergMarquardt()`
+      in float64 (normal-equation steps, rtol = atol = 1e-4), `optimistix.LevenbergMarquardt`
+      (QR) in float32. `hcmoe.WarmStart(solver)` starts it from a Gauss–Newton step. For a
+      linear PDE (`pde.linear`: one least-squares solve, no iterations) a lineax solver may
+      be given instead (default `lineax.QR()`); an optimistix solver is then not used.
+    - `rows`: an `hcmoe.Rows`: PDE points per expert, ridge, condition weighting and scope.
+    - `coupling`: `hcmoe.Independent(schedule, mesh)` (default, the paper: each expert its
+      own problem, sharded over a mesh's `"experts"` axis) or `hcmoe.Joint(mesh)` (one
+      problem for all experts' weights); the strings `"independent"` and `"joint"` stand for
+      their defaults.
+    - `adjoint`: None (default): hcmoe's implicit adjoint for nonlinear PDEs, the same
+      equation as `optimistix.ImplicitAdjoint` taken through each expert's field
+      `T(B) w + u_p`, so the gradient never holds the `points x n_basis` operator stacks
+      (gradients agree with optimistix's to rounding); lineax's differentiable solve for
+      linear PDEs. Otherwise an optimistix adjoint, used as given (e.g.
+      `optimistix.ImplicitAdjoint(lineax.LU())`).
+    - `max_steps`: iteration cap of the nonlinear solve (paper: 50).
+    - `precision`: dtype of the solve. None (default): float64 when x64 is on, else float32;
+      `"float64"`: float64, an error if x64 is off; `"float32"`; `"input"`: the basis dtype.
+      The solution is cast back to the basis dtype.
+    - `throw`: raise (via `equinox.error_if`, under jit too) when an expert does not converge.
+      By default failures are only reported in `Solution.stats` (`stats.messages()`).
+
+    **Returns:** a `Solution` with `u`, `weights` (`(K, n_basis)`) and `stats`.
+
+    **Raises:** `ValueError` at trace time for a basis whose shape does not match the grid, an
+    unknown partition axis, more experts than points, missing data, an option of the wrong
+    type, or float64 without x64. At run time (`equinox.error_if`) for a non-finite basis,
+    and with `throw=True` for a non-converged expert.
+
+    **Warns:** `hcmoe.JaxlibHangWarning`, once per process, on CPU with a jaxlib whose batched
+    linear algebra can hang (0.10.0-0.11.0).
+
+    **Compilation:** `solve` is jitted (`equinox.filter_jit`) and caches its compilation per
+    configuration (PDE constants, grid, partition, options, array shapes), so calling it
+    eagerly in a loop compiles once. Under an outer `jit` / `vmap` / `grad` it is inlined.
+    """
+    options = dict(solver=solver, rows=rows, coupling=as_coupling(coupling), adjoint=adjoint,
+                   max_steps=max_steps, precision=precision, throw=throw)
+    return _solve_jit(basis, pde, as_partition(partition), grid, data, key, init, options)
+
+
+def check_options(options: dict, where: str) -> dict:
+    """The solve options of `constrain` / the methods, checked: an unknown name is an error
+    (naming the new home of an hcmoe 0.1 option), and the coupling string becomes its
+    object. Options equal to the defaults are dropped (one configuration, one compilation)."""
+    for name in options:
+        if name in MOVED_OPTIONS:
+            raise ValueError(
+                f"{where}: the option {name!r} moved in hcmoe 0.2: pass "
+                f"{MOVED_OPTIONS[name]} (see CHANGELOG.md, 'Migration')."
+            )
+    unknown = sorted(set(options) - set(SOLVE_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown option(s) {unknown}; expected any of {list(SOLVE_OPTIONS)}."
+        )
+    checked = dict(options)
+    if "coupling" in checked:
+        checked["coupling"] = as_coupling(checked["coupling"])
+    if "rows" in checked and not isinstance(checked["rows"], Rows):
+        raise ValueError(
+            f"{where}: rows: expected an hcmoe.Rows(...); got {type(checked['rows']).__name__}."
+        )
+    defaults = dict(init=None, solver=None, rows=Rows(), coupling=as_coupling("independent"),
+                    adjoint=None, max_steps=50, precision=None, throw=False)
+    return {name: value for name, value in checked.items()
+            if not _same(value, defaults[name])}
+
+
+def _same(value, default) -> bool:
+    if value is default:
+        return True
+    if isinstance(value, jax.Array) or isinstance(default, jax.Array):
+        return False
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:  # an object whose == is not a plain bool (arrays inside)
+        return False
+
+
+def call_options(defaults: dict, overrides: dict) -> dict:
+    """The wrap-time options updated by those given at call time (checked the same way)."""
+    if not overrides:
+        return dict(defaults)  # a plain dict (Linen freezes its attributes): one cache key
+    merged = {**defaults, **check_options(overrides, "call")}
+    return check_options(merged, "call")
+
+
+def _mesh(options: dict):
+    coupling = options.get("coupling")
+    return None if coupling is None else coupling.mesh
+
+
+@eqx.filter_jit
+def constrained_solve(basis, pde, partition, grid: Grid, data, key, options: dict) -> Solution:
+    """Solve for one sample, or for a batch when `basis` has one extra leading axis.
+
+    A batched basis `(batch, *grid.shape, N)` is vmapped over its leading axis; every array
+    leaf of `data` must then carry the same leading batch axis, and `key` is split per sample.
+    With a coupling's `mesh`, the batch is split over its `"batch"` axis. Jitted, so the
+    constrained wrappers compile once per configuration.
+    """
+    if not isinstance(grid, Grid):
+        raise ValueError(
+            f"grid: expected an hcmoe.Grid (pass grid=... to constrain or to the call); "
+            f"got {type(grid).__name__}."
+        )
+    options = {"init": None, **options}
+    init = options.pop("init")
+    full = dict(solver=None, rows=Rows(), coupling="independent", adjoint=None, max_steps=50,
+                precision=None, throw=False)
+    full.update(options)
+
+    def one(b, d, k):
+        return _solve(b, pde, partition, grid, d, key=k, init=init, **full)
+
+    if basis.ndim == grid.ndim + 1:
+        return one(basis, wrap_data(data, pde), key)
+    if basis.ndim != grid.ndim + 2:
+        raise ValueError(
+            f"backbone output: expected shape {grid.shape} + (n_basis,) or a batch of those "
+            f"(batch, *{grid.shape}, n_basis); got {tuple(basis.shape)}."
+        )
+    batch = basis.shape[0]
+    for leaf in jax.tree_util.tree_leaves(data):
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch:
+            raise ValueError(
+                f"data: the backbone returned a batch of {batch} bases, so every data entry "
+                f"needs a leading batch axis of {batch}; got an entry of shape {jnp.shape(leaf)}."
+            )
+    keys = None if key is None else jr.split(key, batch)
+    data = wrap_data(data, pde)
+    mesh = _mesh(options)
+    if mesh is None:
+        return jax.vmap(one)(basis, data, keys)
+    from ._sharding import batch_map
+
+    return batch_map(one, mesh, basis, data, keys)

@@ -1,6 +1,6 @@
-"""Linear operators on grid fields (see `hcmoe._ops` for the implementations)."""
+"""Linear operators on grid fields (implemented in `hcmoe._operators`)."""
 
-from ._ops import (
+from ._operators import (
     AbstractOperator as AbstractOperator,
     BackwardDifference as BackwardDifference,
     Combination as Combination,

@@ -17,7 +17,8 @@ before any solver iteration.
 
 ```python
 method = hcmoe.methods.make_method(
-    "moe", backbone, pde, grid, hcmoe.Partition(t=1, x=4), points_per_expert=500
+    "moe", backbone, pde, grid, hcmoe.Partition(t=1, x=4),
+    rows=hcmoe.Rows(points_per_expert=500),
 )
 result = hcmoe.methods.train(
     method, {"u0": train["u0"]}, steps=400, batch_size=8, key=jr.key(0),

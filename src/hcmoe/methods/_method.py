@@ -15,10 +15,11 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 from .._constrain import constrain
+from .._coupling import Joint
 from .._grid import Grid
 from .._partition import AbstractPartition, as_partition
 from .._pde import AbstractPDE, ansatz
-from .._solve import Solution
+from .._results import Solution
 from ..models.fno import fno_input
 
 
@@ -142,9 +143,9 @@ class Method(eqx.Module):
     @property
     def name(self) -> str:
         """The paper's name of the method: PI-SC, PI-HC or PI-HC-MoE; "PI-HC-MoE (joint)"
-        when the experts' weights are fitted together (`coupling="joint"`)."""
+        when the experts' weights are fitted together (`coupling=hcmoe.Joint()`)."""
         options = getattr(self.model, "options", None) or {}
-        if self.kind == "moe" and options.get("coupling") == "joint":
+        if self.kind == "moe" and isinstance(options.get("coupling"), Joint):
             return NAMES[self.kind] + " (joint)"
         return NAMES[self.kind]
 
@@ -195,8 +196,8 @@ def make_method(
       `InitialConditionInput()` (the paper's: coordinates and the initial condition).
     - `residual_weight`: multiplies the PDE residual, in the solve and in the loss (see
       `WeightedResidual`); 1 keeps the PDE as it is.
-    - `**solve_options`: options of `hcmoe.solve` (`points_per_expert`, `max_steps`, `rtol`,
-      `atol`, `ridge`, ...) for `"hc"` and `"moe"`; ignored by `"sc"`.
+    - `**solve_options`: options of `hcmoe.solve` (`rows`, `solver`, `coupling`,
+      `max_steps`, ...) for `"hc"` and `"moe"`; ignored by `"sc"`.
 
     **Raises:** `ValueError` for an unknown `kind`, a backbone that is not an Equinox module,
     `"moe"` without a partition, or an unknown solve option.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,24 @@ def loss_fn(method: Method, data: Any, key: PRNGKeyArray) -> tuple[Array, dict[s
     return residual + conditions, aux
 
 
+def _describe(value):
+    """A JSON-able record of a solve option: scalars as they are, option objects
+    (`hcmoe.Rows`, couplings, solvers) as their type and scalar fields; arrays: None."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)}
+        record = {name: v for name, v in fields.items()
+                  if v is None or isinstance(v, (bool, int, float, str))}
+        return {"type": type(value).__name__, **record}
+    return None
+
+
 def _run_settings(method: Method, settings: dict[str, Any] | None) -> dict[str, Any]:
     """What identifies a run besides its key: the method, its grid, its solve's scalar options
     (points per expert, ridge, coupling, ...) and the caller's `settings`."""
     options = getattr(method.model, "options", None) or {}
-    solve = {k: v for k, v in sorted(options.items())
-             if v is None or isinstance(v, (bool, int, float, str))}
+    solve = {k: _describe(v) for k, v in sorted(options.items()) if _describe(v) is not None}
     record: dict[str, Any] = {"method": method.name, "grid": list(method.grid.shape)}
     if method.kind != "sc":
         record["solve"] = solve

@@ -25,7 +25,7 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from .. import _ops as ops, data as data_lib
+from .. import data as data_lib, ops
 from .._grid import Grid
 from .._pde import AbstractPDE, Condition, dirichlet, initial, require, robin
 from ._common import (

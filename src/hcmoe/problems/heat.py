@@ -21,7 +21,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from .. import _ops as ops, data as data_lib
+from .. import data as data_lib, ops
 from .._grid import Grid
 from .._pde import AbstractPDE, Condition, dirichlet, initial, require
 from ._common import (

@@ -24,7 +24,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from .. import _ops as ops, data as data_lib
+from .. import data as data_lib, ops
 from .._grid import Grid, uniform_grid
 from .._pde import AbstractPDE, Condition, require
 from ._common import (
