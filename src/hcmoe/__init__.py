@@ -43,7 +43,7 @@ from ._pdedata import MissingDataError as MissingDataError, PDEData as PDEData
 from ._results import RESULTS as RESULTS, Solution as Solution, SolveStats as SolveStats
 from ._rows import ConditionWarning as ConditionWarning, Rows as Rows
 from ._sharding import expert_mesh as expert_mesh
-from ._solve import solve as solve
+from ._solve import PrecisionWarning as PrecisionWarning, solve as solve
 
 
 __version__ = importlib.metadata.version("hcmoe")

@@ -84,7 +84,7 @@ SCHEDULES = ("auto", "vmap", "map")
 
 # `schedule="auto"` on CPU runs experts one after the other only when one expert's problem
 # (sampled PDE rows x basis functions) is at least this large. Measured on a 2-core CPU with
-# the objective stopping rule (benchmarks/README.md, "Schedules"; every expert 3 LM steps):
+# the objective stopping rule (docs: how-to-choose.md#schedule; every expert 3 LM steps):
 # the batched loop was faster at 400 x 8 and 400 x 16 (3.2k, 6.4k: 1.4-1.7x) and 5000 x 8
 # (40k: 1.15-1.24x), even at 2500 x 16 (40k), and the sequential one at 5000 x 16 (80k: the
 # gradient 1.35x), 20000 x 16 and 25000 x 16 (320k, 400k: 1.2-1.5x; smaller working sets).

@@ -29,7 +29,7 @@ from ._levenberg_marquardt import LevenbergMarquardt, TrustRegion
 from ._partition import AbstractPartition
 from ._pde import AbstractPDE
 from ._results import RESULTS, Solution, SolveStats
-from ._rows import Rows, problem_rows
+from ._rows import Rows, check_residual_data, nonfinite_data_entries, problem_rows
 
 
 def solve_independent(
@@ -75,11 +75,13 @@ def solve_independent(
     # `error_if` on the basis holds a grid-sized copy of it (its conditional's output) through
     # the solve (measured: 19 MiB of a 59 MiB forward peak at 101 x 1024 x 16).
     finite_basis = jnp.all(jnp.isfinite(basis))
+    bad_data = nonfinite_data_entries(data)
     basis = basis.astype(dtype)
     problem, transformed, particular = problem_rows(
         basis, pde, grid, data, partition, points_per_expert, key,
         condition_scope=rows.condition_scope, balance=rows.balance,
     )
+    check_residual_data(pde, problem, data, grid)
     n = basis.shape[-1]
     schedule = resolve_schedule(schedule, pde.linear, work=problem.pde_valid.shape[-1] * n)
     init = _initial_weights(init, num_experts, n, dtype)
@@ -108,6 +110,12 @@ def solve_independent(
         "hcmoe.solve: the basis contains NaN or inf; the backbone diverged or its input is "
         "not finite.",
     )
+    for name, finite in bad_data:
+        weights = eqx.error_if(
+            weights, ~finite,
+            f"hcmoe.solve: data[{name!r}] contains NaN or inf; the PDE's residual and "
+            "conditions need finite data.",
+        )
     # Diagnostics from the operators applied to each expert's field `T w_k + u_p`, so that
     # they differentiate like `u`, without the stacks.
     centers = init if ridge_toward == "init" else None

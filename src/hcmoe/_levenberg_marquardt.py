@@ -22,7 +22,7 @@ The first step is damped with `λ = INITIAL_DAMPING = 1e-6` (optimistix starts a
 is nearly a Gauss–Newton step. A rejected step costs one residual and one `N x N` Cholesky here
 (no new Jacobian), so where the problem is far from linear the trust region raises `λ` (4x per
 rejection) for little; where it is nearly linear, starting at 1 spends the iterations that
-shrink `λ` by 3.5x per accepted step. Measured (benchmarks/README.md, section 8): 1.3–2.5x
+shrink `λ` by 3.5x per accepted step. Measured (docs: how-to-choose.md#initial-damping): 1.3–2.5x
 fewer LM iterations and no more unconverged solves on every trained checkpoint tried
 (diffusion–sorption, Navier–Stokes), predictions equal to the solver's tolerance; faster on 7
 of 8 random-basis benchmarks (one small single-expert problem took 38 steps instead of 20).
@@ -40,11 +40,11 @@ Gauss–Newton model predicts no more than that from here (the decrement
 `½ gᵀ (JᵀJ)⁻¹ g`, which weighs each direction by its curvature). This is MINPACK's `ftol`
 test, with the prediction as well as the actual reduction. The prediction `u` keeps whatever
 component the flat directions have at that point; measured on trained diffusion–sorption
-bases (examples/results/README.md) this changed the test error by less than 0.02 points and
+bases (docs: how-to-choose.md#termination) this changed the test error by less than 0.02 points and
 training over five seeds by nothing beyond the seeds' spread, with 3x fewer iterations.
 `termination="cauchy"` keeps optimistix's test alone (the paper's release).
 
-The measurements behind these defaults are on the "How to choose" page of the docs.
+The measurements behind these defaults: docs, how-to-choose.md#termination and #initial-damping.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ class LevenbergMarquardt(optx.AbstractLeastSquaresSolver):
     - `search`: the trust region (default `TrustRegion(initial_damping)`, optimistix's
       classical one from `λ = initial_damping`). Faster growth of the step size halves the
       steps on random smooth bases but, measured on trained diffusion–sorption bases, left
-      2–4x more solves unconverged (see the "How to choose" page).
+      2–4x more solves unconverged (docs: how-to-choose.md#initial-damping).
     - `initial_damping`: `λ` of the first step (default `INITIAL_DAMPING`, 1e-6, nearly a
       Gauss–Newton step; optimistix's is 1); only with the default `search`. Rejected steps
       are cheap here (a residual and an `N x N` Cholesky, no new Jacobian).

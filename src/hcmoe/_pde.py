@@ -33,7 +33,7 @@ class Condition(eqx.Module):
       face point. `scope="owned"` gives each row only to the expert(s) whose PDE rows hold that
       point; `scope="global"` gives every expert every row of the condition (the paper's
       release for diffusion–sorption), so an expert whose block touches no boundary still meets
-      the conditions with its own weights. `solve(..., condition_scope=...)` overrides it.
+      the conditions with its own weights. `hcmoe.Rows(condition_scope=...)` overrides it.
 
     `weight` has one meaning everywhere: the objective is
     `mean_pde(F^2) + sum_c weight_c^2 mean_face_c((L_c u - g_c)^2)`, in every expert's solve
@@ -92,7 +92,19 @@ SCOPES = ("owned", "global")
 
 
 def _side_index(side) -> int:
-    return {"low": 0, "high": -1}.get(side, side)
+    """The face index of `side`: `"low"` (0), `"high"` (-1), or an int index; anything else
+    (e.g. `"right"`) is a clear error rather than a face of its own."""
+    if isinstance(side, str):
+        if side not in ("low", "high"):
+            raise ValueError(
+                f"side: expected 'low', 'high' or an int index of the axis; got {side!r}."
+            )
+        return {"low": 0, "high": -1}[side]
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)):
+        raise ValueError(
+            f"side: expected 'low', 'high' or an int index of the axis; got {side!r}."
+        )
+    return int(side)
 
 
 def initial(

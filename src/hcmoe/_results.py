@@ -50,7 +50,7 @@ class SolveStats(eqx.Module):
       reported converged at rtol = atol = 1e-12). Gradients through an expert that did not
       converge are unreliable: the implicit adjoint assumes a stationary point
       (measured: a gradient norm changing 3-6x with the summation order at two capped
-      experts; see the "How to choose" page).
+      experts; docs: how-to-choose.md#adjoint).
     - `result`: an `hcmoe.RESULTS` per expert: `successful`, or why the expert did not
       converge (`RESULTS[stats.result]`, or `stats.messages()`, gives the readable message).
     - `condition_error`: the largest unweighted residual `|L u - g|` of the expert's own

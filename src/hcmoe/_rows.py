@@ -20,6 +20,7 @@ from ._grid import Grid
 from ._operators import evaluate_at_points
 from ._partition import AbstractPartition, ExpertRows
 from ._pde import SCOPES, AbstractPDE, ansatz, residual_mask
+from ._pdedata import MissingDataError
 
 
 BALANCES = ("mean", "sum")
@@ -243,10 +244,111 @@ def _warn_no_conditions(pde, empty, num_experts):
         f"{empty[:8]} of {num_experts} receive none of their rows (scope 'owned'), so their "
         "blocks are constrained by the PDE alone and may settle on a trivial solution (e.g. a "
         "constant). Use scope='global' on the conditions or solve(..., "
-        "condition_scope='global'), or exact=True for value conditions.",
+        "rows=hcmoe.Rows(condition_scope='global')), or exact=True for value conditions.",
         ConditionWarning,
         stacklevel=4,
     )
+
+
+def nonfinite_data_entries(data) -> list[tuple[str, Array]]:
+    """`(name, all finite)` for every floating-point array entry of a data mapping (checked
+    by `solve` like the basis: a NaN in a data field otherwise ends as an unconverged solve
+    with no word of why)."""
+    if not isinstance(data, Mapping):
+        return []
+    checks = []
+    for name, value in data.items():
+        for leaf in jax.tree_util.tree_leaves(value):
+            if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact):
+                checks.append((str(name), jnp.all(jnp.isfinite(leaf))))
+    return checks
+
+
+def _sub_grid_axes(shape: tuple[int, ...], grid: Grid) -> tuple[str, ...] | None:
+    """The grid axes whose sizes `shape` repeats, in order, when it is a proper, non-empty
+    sub-sequence of `grid.shape` (a field over some of the grid's axes: `(nx,)` of a
+    `(nt, nx)` grid); else None."""
+    if not 0 < len(shape) < grid.ndim:
+        return None
+    names, start = [], 0
+    for size in shape:
+        matches = [i for i in range(start, grid.ndim) if grid.shape[i] == size]
+        if not matches:
+            return None
+        names.append(grid.names[matches[0]])
+        start = matches[0] + 1
+    return tuple(names)
+
+
+class _ReadsChecked(dict):
+    """A data mapping that checks, as `residual` reads an entry, that it is not a field over
+    only some of the grid's axes (see `check_residual_data`)."""
+
+    def __init__(self, entries, owner: str, grid: Grid, at_points):
+        super().__init__(entries)
+        self.owner, self.grid, self.at_points = owner, grid, frozenset(at_points)
+
+    def __missing__(self, key):
+        raise MissingDataError(
+            f"data: {self.owner} needs data[{key!r}]; got keys {sorted(map(str, self))}. Pass "
+            f"it in the data of the call, e.g. `data={{{key!r}: ...}}`."
+        )
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        shape = tuple(getattr(value, "shape", ()))
+        axes = None if key in self.at_points else _sub_grid_axes(shape, self.grid)
+        if axes is not None:
+            raise ValueError(
+                f"data[{key!r}]: {self.owner}.residual reads it, and it has shape {shape}, a "
+                f"field over the grid's {list(axes)} axes only (the grid is {self.grid.shape}, "
+                f"axes {list(self.grid.names)}). residual sees values at the sampled points: "
+                f"pass a field as a grid-shaped array {self.grid.shape} (it then reaches "
+                "residual gathered at the points), e.g. with jnp.broadcast_to, or a scalar."
+            )
+        return value
+
+
+def check_residual_data(pde: AbstractPDE, rows: ProblemRows, data, grid: Grid) -> None:
+    """Trace `pde.residual` once (`jax.eval_shape`, no computation) on one expert's point
+    arrays, so that bad data surfaces as a clear error at trace time:
+
+    - an entry shaped like a field over only some grid axes (`(nx,)` on a `(nt, nx)` grid)
+      that `residual` reads: it would broadcast against the point arrays wrongly, silently
+      when the sizes happen to match (`ValueError` naming the entry and the shapes);
+    - a residual that indexes a grid-shaped entry as a grid: since hcmoe 0.1.x such entries
+      reach `residual` gathered at the points (`IndexError`, with a note saying so).
+    """
+    if not isinstance(data, Mapping):
+        return
+    owner = type(pde).__name__
+    dtype = rows.coords[grid.names[0]].dtype if rows.coords else jnp.float64
+    m = rows.index.shape[-1]
+    point = jax.ShapeDtypeStruct((m,), dtype)
+    values = {name: point for name in rows.names}
+    coords = {name: point for name in grid.names}
+    gathered = {name: jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
+                for name, v in rows.point_data.items()}
+
+    def residual(values, coords, entries, gathered):
+        merged = _ReadsChecked({**entries, **gathered}, owner, grid, gathered)
+        return pde.residual(values, coords, merged)
+
+    def spec(x):
+        return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) if eqx.is_array(x) else x
+
+    entries = jax.tree.map(spec, dict(data.items()))
+    try:
+        eqx.filter_eval_shape(residual, values, coords, entries, gathered)
+    except IndexError as error:
+        if gathered:
+            error.add_note(
+                f"hcmoe: data entries {sorted(gathered)} are grid-shaped, so {owner}.residual "
+                f"receives them gathered at the sampled points (shape ({m},) per expert), not "
+                "on the grid: read data[name] as a point array, like the operators' values "
+                "(a change of hcmoe 0.1.x; see CHANGELOG.md, 'Migration')."
+            )
+        raise
 
 
 def _point_data(data, grid: Grid, index):

@@ -108,7 +108,7 @@ def _contract(flat: Array, neighbours: Array, weights: Array) -> Array:
     gathers transposes to one zero-filled grid-sized buffer per stencil column, all live at
     once; a single gather of every column materialises `rows x width` gathered rows. (For
     stacks that are not differentiated, one fused gather was tried too: faster alone, slower
-    inside the solve; benchmarks/README.md, section 10.)"""
+    inside the solve; docs/notes/2026-benchmarks-log.md, section 10.)"""
     trailing = flat.shape[1:]
     lead, width = neighbours.shape[:-1], neighbours.shape[-1]
     rows = int(np.prod(lead, dtype=np.int64))
