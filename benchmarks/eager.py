@@ -52,7 +52,7 @@ def _cases(size: dict) -> dict[str, tuple]:
     u0 = -jnp.sin(jnp.pi * grid.coords("x"))
     data, key, pde = {"u0": u0}, jr.key(1), Burgers()
     partition = hcmoe.Partition(t=1, x=4)
-    options = dict(grid=grid, points_per_expert=size["points"])
+    options = dict(grid=grid, rows=hcmoe.Rows(points_per_expert=size["points"]))
     grid_input = getattr(hcmoe.models, "grid_input", None) or hcmoe.models.fno_input  # old name
     x = grid_input(grid, u0)
     backbone = hcmoe.models.FNO.diffusion_sorption_small(jr.key(0))
@@ -61,7 +61,7 @@ def _cases(size: dict) -> dict[str, tuple]:
 
     def solve(b):
         return hcmoe.solve(b, pde, partition, grid, data, key=key,
-                           points_per_expert=size["points"]).u
+                           rows=hcmoe.Rows(points_per_expert=size["points"])).u
 
     jitted_solve = eqx.filter_jit(solve)
     cases["hcmoe.solve"] = (lambda: solve(basis), lambda: jitted_solve(basis))

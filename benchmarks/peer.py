@@ -49,7 +49,7 @@ script prints a line starting with "peer.py: skipped" and exits 0.
   `replicate` return the equivalent `NamedSharding`s over the same devices.
 
 **The two problems: same rows, as far as the release allows.** Each expert solves, from w = 1,
-with ridge rows 1e-4 w and plain sums of squares (`hcmoe.solve(..., balance="sum")`):
+with ridge rows 1e-4 w and plain sums of squares (`hcmoe.Rows(ridge=1e-4, balance="sum")`):
 
 - PDE rows `u_t - D / R(u) u_xx` at `--points` points drawn at random from the expert's block
   (hcmoe's `DiffusionSorption.residual`, the same formula and guard as the release's),
@@ -63,7 +63,7 @@ with ridge rows 1e-4 w and plain sums of squares (`hcmoe.solve(..., balance="sum
 
 Two hcmoe variants are timed against the release in the same rounds, both on the release's own
 PDE points (the release's sampler called with the release's key splits, given to hcmoe as the
-PDE's `residual_mask`, `points_per_expert=None`):
+PDE's `residual_mask`, `hcmoe.Rows(points_per_expert=None)`):
 
 - `hcmoe`: the release's first differences (`ops.Linear` of `jnp.gradient`: central inside,
   two-point one-sided at the ends; u_xx = that applied twice), so the two least-squares problems
@@ -374,9 +374,13 @@ def run(args, rel, root: Path) -> dict:
         partition = hcmoe.Partition(x=experts)
         expected = np.broadcast_to(np.repeat(np.arange(experts), nx // experts), grid.shape)
         assert np.array_equal(partition.labels(grid), expected), "blocks differ from the release's"
-        options = dict(points_per_expert=None if mask is not None else points, rtol=args.tol,
-                       atol=args.tol, max_steps=max_steps, ridge=RIDGE, balance="sum",
-                       termination=args.termination)
+        options = dict(
+            rows=hcmoe.Rows(points_per_expert=None if mask is not None else points, ridge=RIDGE,
+                            balance="sum"),
+            solver=hcmoe.LevenbergMarquardt(rtol=args.tol, atol=args.tol,
+                                            termination=args.termination),
+            max_steps=max_steps,
+        )
 
         def forward(basis, key):
             solution = hcmoe.solve(basis, pde, partition, grid, data, key=key, **options)

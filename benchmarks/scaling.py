@@ -35,6 +35,7 @@ import jax.random as jr
 import numpy as np
 
 import _common as common
+import hcmoe
 
 
 SIZES = {
@@ -93,7 +94,7 @@ def run_group(problem, configs: list[dict], args, skip: dict, seed: int = 0) -> 
             continue
         partition = problem.partition(experts)
         forward, grad = common.solve_and_grad(problem, partition,
-                                              **common.solve_kwargs(points, **solve_extra(args)))
+                                              **solve_options(points, args))
         fwd = common.compile_fn(forward, basis, key)
         bwd = common.compile_fn(grad, basis, key)
         start = time.perf_counter()
@@ -136,6 +137,18 @@ def solve_extra(args) -> dict:
     options = {"termination": args.termination, "schedule": args.schedule,
                "condition_scope": args.condition_scope}
     return {name: value for name, value in options.items() if value is not None}
+
+
+def solve_options(points: int | None, args) -> dict:
+    """`hcmoe.solve`'s keywords: the paper's settings (`common.solve_kwargs`) with the ones
+    set on the command line on the objects that own them."""
+    extra = solve_extra(args)
+    coupling = ({"coupling": hcmoe.Independent(schedule=extra["schedule"])}
+                if "schedule" in extra else {})
+    return common.solve_kwargs(
+        points, lm={k: v for k, v in extra.items() if k == "termination"},
+        rows={k: v for k, v in extra.items() if k == "condition_scope"}, **coupling,
+    )
 
 
 def sweep_points(problem, size: dict, args) -> list[dict]:
@@ -253,7 +266,7 @@ def main():
         print_ratios(results)
         payload["problems"][problem.name] = {
             "problem": problem.describe(),
-            "solver": common.solve_kwargs(None, **solve_extra(args))
+            "solver": common.solve_settings(solve_options(None, args)) | solve_extra(args)
             | {"solver": "hcmoe default"},
             "results": results,
         }

@@ -7,26 +7,27 @@ same trust-region search and termination:
   materialises the Jacobian (N Jacobian-vector products) and factorises the damped
   (m + N) x N system by QR;
 - `optx_normal`: the same with `linear_solver=lineax.Normal(lineax.Cholesky())`;
-- `hcmoe`: the current default (`solver=None`): the Gram matrix J^T J and J^T r formed once per
-  accepted iterate from a Jacobian built from the operator stacks, Cholesky per step.
+- `hcmoe`: the current default (`hcmoe.LevenbergMarquardt`): the Gram matrix J^T J and J^T r
+  formed once per accepted iterate from a Jacobian built from the operator stacks, Cholesky per
+  step.
 
 Linear PDE (heat): the single least-squares solve with the default `lineax.QR()` vs
-`linear_solver=lineax.Normal(lineax.Cholesky())` (both on the Jacobian built from the stacks).
+`solver=lineax.Normal(lineax.Cholesky())` (both on the Jacobian built from the stacks).
 
 Accuracy: normal equations square the condition number, so the script also solves the
 diffusion–sorption problem to tight tolerances with QR and with the default and reports the
 difference of the weights and of the residual norms.
 
-Schedules (`--section schedules`): the experts' solves batched (`schedule="vmap"`, one loop
-that runs until the slowest expert stops) against one after the other (`schedule="map"`, each
-stops at its own count), diffusion–sorption with K = 4 on the quickstart grid (26 x 64) and the
-paper grid (101 x 1024), forward and forward + backward: the measurement behind
-`schedule="auto"`.
+Schedules (`--section schedules`): the experts' solves batched
+(`coupling=hcmoe.Independent(schedule="vmap")`, one loop that runs until the slowest expert
+stops) against one after the other (`schedule="map"`, each stops at its own count),
+diffusion–sorption with K = 4 on the quickstart grid (26 x 64) and the paper grid (101 x 1024),
+forward and forward + backward: the measurement behind `schedule="auto"`.
 
 Initial damping (`--section damping`): the default solver from `λ = 1` (optimistix's start,
-`initial_damping=1.0`, the default before 2026-12-03) against the default `λ = 1e-6`,
-diffusion–sorption and Navier–Stokes: LM steps, the difference of the solutions, and the time of
-both, interleaved.
+`hcmoe.LevenbergMarquardt(initial_damping=1.0)`, the default before 2026-12-03) against the
+default `λ = 1e-6`, diffusion–sorption and Navier–Stokes: LM steps, the difference of the
+solutions, and the time of both, interleaved.
 
     python benchmarks/solvers.py --quick
     python benchmarks/solvers.py
@@ -43,6 +44,7 @@ import numpy as np
 import optimistix as optx
 
 import _common as common
+import hcmoe
 
 
 TOL = 1e-4
@@ -52,12 +54,13 @@ VARIANTS = {
         rtol=TOL, atol=TOL, linear_solver=lx.Normal(lx.Cholesky()))),
     "hcmoe": lambda: {},
 }
-SCHEDULE_VARIANTS = {"vmap": lambda: dict(schedule="vmap"),
-                     "map": lambda: dict(schedule="map")}
-DAMPING_VARIANTS = {"lambda_1": lambda: dict(initial_damping=1.0),
+SCHEDULE_VARIANTS = {"vmap": lambda: dict(coupling=hcmoe.Independent(schedule="vmap")),
+                     "map": lambda: dict(coupling=hcmoe.Independent(schedule="map"))}
+DAMPING_VARIANTS = {"lambda_1": lambda: dict(lm=dict(initial_damping=1.0)),
                     "default": lambda: {}}
+# A linear PDE is one least-squares solve, by a lineax solver (default lineax.QR()).
 LINEAR_VARIANTS = {"qr": lambda: {},
-                   "normal_cholesky": lambda: dict(linear_solver=lx.Normal(lx.Cholesky()))}
+                   "normal_cholesky": lambda: dict(solver=lx.Normal(lx.Cholesky()))}
 
 SIZES = {
     "smoke": {"ds": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
@@ -142,11 +145,10 @@ def accuracy(problem, points: int, experts: int) -> dict:
     """Tight tolerances: QR vs the default, same problem."""
     basis, key = problem.basis(), jr.key(0)
     partition = problem.partition(experts)
-    tight = dict(rtol=1e-10, atol=1e-10, max_steps=200)
     out = {}
     for name, solver in (("optx_qr", optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10)),
-                         ("hcmoe", None)):
-        options = common.solve_kwargs(max(points // experts, 1), solver=solver) | tight
+                         ("hcmoe", hcmoe.LevenbergMarquardt(rtol=1e-10, atol=1e-10))):
+        options = common.solve_kwargs(max(points // experts, 1), solver=solver, max_steps=200)
         forward, _ = common.solve_and_grad(problem, partition, **options)
         sol = common.compile_fn(forward, basis, key).call()
         out[name] = sol
