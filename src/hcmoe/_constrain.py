@@ -33,7 +33,7 @@ class Constrained(eqx.Module):
     model: Any
     pde: AbstractPDE
     partition: Any
-    grid: Grid
+    grid: Grid | None
     options: dict
 
     def __call__(

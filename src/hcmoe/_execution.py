@@ -4,6 +4,7 @@ assembly of `u` from their fields."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from ._rows import ProblemRows, evaluate_rows
 
 
 def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, ridge, adjoint,
-                 ridge_toward):
+                 ridge_toward) -> tuple[Any, ...]:
     """Every expert's solve on its schedule: `(weights, steps, result, ok)`, leading axis `K`,
     from `a`'s `rows`, `transformed`, `particular`, `init`, `pde`, `data` and `solver`.
     `hessian=True` also returns each expert's Hessian of `½‖r‖²` at its solution

@@ -32,7 +32,9 @@ def expert_mesh(
     num_devices: int | None = None,
     *,
     batch: int = 1,
-    devices: Sequence[jax.Device] | None = None,
+    # `jax.Device` is the public name of the device class; pyright sees the re-export
+    # `Device = _xc.Device` as a variable.
+    devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
 ) -> Mesh:
     """A `Mesh` with axes `("batch", "experts")` for `hcmoe.Independent(mesh=...)`.
 

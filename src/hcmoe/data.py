@@ -33,7 +33,7 @@ import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +136,9 @@ def save_cached(
     }
     # Invalidate first: between the two replaces below, no manifest vouches for the archive.
     manifest_path.unlink(missing_ok=True)
-    atomic_write(archive, lambda f: np.savez(f, **arrays, **{_TOKEN: np.array(token)}))
+    # Typed as Any for numpy's stub, which matches `**` entries against `allow_pickle: bool`.
+    stamp: Any = np.array(token)
+    atomic_write(archive, lambda f: np.savez(f, **arrays, **{_TOKEN: stamp}))
     text = json.dumps(manifest, indent=2, sort_keys=True, default=_jsonable).encode()
     atomic_write(manifest_path, text)
 
@@ -239,7 +241,9 @@ def _fingerprint(leaves, count: int) -> str:
 
 def _save_chunk(path: Path, leaves: list[np.ndarray], fingerprint: str) -> None:
     named = {f"leaf_{i}": leaf for i, leaf in enumerate(leaves)}
-    atomic_write(path, lambda f: np.savez(f, **named, **{_FINGERPRINT: np.array(fingerprint)}))
+    # Typed as Any for numpy's stub, which matches `**` entries against `allow_pickle: bool`.
+    stamp: Any = np.array(fingerprint)
+    atomic_write(path, lambda f: np.savez(f, **named, **{_FINGERPRINT: stamp}))
 
 
 def _load_chunk(path: Path, fingerprint: str, num_leaves: int) -> list[np.ndarray] | None:
@@ -260,7 +264,7 @@ def _leading_size(leaves, argname: str) -> int:
             f"{argname}: expected arrays sharing one leading (sample) axis; got shapes "
             f"{[np.shape(leaf) for leaf in leaves]}."
         )
-    return sizes.pop()
+    return cast(int, sizes.pop())  # the one size, not None (checked above)
 
 
 def map_batched(

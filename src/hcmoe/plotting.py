@@ -128,9 +128,12 @@ def _field_panel(figure, ax, field, vertical, horizontal, labels, title, **style
         segments = expert_boundary_segments(labels, vertical, horizontal)
         # White with a dark outline reads on light and dark colour maps alike.
         outline = [withStroke(linewidth=2.0, foreground="black")]
-        ax.add_collection(
-            LineCollection(segments, colors="white", linewidths=0.9, path_effects=outline)
+        # An (n, 2, 2) array is a documented `segments`; matplotlib's stub wants a Sequence.
+        lines = LineCollection(
+            segments,  # pyright: ignore[reportArgumentType]
+            colors="white", linewidths=0.9, path_effects=outline,
         )
+        ax.add_collection(lines)
     ax.set_title(title)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import cast
 
 import equinox as eqx
 import jax
@@ -134,7 +135,8 @@ def _contract(flat: Array, neighbours: Array, weights: Array) -> Array:
             out = out + w[:, j].reshape((size,) + ones) * flat[index[:, j]]
         return None, out
 
-    values = jax.lax.scan(step, None, (neighbours, weights))[1]
+    # `out` starts as the Python int 0, so the checker infers `int | Array` for it.
+    values = cast(Array, jax.lax.scan(step, None, (neighbours, weights))[1])
     values = values.reshape((chunks * size,) + trailing)[:rows]
     return values.reshape(lead + trailing)
 
@@ -168,6 +170,7 @@ class Combination(AbstractOperator):
         stencils = [op.point_stencil(grid, points) for _, op in self.terms]
         if any(s is None for s in stencils):
             return None
+        stencils = cast(list[tuple[Array, Array]], stencils)  # none is None (checked above)
         neighbours = jnp.concatenate([n for n, _ in stencils], axis=-1)
         weights = jnp.concatenate([c * w for (c, _), (_, w) in zip(self.terms, stencils)],
                                   axis=-1)
@@ -177,6 +180,7 @@ class Combination(AbstractOperator):
         symbols = [op.fourier_symbol(grid) for _, op in self.terms]
         if any(s is None for s in symbols):
             return None
+        symbols = cast(list[tuple[tuple[str, ...], np.ndarray]], symbols)  # checked above
         axes = tuple(a for a in grid.names if any(a in names for names, _ in symbols))
         return axes, sum(c * s for (c, _), (_, s) in zip(self.terms, symbols))
 

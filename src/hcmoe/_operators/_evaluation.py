@@ -4,6 +4,7 @@ the local stencils, one real FFT shared by the Fourier multipliers."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +97,7 @@ def evaluate_at_points(
         values = _contract_many(flat_field(field, grid), [stencil for _, stencil in local])
         for (i, _), value in zip(local, values):
             out[i] = value
-    return out
+    return cast(list[Array], out)  # every request's entry is filled above
 
 
 def evaluate_at_expert_points(
@@ -136,7 +137,7 @@ def evaluate_at_expert_points(
         values = _contract_many(flat, [stencil for _, stencil in local])
         for (i, _), value in zip(local, values):
             out[i] = value
-    return out
+    return cast(list[Array], out)  # every request's entry is filled above
 
 
 def operators_at_points(

@@ -58,7 +58,9 @@ def _irfft(spectrum: Array, symbol: np.ndarray, grid: Grid, names, field: Array)
 
 
 def _apply_symbol(op: AbstractOperator, field: Array, grid: Grid) -> Array:
-    names, symbol = op.fourier_symbol(grid)
+    found = op.fourier_symbol(grid)
+    assert found is not None, f"{type(op).__name__}: no Fourier symbol on this grid"
+    names, symbol = found
     return _irfft(_rfft(field, grid, names), symbol, grid, names, field)
 
 

@@ -4,7 +4,7 @@ residual weighting, and `predict` on a batch."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -235,7 +235,7 @@ def _batch_size(data) -> int:
             "data: expected PDE data whose arrays share a leading batch axis; got leading "
             f"sizes {sorted(map(str, sizes))}."
         )
-    return sizes.pop()
+    return cast(int, sizes.pop())  # the one size, not None (checked above)
 
 
 def predict(

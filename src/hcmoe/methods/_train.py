@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,9 @@ def _run_settings(method: Method, settings: dict[str, Any] | None) -> dict[str, 
     record: dict[str, Any] = {"method": method.name, "grid": list(method.grid.shape)}
     if method.kind != "sc":
         record["solve"] = solve
-        record["experts"] = int(method.partition.num_experts(method.grid))
+        partition = method.partition
+        assert partition is not None  # None only for "sc"
+        record["experts"] = int(partition.num_experts(method.grid))
     return {**record, **dict(settings or {})}
 
 
@@ -110,13 +113,15 @@ def train(
 
     **Returns:** `fit`'s `FitResult` (the trained method in `.model`).
     """
-    eval_fn = None
+    eval_fn: Callable[[Any], dict[str, float]] | None = None
     if eval_data is not None:
         test_data, references = eval_data
 
-        def eval_fn(model):
+        def held_out(model) -> dict[str, float]:
             result = evaluate(model, test_data, references, batch_size=eval_batch_size)
             return {"rel_l2": result.mean, "rel_l2_std": result.std}
+
+        eval_fn = held_out
 
     run_dir = None if run_dir is None else Path(run_dir)
     return fit(

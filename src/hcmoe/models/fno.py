@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -310,7 +311,7 @@ class FNO(eqx.Module):
         """The paper's diffusion–sorption backbone: FNO2D on `(t, x)`, 5 layers, width 64,
         8 modes, fc 128, N = 16 basis functions with GELU on the outputs. The input is
         `grid_input(grid, u0)` (3 channels). Keywords override any field (e.g. `dtype`)."""
-        options = dict(
+        options: dict[str, Any] = dict(
             ndim=2, width=64, modes=8, n_layers=5, fc_width=128, output_activation=True
         )
         return cls(3, 16, **(options | overrides), key=key)
@@ -320,14 +321,14 @@ class FNO(eqx.Module):
         """The paper's Navier–Stokes backbone: FNO3D on `(t, x, y)`, 8 layers, width 64,
         8 modes, fc 256, N = 64 basis functions. The input is `grid_input(grid, w0)`
         (4 channels). Keywords override any field."""
-        options = dict(ndim=3, width=64, modes=8, n_layers=8, fc_width=256)
+        options: dict[str, Any] = dict(ndim=3, width=64, modes=8, n_layers=8, fc_width=256)
         return cls(4, 64, **(options | overrides), key=key)
 
     @classmethod
     def diffusion_sorption_small(cls, key: PRNGKeyArray, **overrides) -> FNO:
         """A CPU-sized diffusion–sorption backbone (3 layers, width 16, 6 modes, fc 32, N = 8,
         GELU outputs), for tests, examples and quick experiments."""
-        options = dict(
+        options: dict[str, Any] = dict(
             ndim=2, width=16, modes=6, n_layers=3, fc_width=32, output_activation=True
         )
         return cls(3, 8, **(options | overrides), key=key)
@@ -335,7 +336,7 @@ class FNO(eqx.Module):
     @classmethod
     def navier_stokes_small(cls, key: PRNGKeyArray, **overrides) -> FNO:
         """A CPU-sized Navier–Stokes backbone (3 layers, width 12, 4 modes, fc 32, N = 16)."""
-        options = dict(ndim=3, width=12, modes=4, n_layers=3, fc_width=32)
+        options: dict[str, Any] = dict(ndim=3, width=12, modes=4, n_layers=3, fc_width=32)
         return cls(4, 16, **(options | overrides), key=key)
 
 

@@ -14,7 +14,7 @@ PDEBench; the paper uses 1024 cells and 101 time levels.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax.lax as lax
@@ -380,7 +380,7 @@ def make_dataset(
     check_choice("split", split, ("train", "test"))
     check_choice("size", size, SIZES)
     n = check_count("n", SIZES[size][f"n_{split}"] if n is None else n)
-    max_dt = SIZES[size]["max_dt"] if max_dt is None else max_dt
+    max_dt = cast(float, SIZES[size]["max_dt"]) if max_dt is None else max_dt
     pde = make_pde(DiffusionSorption, constants, "diffusion_sorption.make_dataset")
     the_grid = grid(size)
     physics = {k: v for k, v in pde_constants(pde).items() if k not in _FORMULATION}

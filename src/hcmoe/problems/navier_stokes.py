@@ -15,7 +15,7 @@ basis function and $s = 0.005$, so $w(t_0) = w_0$ exactly and the mean vorticity
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax.lax as lax
@@ -342,7 +342,7 @@ def make_dataset(
     check_choice("split", split, ("train", "test"))
     check_choice("size", size, SIZES)
     n = check_count("n", SIZES[size][f"n_{split}"] if n is None else n)
-    max_dt = SIZES[size]["max_dt"] if max_dt is None else max_dt
+    max_dt = cast(float, SIZES[size]["max_dt"]) if max_dt is None else max_dt
     pde = make_pde(NavierStokes, constants, "navier_stokes.make_dataset")
     the_grid, label = grid(size, split), size
     if n_xy is not None and n_xy != the_grid.shape[-1]:

@@ -3,6 +3,8 @@ sees the same batches as an uninterrupted one."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.random as jr
 import numpy as np
@@ -16,7 +18,7 @@ def _dataset_size(train_data) -> int:
             "train_data: expected a pytree of arrays sharing one leading (sample) axis, or a "
             f"callable `(step, key) -> batch`; got leading sizes {sorted(map(str, sizes))}."
         )
-    return sizes.pop()
+    return cast(int, sizes.pop())  # the one size, not None (checked above)
 
 
 class Batches:
@@ -45,6 +47,7 @@ class Batches:
             key = jr.fold_in(self.key, epoch)
             self._epoch, self._permutation = epoch, np.asarray(jr.permutation(key, self.size))
         start = position * self.batch_size
+        assert self._permutation is not None  # drawn above at the first call (epoch != None)
         indices = self._permutation[start : start + self.batch_size]
         return jax.tree.map(lambda leaf: leaf[indices], self.data)
 

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jaxtyping import PRNGKeyArray
@@ -58,7 +59,7 @@ class Checkpoint(NamedTuple):
 
 def key_record(key: PRNGKeyArray) -> dict[str, Any]:
     """A JSON form of a PRNG key, to refuse resuming a run with another key."""
-    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     return {
         "data": np.asarray(jr.key_data(key)).tolist(),
         "impl": str(jr.key_impl(key)) if typed else None,
