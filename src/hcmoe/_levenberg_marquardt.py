@@ -321,6 +321,9 @@ class WarmStart(optx.AbstractLeastSquaresSolver):
 
     solver: optx.AbstractLeastSquaresSolver
 
+    def __init__(self, solver: optx.AbstractLeastSquaresSolver):
+        self.solver = solver
+
     @property
     def rtol(self):  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.solver.rtol

@@ -157,12 +157,13 @@ def _lowest(scores: Array, count: int) -> Array:
             low, high = jnp.min(word, axis=1), jnp.max(word, axis=1)
         else:
             top = jnp.uint32(np.iinfo(np.uint32).max)
-            low = jnp.min(jnp.where(equal, word, top), axis=1)
+            low = jnp.min(jnp.where(equal, word, top), axis=1)  # pyright: ignore[reportArgumentType]
             high = jnp.max(jnp.where(equal, word, 0), axis=1)
         threshold = _bisect(enough, low, high)
         smaller, same = word < threshold[:, None], word == threshold[:, None]
         below = below | (smaller if equal is None else equal & smaller)
         equal = same if equal is None else equal & same
+    assert equal is not None  # set by the first word
     at_most = below | equal
     # More entries at the threshold than room for them (padding scores, equal draws): the
     # lowest positions, up to the last one `last` that is needed, found by bisection on the

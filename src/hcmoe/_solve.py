@@ -62,7 +62,7 @@ def solve_dtype(precision: str | None, basis_dtype) -> jnp.dtype:
         raise ValueError(
             f"precision: expected one of {_PRECISIONS}; got {precision!r}."
         )
-    x64 = jax.config.jax_enable_x64
+    x64 = bool(getattr(jax.config, "jax_enable_x64"))
     if precision == "float64" and not x64:
         raise ValueError(
             "precision='float64' needs 64-bit JAX, which is off. Enable it at start-up with "
@@ -297,7 +297,9 @@ def _mesh(options: dict):
 
 
 @eqx.filter_jit
-def constrained_solve(basis, pde, partition, grid: Grid, data, key, options: dict) -> Solution:
+def constrained_solve(
+    basis, pde, partition, grid: Grid | None, data, key, options: dict
+) -> Solution:
     """Solve for one sample, or for a batch when `basis` has one extra leading axis.
 
     A batched basis `(batch, *grid.shape, N)` is vmapped over its leading axis; every array

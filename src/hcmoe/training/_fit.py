@@ -279,6 +279,7 @@ def fit(
                 if step % log_every == 0 or step == steps or do_eval or do_checkpoint:
                     logger.flush(step, opt_state)
                 if do_eval:
+                    assert eval_fn is not None  # do_eval needs eval_every, which needs eval_fn
                     logger.evaluation(step, eval_fn(model))
                     last_eval = step
                 if do_checkpoint:
