@@ -27,11 +27,20 @@ solve and in the loss. `--residual-weight 1` uses the physical units.
 `--formulation hcmoe` (default) poses the problem as `diffusion_sorption.FORMULATIONS` says: the
 IC exact by construction, boundary rows where the finite-volume reference puts them, global
 condition rows, PDE rows from the second level on; `--formulation paper` as the paper's release.
+`--scope`, `--exact-ic`, `--ic-weight`, `--bc-weight`, `--initial-layer`, `--boundary` and
+`--time-derivative` change one piece of it at a time (unset: the formulation's). The solves'
+settings: `--balance` (default: mean for the hcmoe formulation, sum for the paper's), `--ridge`,
+`--max-steps`, and the Levenberg–Marquardt solver's `--initial-damping`, `--termination` and
+`--warm-start` (unset: the library's defaults).
+
 PI-HC-MoE blends overlapping experts (`--overlap`, 0 for the paper's piecewise prediction)
 and fits their weights together (`--coupling joint`: the weights minimise the residual of the
 blended field; `--coupling independent`: each expert solves alone, as in the paper).
 `--total-points` gives PI-HC the points of all experts (equal total points); by default each
 method gets `--points-per-expert` per expert, the paper's semantics.
+
+`--steps 300 --n-train 64 --n-test 32 --decay-every 60` trains the quickstart's three runs (the
+same errors, to the digit): the flags above then vary the quickstart one setting at a time.
 
 `--extrapolate`: the paper's third experiment. Train on `t <= 400`, predict the whole horizon
 and report the error on `t > 400` only (the backbone sees time in units of the full horizon).
@@ -83,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, help="override the size's number of steps")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--decay-every", type=int,
+                        help="steps between the learning rate's halvings (default: the size's, "
+                        "300 / 800)")
     parser.add_argument("--points-per-expert", type=int)
     parser.add_argument("--experts", type=int, default=4, help="PI-HC-MoE blocks along x")
     parser.add_argument("--n-train", type=int, help="default: the size's (256 / 8000)")
@@ -92,6 +104,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default="hcmoe")
     parser.add_argument("--overlap", type=float, default=0.3,
                         help="PI-HC-MoE blending half-width in x (0: the paper's piecewise)")
+    # Formulation flags: unset ones take the --formulation's values.
+    parser.add_argument("--scope", choices=("global", "owned"),
+                        help="which experts get the IC/BC rows")
+    parser.add_argument("--exact-ic", action=argparse.BooleanOptionalAction,
+                        help="build the initial condition into the ansatz")
+    parser.add_argument("--ic-weight", type=float, help="weight of the initial-condition rows")
+    parser.add_argument("--bc-weight", type=float, help="weight of the boundary rows")
+    parser.add_argument("--initial-layer", type=float,
+                        help="impose the PDE only at t > t0 + this (s)")
+    parser.add_argument("--boundary", choices=("ghost", "cell"),
+                        help="boundary rows as the finite-volume reference poses them (ghost) "
+                        "or on the outermost cell centres (cell)")
+    parser.add_argument("--time-derivative", choices=("central", "backward"),
+                        help="the PDE rows' u_t: central or backward differences")
+    # The solves (PI-HC and PI-HC-MoE).
+    parser.add_argument("--balance", choices=("mean", "sum"),
+                        help="condition rows weighted as in the loss (mean) or plain sums of "
+                        "squares (sum); default: mean for --formulation hcmoe, sum for paper")
+    parser.add_argument("--ridge", type=float, default=RIDGE,
+                        help="weight of the ridge rows `ridge * w` (default: the paper's 1e-4)")
+    parser.add_argument("--max-steps", type=int, default=MAX_STEPS, help="LM iteration cap")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="start LM from one Gauss-Newton step")
     parser.add_argument("--initial-damping", type=float,
                         help="LM damping of the first step (default: the library's, 1e-6; "
                         "1 reproduces results from before 2026-12-03)")
@@ -115,14 +150,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in CONFIGS[args.size].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    for name in ("steps", "batch_size", "points_per_expert", "experts", "n_train", "n_test"):
+    for name in ("steps", "batch_size", "decay_every", "points_per_expert", "experts", "n_train",
+                 "n_test", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive int; got {value}")
     if not args.residual_weight > 0:
         parser.error(f"--residual-weight: expected a positive number; got {args.residual_weight}")
-    if not args.overlap >= 0:
-        parser.error(f"--overlap: expected a non-negative number; got {args.overlap}")
+    for name in ("overlap", "ic_weight", "bc_weight", "initial_layer", "ridge"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            parser.error(f"--{name.replace('_', '-')}: expected a non-negative number; got {value}")
+    if args.balance is None:
+        args.balance = default_balance(args.formulation)
     try:  # the partition's own checks, before any data is made
         hcmoe.Partition(t=1, x=args.experts, overlap=args.overlap).blend(
             diffusion_sorption.grid(args.size))
@@ -132,6 +172,64 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 T_TRAIN = 400.0  # --extrapolate: training horizon
+RIDGE, MAX_STEPS = 1e-4, 50  # the solves' defaults: the paper's
+FORMULATION_FLAGS = {  # flag -> DiffusionSorption field
+    "scope": "scope",
+    "exact_ic": "exact_initial",
+    "ic_weight": "initial_weight",
+    "bc_weight": "boundary_weight",
+    "initial_layer": "initial_layer",
+    "boundary": "boundary",
+    "time_derivative": "time_derivative",
+}
+
+
+def default_balance(formulation: str) -> str:
+    """The rows' weighting of a formulation: the loss's (mean) or the release's sums (paper)."""
+    return "mean" if formulation == "hcmoe" else "sum"
+
+
+def formulation_changes(args) -> dict:
+    """The formulation flags that change `--formulation`'s problem: `{flag: value}`."""
+    default = diffusion_sorption.formulation(args.formulation)
+    return {flag: value for flag, field in FORMULATION_FLAGS.items()
+            if (value := getattr(args, flag)) is not None and value != getattr(default, field)}
+
+
+def solve_changes(args) -> dict:
+    """The solve flags set away from their defaults: `{flag: value}` (PI-HC, PI-HC-MoE)."""
+    changes = {"balance": args.balance if args.balance != default_balance(args.formulation)
+               else None,
+               "ridge": args.ridge if args.ridge != RIDGE else None,
+               "max_steps": args.max_steps if args.max_steps != MAX_STEPS else None,
+               "warm_start": True if args.warm_start else None}
+    return {flag: value for flag, value in changes.items() if value is not None}
+
+
+def pde(args) -> diffusion_sorption.DiffusionSorption:
+    """The problem of every method: `--formulation`, with the formulation flags' changes."""
+    return diffusion_sorption.formulation(
+        args.formulation,
+        **{FORMULATION_FLAGS[flag]: value for flag, value in formulation_changes(args).items()})
+
+
+def solver(args):
+    """The constraint solver of the flags: None (the library's default, LM) unless one of its
+    settings is given."""
+    settings = {name: getattr(args, name) for name in ("initial_damping", "termination")
+                if getattr(args, name) is not None}
+    if not settings and not args.warm_start:
+        return None
+    lm = hcmoe.LevenbergMarquardt(**settings)
+    return hcmoe.WarmStart(lm) if args.warm_start else lm
+
+
+def suffix(flag: str, value) -> str:
+    """A run directory's name part for a flag's value: `_icweight2`, `_exactic`, `_noexactic`."""
+    name = flag.replace("_", "")
+    if isinstance(value, bool):
+        return f"_{name}" if value else f"_no{name}"
+    return f"_{name}{value:g}" if isinstance(value, float) else f"_{name}{value}"
 
 
 def train_grid(args, grid):
@@ -149,6 +247,9 @@ def run_directory(args, kind: str | None = None):
     name = args.size + ("_extrapolate" if args.extrapolate else "")
     if args.formulation != "hcmoe":
         name += f"_{args.formulation}"
+    name += "".join(suffix(flag, value) for flag, value in formulation_changes(args).items())
+    if args.decay_every != CONFIGS[args.size]["decay_every"]:
+        name += f"_decay{args.decay_every}"
     if kind in (None, "moe") and args.coupling != "joint":
         name += f"_{args.coupling}"
     if kind in (None, "hc") and args.total_points:
@@ -157,6 +258,8 @@ def run_directory(args, kind: str | None = None):
         name += f"_lambda0{args.initial_damping:g}"
     if kind != "sc" and args.termination is not None:
         name += f"_stop{args.termination}"
+    if kind != "sc":
+        name += "".join(suffix(flag, value) for flag, value in solve_changes(args).items())
     if args.seed != 0:  # a checkpoint resumes only the seed that wrote it
         name += f"_seed{args.seed}"
     return args.out / name
@@ -172,7 +275,10 @@ def run_settings(args, kind: str) -> dict:
         names += ["total_points"]
     if kind == "moe":
         names += ["experts", "overlap", "coupling"]
-    return {name: getattr(args, name) for name in names}
+    if args.decay_every != CONFIGS[args.size]["decay_every"]:  # earlier checkpoints resume
+        names.append("decay_every")
+    settings = {name: getattr(args, name) for name in names} | formulation_changes(args)
+    return settings | (solve_changes(args) if kind != "sc" else {})
 
 
 def run(kind: str, args, train, test, grid) -> dict:
@@ -184,16 +290,15 @@ def run(kind: str, args, train, test, grid) -> dict:
     method = methods.make_method(
         kind,
         args.backbone(jr.key(args.seed)),  # the same initial backbone for every method
-        diffusion_sorption.formulation(args.formulation),
+        pde(args),
         fit_grid,
         hcmoe.Partition(t=1, x=args.experts, overlap=args.overlap),
         # The backbone sees time in units of the full horizon, on either grid.
         inputs=methods.InitialConditionInput("u0", extents={"t": grid.extent("t")}),
         residual_weight=args.residual_weight,
-        points_per_expert=points,
-        balance="mean" if args.formulation == "hcmoe" else "sum",
-        initial_damping=args.initial_damping,  # None: the library's default
-        termination=args.termination,  # None: the library's default
+        rows=hcmoe.Rows(points_per_expert=points, ridge=args.ridge, balance=args.balance),
+        solver=solver(args),  # None: the library's default
+        max_steps=args.max_steps,
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)
@@ -253,6 +358,8 @@ def summarise(args, grid) -> str:
         "extrapolate": args.extrapolate,
         "overlap": args.overlap,
         "coupling": args.coupling,
+        **({"changes": changes} if (changes := formulation_changes(args) | solve_changes(args))
+           else {}),  # the formulation and solve flags away from their defaults
         "grid": list(grid.shape),
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, "

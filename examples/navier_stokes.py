@@ -223,6 +223,14 @@ def partition(args) -> hcmoe.Partition:
     return hcmoe.Partition(**blocks, overlap=overlap)
 
 
+def solver(args):
+    """The constraint solver of the flags: None (the library's default, LM) unless one of its
+    settings is given."""
+    settings = {name: getattr(args, name) for name in ("initial_damping", "termination")
+                if getattr(args, name) is not None}
+    return hcmoe.LevenbergMarquardt(**settings) if settings else None
+
+
 def run_directory(args, kind: str | None = None) -> Path:
     """Where `kind`'s run lives (in `<this>/<kind>`): a suffix for each non-default setting that
     `kind` uses, so PI-SC is not retrained when only a solve setting changes, nor PI-HC when
@@ -286,11 +294,9 @@ def run(kind: str, args, train, tests, grid) -> dict:
         pde,
         grid,
         partition(args),
-        points_per_expert=args.points_per_expert,
-        ridge=args.ridge,
-        ridge_toward=args.ridge_toward,
-        initial_damping=args.initial_damping,  # None: the library's default
-        termination=args.termination,  # None: the library's default
+        rows=hcmoe.Rows(points_per_expert=args.points_per_expert, ridge=args.ridge,
+                        ridge_toward=args.ridge_toward),
+        solver=solver(args),  # None: the library's default
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ({args.size}) -> {directory} ==", flush=True)

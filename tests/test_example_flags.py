@@ -143,6 +143,7 @@ def test_diffusion_sorption_research_flags_get_their_own_directory(tmp_path):
     assert names("--scope", "owned", "--boundary", "cell", "--time-derivative", "backward",
                  "--initial-layer", "5") == dict.fromkeys(
         ("sc", "hc", "moe"), "small_scopeowned_initiallayer5_boundarycell_timederivativebackward")
+    assert names("--decay-every", "60") == dict.fromkeys(("sc", "hc", "moe"), "small_decay60")
     # The solves' settings: PI-SC solves nothing and keeps its run.
     assert names("--ridge", "0.001", "--max-steps", "100", "--warm-start", "--balance", "sum") == {
         "sc": "small", "hc": "small_balancesum_ridge0.001_maxsteps100_warmstart",
@@ -150,14 +151,15 @@ def test_diffusion_sorption_research_flags_get_their_own_directory(tmp_path):
     # A flag at the formulation's or the library's value is the default run (its checkpoints
     # resume); --formulation paper's balance is sum.
     assert names("--exact-ic", "--bc-weight", "10", "--ridge", "1e-4", "--max-steps", "50",
-                 "--balance", "mean") == dict.fromkeys(("sc", "hc", "moe"), "small")
+                 "--balance", "mean", "--decay-every", "300") == dict.fromkeys(
+        ("sc", "hc", "moe"), "small")
     assert names("--formulation", "paper", "--balance", "sum") == dict.fromkeys(
         ("sc", "hc", "moe"), "small_paper")
     default = example.parse_args(["--out", str(tmp_path)])
     assert example.run_settings(default, "hc") == example.run_settings(
         example.parse_args(["--out", str(tmp_path), "--ridge", "1e-4"]), "hc")
     changed = example.parse_args(["--out", str(tmp_path), "--ic-weight", "2", "--ridge", "0.01"])
-    assert example.run_settings(changed, "hc") | {} == example.run_settings(default, "hc") | {
+    assert example.run_settings(changed, "hc") == example.run_settings(default, "hc") | {
         "ic_weight": 2.0, "ridge": 0.01}
     assert "ridge" not in example.run_settings(changed, "sc")
 

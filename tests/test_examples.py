@@ -91,12 +91,13 @@ SHARED_FLAGS = [  # the quickstart's flags, which the research script has too
 RESEARCH_FLAGS = [  # examples/diffusion_sorption.py's own (the quickstart's before hcmoe 0.2)
     (["--batch-size", "0"], "--batch-size: expected a positive int"),
     (["--n-train", "0"], "--n-train: expected a positive int"),
+    (["--decay-every", "0"], "--decay-every: expected a positive int"),
     (["--max-steps", "0"], "--max-steps: expected a positive int"),
     (["--overlap", "-0.1"], "--overlap: expected a non-negative number"),
     (["--ic-weight", "-1"], "--ic-weight: expected a non-negative number"),
     (["--bc-weight", "-1"], "--bc-weight: expected a non-negative number"),
     (["--initial-layer", "-5"], "--initial-layer: expected a non-negative number"),
-    (["--ridge", "-1e-4"], "--ridge: expected a non-negative number"),
+    (["--ridge=-1e-4"], "--ridge: expected a non-negative number"),
     (["--termination", "never"], "invalid choice: 'never'"),
 ]
 
