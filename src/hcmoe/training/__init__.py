@@ -24,13 +24,14 @@ bit for bit.
 
 One concept per module:
 
-- `_fit.py`: `fit`, the jitted step, Ctrl-C handling;
+- `_fit.py`: `fit`, the jitted step, Ctrl-C and SIGTERM handling (`Terminated`);
 - `_checkpoints.py`: `save_checkpoint` / `load_checkpoint` (atomic, verified, with fallback);
 - `_metrics.py`: `solver_metrics`, the JSON-lines / CSV metrics files;
 - `_optimizer.py`: `paper_optimizer`, `paper_schedule`;
 - `_batches.py`: deterministic minibatches.
 """
 
+from .._interrupt import Terminated as Terminated
 from ._checkpoints import (
     Checkpoint as Checkpoint,
     CheckpointWarning as CheckpointWarning,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,7 +26,7 @@ from jaxtyping import Array, PRNGKeyArray
 from tqdm.auto import tqdm
 
 from .._files import atomic_write
-from .._interrupt import InterruptGuard
+from .._interrupt import InterruptGuard, Terminated
 from ..data import normalise_params
 from ._batches import Batches
 from ._checkpoints import RECORD, _read_record, key_record, load_checkpoint, save_checkpoint
@@ -171,9 +172,14 @@ def fit(
     written beside it. A non-finite loss raises `FloatingPointError` at the next log.
 
     With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps, at the
-    end, and on `KeyboardInterrupt` (so an interrupted run loses no step). Ctrl-C (SIGINT) is
-    handled by `fit` itself while it runs in the main thread: the step in flight finishes, is
-    logged and checkpointed, then `KeyboardInterrupt` is raised; a second Ctrl-C stops at once.
+    end, and on an interrupt (so an interrupted run loses no step). Ctrl-C (SIGINT) and
+    SIGTERM (what SLURM and other schedulers send before killing a job) are handled by `fit`
+    itself while it runs in the main thread: the step in flight finishes, is logged and
+    checkpointed, then `KeyboardInterrupt` (SIGINT) or `hcmoe.training.Terminated` (SIGTERM;
+    a `SystemExit` with status 143, so an uncaught one ends the process as terminated) is
+    raised; a second signal stops at once. (A job started with `cmd &` from a
+    non-interactive shell ignores SIGINT altogether: stop such a job with SIGTERM.) A resumed
+    run says so on stderr ("fit: resumed from step N of M, <dir>"), whatever `progress` is.
     A truncated or corrupt newest checkpoint is skipped with a `CheckpointWarning` and the
     newest intact one is resumed. With `resume=True`
     a run starts from the directory's latest checkpoint and continues to `steps`; metric
@@ -238,6 +244,10 @@ def fit(
         step, model, opt_state, history = _resume(
             checkpoint_dir, model, opt_state, key, metrics_path, settings
         )
+        if step:
+            done = " (nothing left to train)" if step >= steps else ""
+            print(f"fit: resumed from step {step} of {steps}, {checkpoint_dir}{done}",
+                  file=sys.stderr, flush=True)
     if metrics_path is not None:
         atomic_write(Path(metrics_path), "".join(json.dumps(r) + "\n" for r in history).encode())
 
@@ -253,8 +263,8 @@ def fit(
     last_checkpoint = last_eval = step
     with (
         InterruptGuard(
-            "fit: interrupted; finishing the current step and writing a checkpoint (Ctrl-C "
-            "again to stop at once)."
+            "fit: interrupted; finishing the current step and writing a checkpoint (the same "
+            "signal again stops at once)."
         ) as interrupt,
         tqdm(total=steps, initial=min(step, steps), disable=not progress, unit="step") as bar,
     ):
@@ -286,7 +296,7 @@ def fit(
                     checkpoint()
                     last_checkpoint = step
                 interrupt.check()  # a Ctrl-C during this step stops here, the step complete
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated):
             logger.flush(step, opt_state)
             if step != last_checkpoint:
                 checkpoint()
