@@ -244,7 +244,7 @@ def solve(
     return _solve_jit(basis, pde, as_partition(partition), grid, data, key, init, options)
 
 
-def check_options(options: dict, where: str) -> dict:
+def check_options(options: dict, where: str, drop_defaults: bool = True) -> dict:
     """The solve options of `constrain` / the methods, checked: an unknown name is an error
     (naming the new home of an hcmoe 0.1 option), and the coupling string becomes its
     object. Options equal to the defaults are dropped (one configuration, one compilation)."""
@@ -266,6 +266,8 @@ def check_options(options: dict, where: str) -> dict:
         raise ValueError(
             f"{where}: rows: expected an hcmoe.Rows(...); got {type(checked['rows']).__name__}."
         )
+    if not drop_defaults:
+        return checked
     defaults = dict(init=None, solver=None, rows=Rows(), coupling=as_coupling("independent"),
                     adjoint=None, max_steps=50, precision=None, throw=False)
     return {name: value for name, value in checked.items()
@@ -287,7 +289,9 @@ def call_options(defaults: dict, overrides: dict) -> dict:
     """The wrap-time options updated by those given at call time (checked the same way)."""
     if not overrides:
         return dict(defaults)  # a plain dict (Linen freezes its attributes): one cache key
-    merged = {**defaults, **check_options(overrides, "call")}
+    # An override equal to a default still replaces the wrap-time value (e.g. `rows=Rows()`,
+    # every point, over a wrap-time `Rows(points_per_expert=...)`).
+    merged = {**defaults, **check_options(overrides, "call", drop_defaults=False)}
     return check_options(merged, "call")
 
 

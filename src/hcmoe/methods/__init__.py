@@ -47,7 +47,7 @@ from ._tables import (
     results_table as results_table,
     seconds_per_step as seconds_per_step,
 )
-from ._train import loss_fn as loss_fn, train as train
+from ._train import load as load, loss_fn as loss_fn, train as train
 
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "Method",
     "WeightedResidual",
     "evaluate",
+    "load",
     "loss_fn",
     "make_method",
     "predict",

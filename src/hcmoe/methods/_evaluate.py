@@ -33,6 +33,13 @@ class Evaluation(NamedTuple):
     non_converged: int
     predictions: np.ndarray
 
+    def __repr__(self) -> str:
+        return (
+            f"Evaluation(n={self.errors.size}, mean={self.mean:.4g}, std={self.std:.4g}, "
+            f"solver_steps={self.solver_steps:.3g}, non_converged={self.non_converged}, "
+            f"predictions={tuple(np.shape(self.predictions))})"
+        )
+
     def summary(self, prefix: str = "rel_l2") -> dict[str, float]:
         """Scalars for logs: `{prefix: mean, prefix_std: std, solver_steps, non_converged}`."""
         return {
@@ -44,8 +51,8 @@ class Evaluation(NamedTuple):
 
 
 @eqx.filter_jit
-def _evaluate_batch(method, data, references, key, grid, num_predictions):
-    solution = predict(method, data, key=key, grid=grid)
+def _evaluate_batch(method, data, references, key, grid, num_predictions, options):
+    solution = predict(method, data, key=key, grid=grid, **options)
     errors = losses.relative_l2(solution.u, references.astype(solution.u.dtype), batch_ndim=1)
     if solution.stats is None:
         steps = failed = jnp.zeros(errors.shape)
@@ -64,6 +71,7 @@ def evaluate(
     key: PRNGKeyArray | None = None,
     batch_size: int = 16,
     num_predictions: int = 1,
+    **options,
 ) -> Evaluation:
     """Per-sample relative L2 error `||u - u_ref|| / ||u_ref||` of `method` on a test set.
 
@@ -80,6 +88,8 @@ def evaluate(
       deterministic).
     - `batch_size`: samples per jitted call.
     - `num_predictions`: how many predictions (of the first samples) to keep.
+    - `**options`: solve options for the evaluation (`hcmoe.solve`'s), e.g.
+      `rows=hcmoe.Rows()` to evaluate with every point where training sampled some.
 
     **Returns:** an `Evaluation` (errors, mean ± std, solver statistics, predictions).
     """
@@ -103,7 +113,8 @@ def evaluate(
         index = np.minimum(np.arange(start, start + batch_size), n - 1)
         batch = jtu.tree_map(lambda leaf: jnp.asarray(np.asarray(leaf)[index]), data)
         *out, u = _evaluate_batch(
-            method, batch, jnp.asarray(references[index]), jr.fold_in(key, start), grid, keep
+            method, batch, jnp.asarray(references[index]), jr.fold_in(key, start), grid, keep,
+            options,
         )
         count = min(batch_size, n - start)
         parts.append([np.asarray(a)[:count] for a in jax.device_get(out)])

@@ -123,13 +123,23 @@ class Method(eqx.Module):
     inputs: Callable[[Grid, Any], Array]
 
     def __call__(
-        self, data: Any, *, key: PRNGKeyArray | None = None, grid: Grid | None = None
+        self, data: Any, *, key: PRNGKeyArray | None = None, grid: Grid | None = None,
+        **options,
     ) -> Solution:
+        """The prediction for one sample's `data` on `grid` (default: the training grid).
+        `**options`: solve options for this call only (`hcmoe.solve`'s, e.g.
+        `rows=hcmoe.Rows()` to impose the PDE at every point); PI-SC solves nothing and
+        takes none."""
         grid = self.grid if grid is None else grid
         x = self.inputs(grid, data)
         if self.kind == "sc":
+            if options:
+                raise ValueError(
+                    f"options: PI-SC ('sc') solves nothing, so solve options do not apply; got "
+                    f"{sorted(options)}."
+                )
             return self._soft(self.model(x), grid, data)
-        return self.model(x, data, key=key, grid=grid)
+        return self.model(x, data, key=key, grid=grid, **options)
 
     def _soft(self, basis: Array, grid: Grid, data: Any) -> Solution:
         grid.check_field(basis, "backbone output", trailing=1)
@@ -239,8 +249,10 @@ def _batch_size(data) -> int:
 
 
 def predict(
-    method: Method, data: Any, *, key: PRNGKeyArray | None = None, grid: Grid | None = None
+    method: Method, data: Any, *, key: PRNGKeyArray | None = None, grid: Grid | None = None,
+    **options,
 ) -> Solution:
-    """`method` on a batch of PDE data (leading batch axis); the key is split per sample."""
+    """`method` on a batch of PDE data (leading batch axis); the key is split per sample.
+    `**options`: solve options for these calls (see `Method.__call__`)."""
     keys = jr.split(jr.key(0) if key is None else key, _batch_size(data))
-    return jax.vmap(lambda d, k: method(d, key=k, grid=grid))(data, keys)
+    return jax.vmap(lambda d, k: method(d, key=k, grid=grid, **options))(data, keys)

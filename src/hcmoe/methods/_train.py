@@ -14,7 +14,7 @@ import optax
 from jaxtyping import Array, PRNGKeyArray
 
 from .. import losses
-from ..training import FitResult, fit, paper_optimizer, solver_metrics
+from ..training import FitResult, fit, load_checkpoint, paper_optimizer, solver_metrics
 from ._evaluate import evaluate
 from ._method import Method, predict
 
@@ -142,3 +142,31 @@ def train(
         progress=progress,
         settings=_run_settings(method, settings),
     )
+
+
+def load(method: Method, run_dir: str | os.PathLike) -> Method:
+    """The method trained in `run_dir`, ready to evaluate or predict.
+
+    `method` is built as it was for training (`make_method` with the same kind, backbone
+    architecture, PDE, grid and options; its parameters may be fresh); the result is that
+    method with the parameters of the newest intact checkpoint in `run_dir/checkpoints`
+    (written by `train(..., run_dir=run_dir)`; the optimizer's state is not needed).
+
+    ```python
+    method = hcmoe.methods.make_method("moe", backbone, pde, grid, partition, ...)
+    trained = hcmoe.methods.load(method, "runs/moe")
+    print(hcmoe.methods.evaluate(trained, test_data, references, rows=hcmoe.Rows()))
+    ```
+
+    **Raises:** `FileNotFoundError` when `run_dir` holds no checkpoint; `ValueError` when the
+    checkpoint does not fit `method` (another architecture), naming the file.
+    """
+    directory = Path(run_dir) / "checkpoints"
+    checkpoint = load_checkpoint(directory, method)
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"run_dir: no checkpoint in {directory}; hcmoe.methods.train(..., run_dir=...) "
+            "writes them."
+        )
+    return checkpoint.model
+

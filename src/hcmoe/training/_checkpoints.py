@@ -209,7 +209,9 @@ def _damage(path: Path, record: dict[str, Any]) -> str | None:
     return None
 
 
-def load_checkpoint(directory: str | os.PathLike, model, opt_state) -> Checkpoint | None:
+def load_checkpoint(
+    directory: str | os.PathLike, model, opt_state=None
+) -> Checkpoint | None:
     """Load the newest intact checkpoint of `directory`, or `None` if it holds none.
 
     A checkpoint file that is missing, truncated or corrupt (its size or SHA-256 differs from
@@ -221,6 +223,8 @@ def load_checkpoint(directory: str | os.PathLike, model, opt_state) -> Checkpoin
     - `directory`: the checkpoint directory.
     - `model`, `opt_state`: templates with the saved structure (e.g. the freshly
         initialised model and `optimizer.init(...)`); their array values are replaced.
+        `opt_state=None` (default) loads the model alone (to evaluate or predict), and the
+        `Checkpoint`'s `opt_state` is None; resuming training needs the optimizer's state.
 
     **Raises:** `ValueError` if the record is not an hcmoe checkpoint, if it is damaged with
     nothing to rebuild it from, if no checkpoint is intact, or if an intact file does not fit
@@ -252,8 +256,9 @@ def _deserialise(path: Path, record, model, opt_state) -> Checkpoint:
         model, opt_state = eqx.tree_deserialise_leaves(path, (model, opt_state))
     except (RuntimeError, ValueError, TypeError, OSError, EOFError) as error:
         hint = "" if "sha256" in record else " (or the file is truncated)"
+        what = "model" if opt_state is None else "model and optimizer state"
         raise ValueError(
-            f"{path}: the checkpoint does not fit the given model and optimizer state (was it "
+            f"{path}: the checkpoint does not fit the given {what} (was it "
             f"written by a different architecture or optimizer?{hint}): {error}"
         ) from error
     return Checkpoint(int(record["step"]), model, opt_state, record)
