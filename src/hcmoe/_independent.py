@@ -32,6 +32,21 @@ from ._results import RESULTS, Solution, SolveStats
 from ._rows import Rows, check_residual_data, nonfinite_data_entries, problem_rows
 
 
+def _checked(x: Array, checks) -> Array:
+    """`x`, raising (`equinox.error_if`, under jit too) the message of the first `(bad,
+    message)` whose scalar predicate `bad` holds.
+
+    The checks hang on a zero scalar added to `x` rather than on `x` itself: `error_if`
+    routes its operand through a conditional placed on one device, so on a mesh the sharded
+    `(K, n_basis)` weights came back unsharded and XLA warned "Involuntary full
+    rematerialization" at every compile (and a grid-sized operand holds a copy of itself);
+    a scalar costs neither. `x + 0` is `x` (bit for bit, but for the sign of a zero)."""
+    flag = jnp.zeros((), x.dtype)
+    for bad, message in checks:
+        flag = eqx.error_if(flag, bad, message)
+    return x + flag
+
+
 def solve_independent(
     basis: Float[Array, "*grid n_basis"],
     pde: AbstractPDE,
@@ -104,18 +119,12 @@ def solve_independent(
                                                     ridge_toward=ridge_toward)
     else:
         weights, steps, result, ok = run(args)
-    weights = eqx.error_if(
-        weights,
-        ~finite_basis,
-        "hcmoe.solve: the basis contains NaN or inf; the backbone diverged or its input is "
-        "not finite.",
-    )
-    for name, finite in bad_data:
-        weights = eqx.error_if(
-            weights, ~finite,
-            f"hcmoe.solve: data[{name!r}] contains NaN or inf; the PDE's residual and "
-            "conditions need finite data.",
-        )
+    weights = _checked(weights, [
+        (~finite_basis, "hcmoe.solve: the basis contains NaN or inf; the backbone diverged "
+                        "or its input is not finite."),
+        *((~finite, f"hcmoe.solve: data[{name!r}] contains NaN or inf; the PDE's residual "
+                    "and conditions need finite data.") for name, finite in bad_data),
+    ])
     # Diagnostics from the operators applied to each expert's field `T w_k + u_p`, so that
     # they differentiate like `u`, without the stacks.
     centers = init if ridge_toward == "init" else None
@@ -130,14 +139,13 @@ def solve_independent(
     ok = ok & jnp.isfinite(norms)
     u = assemble_from_fields(fields, labels, partition.blend(grid))
     if throw:
-        u = eqx.error_if(
-            u,
+        u = _checked(u, [(
             ~jnp.all(ok),
             "hcmoe.solve: at least one expert's constraint solve did not converge (see "
             "Solution.stats with throw=False; stats.messages() says why). Try more max_steps, "
             "a solver with looser rtol/atol, a larger hcmoe.Rows(ridge=...), or "
             "precision='float64'.",
-        )
+        )])
     stats = SolveStats(
         steps, norms.astype(out_dtype), ok, result, cond_error.astype(out_dtype), problem.points,
     )
