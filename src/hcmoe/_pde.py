@@ -181,7 +181,14 @@ class AbstractPDE(eqx.Module):
 
     @abc.abstractmethod
     def residual(self, values: dict[str, Array], coords: dict[str, Array], data: Any) -> Array:
-        """The pointwise PDE residual at a set of points (see the class docstring)."""
+        """The pointwise PDE residual at a set of points (see the class docstring).
+
+        Everything it sees is a point array: `values[name]` holds `L u` at the sampled points
+        (shape `(m,)`), `coords[axis]` their coordinates, and `data` entries shaped like the
+        grid arrive gathered at the same points. Other entries arrive as given (scalars,
+        parameter vectors); one shaped like a field over only some grid axes (e.g. `(nx,)` on
+        a `(nt, nx)` grid) is an error at trace time, since it cannot line up with the
+        points: broadcast it to the grid's shape first."""
 
     def conditions(self, grid: Grid, data: Any) -> tuple[Condition, ...]:
         """Initial and boundary conditions; none by default."""
