@@ -1,5 +1,7 @@
 """Shared test problems with exact discrete solutions, and numerical helpers."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -122,12 +124,14 @@ def data_for(grid):
     return {"u0": exact_field(grid)[0]}
 
 
-def check_blended_solve(getkey, partition, *, n_basis=5, **options):
+def check_blended_solve(getkey, partition, *, n_basis=5, rows=hcmoe.Rows(), **options):
     """A blended solve on `ForcedBurgers` recovers the exact solution from a basis holding it,
-    and its gradient matches finite differences (`options`: extra `hcmoe.solve` options)."""
+    and its gradient matches finite differences (`rows`: the `hcmoe.Rows` options besides the
+    ridge, which this sets; `options`: extra `hcmoe.solve` options)."""
     grid = small_grid()
     basis = basis_with_exact(grid, getkey(), n_basis=n_basis)
-    tight = dict(rtol=1e-12, atol=1e-12, max_steps=100, ridge=0.0)
+    tight = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12), max_steps=100,
+                 rows=dataclasses.replace(rows, ridge=0.0))
     sol = hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid),
                       **tight, **options)
     assert bool(jnp.all(sol.stats.converged))
@@ -138,7 +142,8 @@ def check_blended_solve(getkey, partition, *, n_basis=5, **options):
     # A ridge that pins the minimiser down: with 1e-3 this noisy basis leaves a valley so flat
     # that where LM stops in it (1e-8 in u, depending on the path: measured with
     # initial_damping 1e-6) spoils a 1e-5 finite difference; the gradient itself agreed.
-    loose = dict(rtol=1e-13, atol=1e-13, max_steps=200, ridge=1e-2)
+    loose = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-13, atol=1e-13), max_steps=200,
+                 rows=dataclasses.replace(rows, ridge=1e-2))
 
     def loss(b):
         return jnp.sum(hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid),

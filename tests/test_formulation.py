@@ -10,13 +10,17 @@ from hcmoe import losses, methods, ops
 from hcmoe.problems import diffusion_sorption as ds
 
 
+TIGHT = dict(rows=hcmoe.Rows(ridge=1e-8), max_steps=100,
+             solver=hcmoe.LevenbergMarquardt(rtol=1e-8, atol=1e-8))
+
+
 def _discrete_solution(pde, grid, u0):
     """The exact minimiser of the physics loss: one weight per grid point (identity basis)."""
     n = grid.size
     basis = jnp.eye(n).reshape(grid.shape + (n,))
     weighted = methods.WeightedResidual(pde, 500.0)
-    sol = hcmoe.solve(basis, weighted, None, grid, {"u0": u0}, max_steps=100,
-                      init=jnp.full((n,), 0.5), rows=hcmoe.Rows(ridge=1e-8), solver=hcmoe.LevenbergMarquardt(rtol=1e-8, atol=1e-8))
+    sol = hcmoe.solve(basis, weighted, None, grid, {"u0": u0}, **TIGHT,
+                      init=jnp.full((n,), 0.5))
     return sol.u
 
 
@@ -34,7 +38,7 @@ def test_default_formulation_minimiser_is_close_to_the_reference(level):
     basis = jnp.eye(n).reshape(grid.shape + (n,))
     loose = hcmoe.solve(basis, methods.WeightedResidual(
         ds.formulation("hcmoe", initial_layer=90.0), 500.0), None, grid, {"u0": u0},
-        max_steps=100, init=jnp.full((n,), 0.5), rows=hcmoe.Rows(ridge=1e-8), solver=hcmoe.LevenbergMarquardt(rtol=1e-8, atol=1e-8)).u
+        **TIGHT, init=jnp.full((n,), 0.5)).u
     assert float(losses.relative_l2(loose, reference)) > 2 * error
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import hcmoe
 from hcmoe import losses, ops
-from hcmoe._experts import assemble
+from hcmoe._execution import assemble
 
 from .helpers import (
     ForcedBurgers,
@@ -55,11 +55,12 @@ def test_interior_experts_recover_non_constant_solution_with_global_conditions()
     # Owned rows: the two interior experts see no condition and settle on (nearly) zero.
     interior = partition.labels(grid) == 1
     assert float(jnp.max(jnp.abs(owned.u - x)[interior])) > 0.1
-    glob = hcmoe.solve(basis, Straight(scope="global"), partition, grid, rows=hcmoe.Rows(ridge=1e-8))
+    glob = hcmoe.solve(basis, Straight(scope="global"), partition, grid,
+                       rows=hcmoe.Rows(ridge=1e-8))
     assert float(jnp.max(jnp.abs(glob.u - x))) < 1e-6
     np.testing.assert_allclose(glob.weights, np.tile([1.0, 0.0], (4, 1)), atol=1e-6)
     # The per-call override gives the same as the condition's own scope.
-    override = hcmoe.solve(basis, Straight(), partition, grid, 
+    override = hcmoe.solve(basis, Straight(), partition, grid,
                            rows=hcmoe.Rows(ridge=1e-8, condition_scope="global"))
     np.testing.assert_allclose(override.u, glob.u, atol=1e-12)
     assert float(jnp.max(glob.stats.condition_error)) < 1e-6
@@ -119,7 +120,8 @@ def test_interface_jumps_per_interface():
 
 
 def test_blended_moe_recovers_exact_solution_and_gradients_match_finite_differences(getkey):
-    check_blended_solve(getkey, hcmoe.Partition(x=2, overlap=0.2), rows=hcmoe.Rows(condition_scope="global"))
+    check_blended_solve(getkey, hcmoe.Partition(x=2, overlap=0.2),
+                        rows=hcmoe.Rows(condition_scope="global"))
 
 
 def test_exact_initial_condition_holds_by_construction(getkey):
@@ -231,7 +233,8 @@ def test_mean_balance_solve_minimises_the_loss_functional(getkey, weight):
     scale = jax.grad(objective)(jnp.zeros_like(w))
     assert float(jnp.max(jnp.abs(gradient))) < 1e-9 * float(jnp.max(jnp.abs(scale)))
     # With "sum" the minimiser is another one (fewer condition rows than PDE rows).
-    other = hcmoe.solve(basis, Heat(), None, grid, data, rows=hcmoe.Rows(ridge=ridge, balance="sum"))
+    other = hcmoe.solve(basis, Heat(), None, grid, data,
+                        rows=hcmoe.Rows(ridge=ridge, balance="sum"))
     assert float(jnp.max(jnp.abs(other.weights - sol.weights))) > 1e-6
 
 
@@ -254,7 +257,8 @@ def test_grid_fields_in_data_reach_the_residual_at_the_sampled_points(getkey):
     basis = basis_with_exact(grid, getkey())
     sol = hcmoe.solve(basis, Forced(), hcmoe.Partition(x=2), grid,
                       {"f": forcing, "u0": u_exact[0]}, key=getkey(),
-                      max_steps=100, rows=hcmoe.Rows(points_per_expert=40, ridge=0.0), solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12))
+                      solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12),
+                      rows=hcmoe.Rows(points_per_expert=40, ridge=0.0), max_steps=100)
     np.testing.assert_allclose(sol.u, u_exact, atol=1e-8)
 
 
@@ -296,7 +300,8 @@ def test_bad_overlap_is_a_clear_error():
     with pytest.raises(ValueError, match="not split by this partition"):
         hcmoe.Partition(x=4, overlap={"t": 0.1})
     with pytest.raises(ValueError, match="condition_scope"):
-        hcmoe.solve(jnp.ones(grid.shape + (2,)), Straight(), None, grid, rows=hcmoe.Rows(condition_scope="all"))
+        hcmoe.solve(jnp.ones(grid.shape + (2,)), Straight(), None, grid,
+                    rows=hcmoe.Rows(condition_scope="all"))
 
 
 @pytest.mark.slow  # 16 s: keeps the default suite under 15 min on 2 cores
@@ -305,12 +310,16 @@ def test_warm_start_reaches_the_same_minimiser_with_the_same_gradient(getkey):
     basis = basis_with_exact(grid, getkey()) * 5.0  # true weights far from the ones of init
     basis = basis + 0.05 * jr.normal(getkey(), basis.shape)
     readout = jr.normal(getkey(), grid.shape)
-    opts = dict(max_steps=200, rows=hcmoe.Rows(ridge=1e-3, condition_scope="global"), solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12))
+    solver = hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12)
+    opts = dict(max_steps=200, rows=hcmoe.Rows(ridge=1e-3, condition_scope="global"))
     partition = hcmoe.Partition(x=2, overlap=0.2)
 
+    def start(warm):
+        return hcmoe.WarmStart(solver) if warm else solver
+
     def run(b, warm):
-        sol = hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid), 
-                          **opts, )
+        sol = hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid),
+                          solver=start(warm), **opts)
         return jnp.sum(sol.u * readout), sol
 
     (cold_value, cold), cold_grad = jax.value_and_grad(run, has_aux=True)(basis, False)
@@ -322,7 +331,7 @@ def test_warm_start_reaches_the_same_minimiser_with_the_same_gradient(getkey):
     # counts to a 1e-12 tolerance are chaotic, so they are not compared.)
     capped = dict(opts, max_steps=3)
     few = {warm: hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid),
-                             **capped, ) for warm in (False, True)}
+                             solver=start(warm), **capped) for warm in (False, True)}
     assert float(jnp.sum(few[True].stats.residual_norm)) < 0.7 * float(
         jnp.sum(few[False].stats.residual_norm))
 
@@ -336,7 +345,7 @@ def test_u_from_the_fields_equals_the_reference_assembly(getkey, partition):
     expert up to 16 experts, a gather past that); it equals `assemble`'s `u_p + T W[label]`
     (or the blend of the fields)."""
     from hcmoe._adjoint import expert_fields
-    from hcmoe._experts import assemble_from_fields
+    from hcmoe._execution import assemble_from_fields
 
     grid = hcmoe.uniform_grid(t=(0.0, 1.0, 9), x=(0.0, 1.0, 41))
     labels, blend = partition.labels(grid), partition.blend(grid)

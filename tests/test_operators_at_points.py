@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import hcmoe
-from hcmoe import _ops, ops
-from hcmoe._ops import (
+from hcmoe import ops
+from hcmoe._operators import (
+    _base,
     evaluate_at_expert_points,
     evaluate_at_points,
     flat_field,
@@ -102,7 +103,7 @@ def test_evaluate_at_points_mixed_requests_and_transpose(getkey, monkeypatch, ch
     # Several operators at differently shaped point sets (as the PDE rows and the condition
     # rows are), fused into one scan over row chunks: values equal the whole-grid operators
     # gathered, and so does the transpose (the vjp the gradient of a solve uses).
-    monkeypatch.setattr(_ops, "CHUNK_ROWS", chunk)
+    monkeypatch.setattr(_base, "CHUNK_ROWS", chunk)
     grid = _grid(("x",))
     field = jr.normal(getkey(), grid.shape + (3,))
     names = ["identity", "d_t", "d_y4", "combination", "backward_t3", "user"]
@@ -277,12 +278,12 @@ def _shipped_problems(key):
 @pytest.mark.filterwarnings("ignore::hcmoe.ConditionWarning")
 @pytest.mark.parametrize("case", range(4), ids=["ds", "ds_paper_bdf", "heat", "ns"])
 def test_shipped_problems_rows_equal_full_grid(getkey, case):
-    from hcmoe._experts import build_problems
+    from hcmoe._rows import build_problems
 
     pde, grid, data, partition, scope = _shipped_problems(getkey())[case]
     basis = jr.normal(getkey(), grid.shape + (4,))
     problems, _, _ = build_problems(basis, pde, grid, data, partition, 20, getkey(),
-                                    rows=hcmoe.Rows(condition_scope=scope))
+                                    condition_scope=scope)
     stacks, offsets, matrix = _full_grid_rows(pde, basis, grid, data, partition, scope,
                                               problems)
     valid = problems.pde_valid[..., None]

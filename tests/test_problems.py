@@ -132,7 +132,8 @@ def test_diffusion_sorption_boundaries_and_robustness():
     assert bool(jnp.all(jnp.diff(u[:, -1], axis=1) < 0))  # profile decreases into the domain
     single = ds.reference_solution(0.1, grid)
     np.testing.assert_allclose(u[2], single, rtol=1e-9, atol=1e-12)
-    pde = ds.DiffusionSorption()
+    # hcmoe 0.1's default formulation: IC rows, boundary weight 1
+    pde = ds.DiffusionSorption(exact_initial=False, boundary_weight=1.0)
     initial, inflow, outflow = pde.conditions(grid, {"u0": single[0]})
     assert float(jnp.abs(condition_residual(initial, single, grid)).max()) == 0.0
     # Ghost-cell rows (the default): the finite-volume reference meets them to O(dx^2) for
@@ -145,7 +146,8 @@ def test_diffusion_sorption_boundaries_and_robustness():
     assert float(jnp.abs(condition_residual(outflow, single, grid)[late]).max()) < grid.spacing("x")
     # "cell": u = 1 on the first centre, half a cell inside the ghost value 1: there the
     # residual is about one cell's difference u[0] - u[1], O(dx).
-    _, inflow_cell, outflow_cell = ds.DiffusionSorption(boundary="cell").conditions(
+    _, inflow_cell, outflow_cell = ds.DiffusionSorption(
+        exact_initial=False, boundary_weight=1.0, boundary="cell").conditions(
         grid, {"u0": single[0]})
     inflow_gap = -condition_residual(inflow_cell, single, grid)[late]
     np.testing.assert_allclose(inflow_gap, (single[:, 0] - single[:, 1])[late], rtol=0.2)

@@ -8,7 +8,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from hcmoe._experts import _lowest
+from hcmoe._rows import _lowest
 
 
 def _reference(scores, count):

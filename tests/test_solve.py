@@ -23,7 +23,8 @@ from .helpers import (
 pytestmark = pytest.mark.filterwarnings("ignore::hcmoe.ConditionWarning")
 
 
-TIGHT = dict(rtol=1e-12, atol=1e-12, max_steps=100, ridge=0.0)
+TIGHT = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12), max_steps=100,
+             rows=hcmoe.Rows(ridge=0.0))
 
 
 @pytest.mark.parametrize("boundary", ["neumann", "robin"])
@@ -61,7 +62,8 @@ def test_linear_fast_path_matches_levenberg_marquardt(getkey):
         linear = False
 
     iterative = hcmoe.solve(basis, NotFlaggedLinear(), hcmoe.Partition(x=2), grid,
-                            data_for(grid), max_steps=100, solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12))
+                            data_for(grid), max_steps=100,
+                            solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12))
     assert jnp.max(jnp.abs(direct.weights - iterative.weights)) < 1e-7
 
 
@@ -97,7 +99,8 @@ def test_gradient_matches_finite_differences(getkey, pde, blocks):
     noise = 0.1 * jr.normal(getkey(), grid.shape + (4,))
     basis = basis_with_exact(grid, getkey(), n_basis=4) + noise
     loss = _loss_through_solve(pde, grid, hcmoe.Partition(**blocks), getkey(),
-                               rtol=1e-13, atol=1e-13, max_steps=200, ridge=1e-3)
+                               solver=hcmoe.LevenbergMarquardt(rtol=1e-13, atol=1e-13),
+                               max_steps=200, rows=hcmoe.Rows(ridge=1e-3))
     direction = jr.normal(getkey(), basis.shape)
     grad = jax.grad(loss)(basis)
     analytic = jnp.sum(grad * direction)
@@ -115,7 +118,7 @@ def test_experts_equal_independent_per_block_solves(getkey):
     pde = ForcedBurgers()
     partition = hcmoe.Partition(t=2, x=2)
     labels = partition.labels(grid)
-    opts = dict(rtol=1e-12, atol=1e-12, max_steps=100)
+    opts = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12), max_steps=100)
     moe = hcmoe.solve(basis, pde, partition, grid, data_for(grid), **opts)
     # The loss (about 14 here) stops decreasing at rounding level, where LM's trust region
     # accepts or rejects steps at random: over random problems like this one, 5% of the
@@ -134,7 +137,7 @@ def test_expert_ignores_basis_outside_its_stencils(getkey):
     basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
     pde = ForcedBurgers()
     partition = hcmoe.Partition(x=2)
-    opts = dict(rtol=1e-12, atol=1e-12, max_steps=100)
+    opts = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12), max_steps=100)
     before = hcmoe.solve(basis, pde, partition, grid, data_for(grid), **opts)
     changed = basis.at[:, 15:].add(jr.normal(getkey(), (9, 6, 5)))
     after = hcmoe.solve(changed, pde, partition, grid, data_for(grid), **opts)
@@ -146,7 +149,7 @@ def test_single_expert_is_plain_hard_constraint(getkey):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
     pde = ForcedBurgers()
-    opts = dict(rtol=1e-12, atol=1e-12, max_steps=100)
+    opts = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12), max_steps=100)
     none = hcmoe.solve(basis, pde, None, grid, data_for(grid), **opts)
     one = hcmoe.solve(basis, pde, hcmoe.Partition(t=1, x=1), grid, data_for(grid), **opts)
     assert none.weights.shape == (1, 5)
@@ -165,7 +168,8 @@ def test_jit_vmap_grad_compose_and_keys(getkey):
     def batched(bases, data, key):
         keys = jr.split(key, bases.shape[0])
         return jax.vmap(
-            lambda b, d, k: hcmoe.solve(b, pde, partition, grid, d, key=k, rows=hcmoe.Rows(points_per_expert=40))
+            lambda b, d, k: hcmoe.solve(b, pde, partition, grid, d, key=k,
+                                        rows=hcmoe.Rows(points_per_expert=40))
         )(bases, data, keys)
 
     key = getkey()
@@ -226,8 +230,9 @@ def test_non_converged_expert_is_reported_and_can_raise(getkey):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey()) + 0.2 * jr.normal(getkey(), grid.shape + (5,))
     args = (basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid))
-    sol = hcmoe.solve(*args, max_steps=1, solver=hcmoe.LevenbergMarquardt(rtol=1e-14, atol=1e-14))
+    strict = hcmoe.LevenbergMarquardt(rtol=1e-14, atol=1e-14)
+    sol = hcmoe.solve(*args, max_steps=1, solver=strict)
     assert not bool(jnp.any(sol.stats.converged))
     assert int(sol.stats.num_failed) == 2
     with pytest.raises(Exception, match="did not converge"):
-        jax.block_until_ready(hcmoe.solve(*args, max_steps=1, throw=True, solver=hcmoe.LevenbergMarquardt(rtol=1e-14, atol=1e-14)))
+        jax.block_until_ready(hcmoe.solve(*args, max_steps=1, solver=strict, throw=True))
