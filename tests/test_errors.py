@@ -87,16 +87,20 @@ def test_init_shape(getkey):
                     init=jnp.ones(4))
 
 
-def test_float64_requested_with_x64_off(getkey):
+def test_float64_requested_with_x64_off(getkey, monkeypatch):
+    from hcmoe import _solve
+
+    monkeypatch.setattr(_solve, "_WARNED_FLOAT32", [])  # its warning is shown once a process
     basis = np.asarray(_basis(getkey()), np.float32)
     jax.config.update("jax_enable_x64", False)
     try:
         with pytest.raises(ValueError, match="jax_enable_x64"):
             hcmoe.solve(jnp.asarray(basis), ForcedHeat(), None, GRID, data_for(GRID),
                         precision="float64")
-        # the default falls back to float32 and still solves
+        # the default falls back to float32 (and says so, hcmoe 0.2) and still solves
         data = {"u0": jnp.asarray(np.asarray(data_for(GRID)["u0"]), jnp.float32)}
-        sol = hcmoe.solve(jnp.asarray(basis), ForcedHeat(), None, GRID, data)
+        with pytest.warns(hcmoe.PrecisionWarning, match="64-bit JAX is off"):
+            sol = hcmoe.solve(jnp.asarray(basis), ForcedHeat(), None, GRID, data)
         assert sol.u.dtype == jnp.float32 and bool(jnp.all(sol.stats.converged))
     finally:
         jax.config.update("jax_enable_x64", True)
