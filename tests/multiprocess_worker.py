@@ -44,7 +44,8 @@ def results(mesh, batch_mesh) -> dict[str, np.ndarray]:
         sol = hcmoe.solve(b, pde, partition, grid, data, coupling=hcmoe.Independent(mesh=mesh))
         return jnp.sum(sol.u**2) + jnp.sum(sol.weights**2), sol
 
-    model = hcmoe.constrain(lambda s, x: s * x, pde, partition, grid=grid, coupling=hcmoe.Independent(mesh=batch_mesh))
+    model = hcmoe.constrain(lambda s, x: s * x, pde, partition, grid=grid,
+                            coupling=hcmoe.Independent(mesh=batch_mesh))
 
     def batch_loss(scale):
         sol = model(scale, bases, batch_data)

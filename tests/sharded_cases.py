@@ -46,7 +46,8 @@ def _value_and_grad(pde, partition, grid, mesh, readout):
     """jit(value_and_grad) of a loss reading both `u` and the per-expert `weights`."""
 
     def loss(basis):
-        sol = hcmoe.solve(basis, pde, partition, grid, data_for(grid), coupling=hcmoe.Independent(mesh=mesh))
+        sol = hcmoe.solve(basis, pde, partition, grid, data_for(grid),
+                          coupling=hcmoe.Independent(mesh=mesh))
         return jnp.sum(sol.u * readout) + jnp.sum(sol.weights**2), sol
 
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
@@ -107,7 +108,8 @@ def test_each_device_solves_only_its_slab(getkey):
     partition, data = hcmoe.Partition(x=6), data_for(grid)
 
     def run(mesh):
-        return lambda b: hcmoe.solve(b, ForcedHeat(), partition, grid, data, coupling=hcmoe.Independent(mesh=mesh)).u
+        coupling = hcmoe.Independent(mesh=mesh)
+        return lambda b: hcmoe.solve(b, ForcedHeat(), partition, grid, data, coupling=coupling).u
 
     assert _qr_batch(run(None), basis) == (6,)
     assert _qr_batch(run(hcmoe.expert_mesh(4)), basis) == (2,)
@@ -130,7 +132,7 @@ def test_batch_by_experts_mesh(getkey, batch_size, num_experts, mesh_shape):
     def loss(scale, mesh):
         model = hcmoe.constrain(
             lambda s, x: s * x, ForcedHeat(), hcmoe.Partition(x=num_experts), grid=grid,
-             rows=hcmoe.Rows(points_per_expert=12), coupling=hcmoe.Independent(mesh=mesh)
+            rows=hcmoe.Rows(points_per_expert=12), coupling=hcmoe.Independent(mesh=mesh),
         )
         sol = model(scale, bases, data, key=key)
         return jnp.sum(sol.u * readout) + jnp.sum(sol.weights**2), sol
@@ -159,7 +161,8 @@ def test_sharded_blended_moe_equals_unsharded(getkey):
     def run(mesh):
         def loss(basis):
             sol = hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid),
-                              rows=hcmoe.Rows(condition_scope="global"), coupling=hcmoe.Independent(mesh=mesh))
+                              rows=hcmoe.Rows(condition_scope="global"),
+                              coupling=hcmoe.Independent(mesh=mesh))
             return jnp.sum(sol.u * readout) + jnp.sum(sol.weights**2), sol
 
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(basis)

@@ -84,10 +84,11 @@ def test_hard_methods_are_constrain():
     data = jax.tree.map(lambda a: a[0], _data())
     x = hcmoe.models.fno_input(GRID, data["u0"])
     for kind, partition in (("hc", None), ("moe", PARTITION)):
-        method = methods.make_method(kind, backbone, PDE, GRID, PARTITION, rows=hcmoe.Rows(ridge=1e-3))
-        direct = hcmoe.constrain(backbone, PDE, partition, grid=GRID, rows=hcmoe.Rows(ridge=1e-3))(x, data)
+        rows = hcmoe.Rows(ridge=1e-3)
+        method = methods.make_method(kind, backbone, PDE, GRID, PARTITION, rows=rows)
+        direct = hcmoe.constrain(backbone, PDE, partition, grid=GRID, rows=rows)(x, data)
         np.testing.assert_allclose(method(data).u, direct.u, rtol=1e-6)
-        assert method.model.options == {"ridge": 1e-3}
+        assert method.model.options == {"rows": hcmoe.Rows(ridge=1e-3)}
 
 
 def test_evaluate_matches_hand_computation():
@@ -144,19 +145,20 @@ def test_train_refuses_to_resume_another_configuration(tmp_path):
     options = dict(steps=2, batch_size=4, key=jr.key(1), optimizer=OPTIMIZER, progress=False,
                    run_dir=tmp_path)
     backbone = PointwiseBasis(key=jr.key(0))
-    methods.train(methods.make_method("hc", backbone, PDE, GRID, rows=hcmoe.Rows(points_per_expert=20)),
-                  _data(), settings={"seed": 0}, **options)
+
+    def hc(points):
+        return methods.make_method("hc", backbone, PDE, GRID,
+                                   rows=hcmoe.Rows(points_per_expert=points))
+
+    methods.train(hc(20), _data(), settings={"seed": 0}, **options)
     with pytest.raises(ValueError, match="settings: .*points_per_expert"):
-        methods.train(methods.make_method("hc", backbone, PDE, GRID, rows=hcmoe.Rows(points_per_expert=30)),
-                      _data(), settings={"seed": 0}, **options)
+        methods.train(hc(30), _data(), settings={"seed": 0}, **options)
     with pytest.raises(ValueError, match="settings: .*method='PI-HC'.*method='PI-SC'"):
         methods.train(methods.make_method("sc", backbone, PDE, GRID), _data(),
                       settings={"seed": 0}, **options)
     with pytest.raises(ValueError, match="settings: .*seed=0; got .*seed=1"):
-        methods.train(methods.make_method("hc", backbone, PDE, GRID, rows=hcmoe.Rows(points_per_expert=20)),
-                      _data(), settings={"seed": 1}, **options)
-    resumed = methods.train(methods.make_method("hc", backbone, PDE, GRID, rows=hcmoe.Rows(points_per_expert=20)),
-                            _data(), settings={"seed": 0}, **(options | {"steps": 3}))
+        methods.train(hc(20), _data(), settings={"seed": 1}, **options)
+    resumed = methods.train(hc(20), _data(), settings={"seed": 0}, **(options | {"steps": 3}))
     assert resumed.step == 3
 
 
@@ -191,6 +193,9 @@ def test_bad_configurations():
         methods.make_method("hc", lambda p, x: x, PDE, GRID)
     with pytest.raises(ValueError, match="unknown option"):
         methods.make_method("hc", backbone, PDE, GRID, point_per_expert=3)
+    with pytest.raises(ValueError, match=r"the option 'ridge' moved in hcmoe 0\.2: pass "
+                                         r"rows=hcmoe\.Rows\(ridge=\.\.\.\)"):
+        methods.make_method("moe", backbone, PDE, GRID, PARTITION, ridge=1e-3)
     method = methods.make_method("sc", backbone, PDE, GRID)
     with pytest.raises(ValueError, match="references: expected shape"):
         methods.evaluate(method, _data(2), np.ones((2, 3)))

@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 
 import hcmoe
-from hcmoe._compiled import SOLVE_OPTIONS
-from hcmoe._experts import MAP_MIN_WORK, resolve_schedule
+from hcmoe._execution import MAP_MIN_WORK, resolve_schedule
+from hcmoe._solve import SOLVE_OPTIONS
 
 from .helpers import ForcedBurgers, ForcedHeat, basis_with_exact, data_for, small_grid
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::hcmoe.ConditionWarning")
-OPTIONS = dict(rtol=1e-12, atol=1e-12, max_steps=100, ridge=1e-3)
+OPTIONS = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12), max_steps=100,
+               rows=hcmoe.Rows(ridge=1e-3))
+# The same, with 15 sampled PDE points per expert.
+SAMPLED = OPTIONS | {"rows": hcmoe.Rows(points_per_expert=15, ridge=1e-3)}
 
 
 def _problem(getkey):
@@ -29,7 +32,8 @@ def test_map_equals_vmap(getkey, pde):
     partition = hcmoe.Partition(t=2, x=2)
     key = getkey()
     sols = {s: hcmoe.solve(basis, pde, partition, grid, data_for(grid), key=key,
-                           **OPTIONS, rows=hcmoe.Rows(points_per_expert=15), coupling=hcmoe.Independent(schedule=s)) for s in ("vmap", "map")}
+                           coupling=hcmoe.Independent(schedule=s), **SAMPLED)
+            for s in ("vmap", "map")}
     vmapped, mapped = sols["vmap"], sols["map"]
     assert bool(jnp.all(vmapped.stats.converged)) and bool(jnp.all(mapped.stats.converged))
     # Batched and sequential programs round differently, and LM at rtol = atol = 1e-12 stops
@@ -78,7 +82,8 @@ def test_map_under_batch_vmap_and_wrappers(getkey):
 
 
 def test_schedule_option_and_errors(getkey):
-    assert "schedule" in SOLVE_OPTIONS
+    assert "coupling" in SOLVE_OPTIONS and "schedule" not in SOLVE_OPTIONS
+    assert hcmoe.Independent().schedule == "auto"
     large = "map" if jax.default_backend() == "cpu" else "vmap"
     assert resolve_schedule("auto") == large
     assert resolve_schedule("auto", work=MAP_MIN_WORK) == large
@@ -88,13 +93,18 @@ def test_schedule_option_and_errors(getkey):
     grid, basis = _problem(getkey)
     with pytest.raises(ValueError, match=r"schedule: expected one of \('auto', 'vmap', 'map'\); "
                                          r"got 'serial'"):
-        hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid), coupling=hcmoe.Independent(schedule="serial"))
+        hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid),
+                    coupling=hcmoe.Independent(schedule="serial"))
+    with pytest.raises(ValueError, match=r"the option 'schedule' moved in hcmoe 0\.2: pass "
+                                         r"coupling=hcmoe\.Independent\(schedule=\.\.\.\)"):
+        hcmoe.constrain(lambda p, x: x, ForcedBurgers(), None, grid=grid, schedule="map")
 
 
 def test_unknown_schedule_fails_at_wrap_time():
     grid = small_grid()
     with pytest.raises(ValueError, match="schedule: expected one of"):
-        hcmoe.constrain(lambda p, x: x, ForcedBurgers(), None, grid=grid, coupling=hcmoe.Independent(schedule="loop"))
+        hcmoe.constrain(lambda p, x: x, ForcedBurgers(), None, grid=grid,
+                        coupling=hcmoe.Independent(schedule="loop"))
 
 
 def test_auto_batches_small_problems(getkey):
@@ -106,7 +116,7 @@ def test_auto_batches_small_problems(getkey):
     def program(schedule):
         return str(jax.make_jaxpr(lambda b: hcmoe.solve(
             b, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid), key=key,
-            **OPTIONS, rows=hcmoe.Rows(points_per_expert=15), coupling=hcmoe.Independent(schedule=schedule)).u)(basis))
+            coupling=hcmoe.Independent(schedule=schedule), **SAMPLED).u)(basis))
 
     batched, sequential = program("vmap"), program("map")
     assert sequential.count(" scan[") == batched.count(" scan[") + 1

@@ -77,13 +77,28 @@ def test_mesh_without_experts_axis_is_a_clear_error():
     basis = basis_with_exact(grid, jax.random.key(0))
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     match = r"needs an axis named 'experts'.*has axes \('data',\)"
-    solve = jax.jit(lambda b: hcmoe.solve(b, ForcedHeat(), None, grid, data_for(grid), coupling=hcmoe.Independent(mesh=mesh)))
+    solve = jax.jit(lambda b: hcmoe.solve(b, ForcedHeat(), None, grid, data_for(grid),
+                                          coupling=hcmoe.Independent(mesh=mesh)))
     with pytest.raises(ValueError, match=match):
         solve(basis)
     with pytest.raises(ValueError, match=match):  # at construction, before any call
-        hcmoe.constrain(lambda p, x: x, ForcedHeat(), grid=grid, coupling=hcmoe.Independent(mesh=mesh))
+        hcmoe.constrain(lambda p, x: x, ForcedHeat(), grid=grid,
+                        coupling=hcmoe.Independent(mesh=mesh))
     with pytest.raises(ValueError, match="expected a jax.sharding.Mesh"):
-        hcmoe.constrain(lambda p, x: x, ForcedHeat(), grid=grid, coupling=hcmoe.Independent(mesh="experts"))
+        hcmoe.constrain(lambda p, x: x, ForcedHeat(), grid=grid,
+                        coupling=hcmoe.Independent(mesh="experts"))
+    # a Joint mesh splits only a batch: it needs a "batch" axis (an "experts" one is not enough)
+    with pytest.raises(ValueError, match=r"needs an axis named 'batch'.*has axes \('data',\)"):
+        hcmoe.Joint(mesh=mesh)
+    with pytest.raises(ValueError, match=r"needs an axis named 'batch'.*has axes \('experts',\)"):
+        hcmoe.Joint(mesh=Mesh(np.asarray(jax.devices()[:1]), ("experts",)))
+    with pytest.raises(ValueError, match="expected a jax.sharding.Mesh"):
+        hcmoe.Joint(mesh="batch")
+    assert hcmoe.Joint(mesh=hcmoe.expert_mesh(1)).mesh is not None
+    # hcmoe 0.1's mesh= option names its new home
+    with pytest.raises(ValueError, match=r"the option 'mesh' moved in hcmoe 0\.2: pass "
+                                         r"coupling=hcmoe\.Independent\(mesh=\.\.\.\)"):
+        hcmoe.constrain(lambda p, x: x, ForcedHeat(), grid=grid, mesh=hcmoe.expert_mesh(1))
 
 
 def test_padding_helpers():
@@ -103,7 +118,8 @@ def test_one_device_mesh_equals_no_mesh(getkey):
     grid = small_grid(nt=6, nx=7)
     basis = basis_with_exact(grid, getkey())
     partition, data = hcmoe.Partition(x=3), data_for(grid)
-    run = jax.jit(lambda b, mesh: hcmoe.solve(b, ForcedHeat(), partition, grid, data, coupling=hcmoe.Independent(mesh=mesh)),
+    run = jax.jit(lambda b, mesh: hcmoe.solve(b, ForcedHeat(), partition, grid, data,
+                                              coupling=hcmoe.Independent(mesh=mesh)),
                   static_argnums=1)
     ref, sol = run(basis, None), run(basis, hcmoe.expert_mesh(1))
     assert np.allclose(sol.u, ref.u, rtol=1e-12, atol=1e-12)
