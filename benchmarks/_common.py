@@ -101,8 +101,12 @@ def write_json(args, name: str, payload: dict) -> Path:
     suffix = {"full": "", "quick": "_quick", "smoke": "_smoke"}[mode(args)]
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{name}{suffix}.json"
-    payload = {"benchmark": name, "mode": mode(args), "machine": machine(),
-               "device_peak_bytes_since_start": device_peak_bytes()} | payload
+    payload = {
+        "benchmark": name,
+        "mode": mode(args),
+        "machine": machine(),
+        "device_peak_bytes_since_start": device_peak_bytes(),
+    } | payload
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
     os.replace(tmp, path)
@@ -393,24 +397,34 @@ def smooth_basis(key, grid: hcmoe.Grid, n_basis: int, modes: int = 4, dtype=jnp.
     return (0.1 * fields + 0.05).astype(dtype)
 
 
-def solve_kwargs(points: int | None, *, lm: dict | None = None, rows: dict | None = None,
-                 **extra) -> dict:
+def solve_kwargs(
+    points: int | None, *, lm: dict | None = None, rows: dict | None = None, **extra
+) -> dict:
     """The paper's solver settings as `hcmoe.solve`'s keywords: `hcmoe.LevenbergMarquardt`
     with rtol = atol = 1e-4, <= 50 steps, ridge 1e-4 and `points` PDE points per expert.
     `lm`, `rows`: more fields of the solver and of `hcmoe.Rows`; `extra`: other keywords of
     `hcmoe.solve` (`solver`, `coupling`, `adjoint`, `max_steps`, ...), which replace these."""
-    return dict(
-        solver=hcmoe.LevenbergMarquardt(rtol=1e-4, atol=1e-4, **(lm or {})), max_steps=50,
-        rows=hcmoe.Rows(points_per_expert=points, ridge=1e-4, **(rows or {})),
-    ) | extra
+    return (
+        dict(
+            solver=hcmoe.LevenbergMarquardt(rtol=1e-4, atol=1e-4, **(lm or {})),
+            max_steps=50,
+            rows=hcmoe.Rows(points_per_expert=points, ridge=1e-4, **(rows or {})),
+        )
+        | extra
+    )
 
 
 def solve_settings(options: dict) -> dict:
     """What a result file records of `solve_kwargs`' options, read from the objects:
     `points_per_expert`, `rtol`, `atol`, `max_steps`, `ridge`."""
     rows, solver = options["rows"], options["solver"]
-    return {"points_per_expert": rows.points_per_expert, "rtol": solver.rtol,
-            "atol": solver.atol, "max_steps": options["max_steps"], "ridge": rows.ridge}
+    return {
+        "points_per_expert": rows.points_per_expert,
+        "rtol": solver.rtol,
+        "atol": solver.atol,
+        "max_steps": options["max_steps"],
+        "ridge": rows.ridge,
+    }
 
 
 def solve_and_grad(problem: Problem, partition, **options):

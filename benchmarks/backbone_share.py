@@ -36,20 +36,55 @@ from hcmoe.models import FNO, fno_input
 
 SIZES = {
     "smoke": [
-        dict(problem="ds", grid=dict(nt=11, nx=64), fno="diffusion_sorption_small",
-             n_basis=8, batch=1, points=64, experts=[1, 2]),
+        dict(
+            problem="ds",
+            grid=dict(nt=11, nx=64),
+            fno="diffusion_sorption_small",
+            n_basis=8,
+            batch=1,
+            points=64,
+            experts=[1, 2],
+        ),
     ],
     "quick": [
-        dict(problem="ds", grid=dict(), fno="diffusion_sorption_paper", n_basis=16, batch=1,
-             points=20_000, experts=[1, 4]),
-        dict(problem="ns", grid=dict(nt=16, n=32), fno="navier_stokes_small", n_basis=16,
-             batch=1, points=2_000, experts=[1, 4]),
+        dict(
+            problem="ds",
+            grid=dict(),
+            fno="diffusion_sorption_paper",
+            n_basis=16,
+            batch=1,
+            points=20_000,
+            experts=[1, 4],
+        ),
+        dict(
+            problem="ns",
+            grid=dict(nt=16, n=32),
+            fno="navier_stokes_small",
+            n_basis=16,
+            batch=1,
+            points=2_000,
+            experts=[1, 4],
+        ),
     ],
     "full": [
-        dict(problem="ds", grid=dict(), fno="diffusion_sorption_paper", n_basis=16, batch=6,
-             points=20_000, experts=[1, 4]),
-        dict(problem="ns", grid=dict(), fno="navier_stokes_paper", n_basis=64, batch=4,
-             points=20_000, experts=[1, 4]),
+        dict(
+            problem="ds",
+            grid=dict(),
+            fno="diffusion_sorption_paper",
+            n_basis=16,
+            batch=6,
+            points=20_000,
+            experts=[1, 4],
+        ),
+        dict(
+            problem="ns",
+            grid=dict(),
+            fno="navier_stokes_paper",
+            n_basis=64,
+            batch=4,
+            points=20_000,
+            experts=[1, 4],
+        ),
     ],
 }
 
@@ -83,7 +118,7 @@ def make_problem(config) -> common.Problem:
 
 def batch_inputs(problem, batch: int):
     """FNO inputs and per-sample data: the problem's initial condition, repeated."""
-    (name, value), = problem.data.items()
+    ((name, value),) = problem.data.items()
     data = {name: jnp.broadcast_to(value, (batch,) + value.shape)}
     x = jax.vmap(lambda v: fno_input(problem.grid, v, dtype=jnp.float32))(data[name])
     return x, data
@@ -104,59 +139,84 @@ def measure(config: dict, args) -> dict:
         return eqx.apply_updates(model, updates), opt_state, loss
 
     def backbone_step(model, opt_state, x, data):
-        return update(model, opt_state,
-                      lambda m: physics_loss(problem, jnp.sum(m(x), axis=-1), data))
+        return update(
+            model, opt_state, lambda m: physics_loss(problem, jnp.sum(m(x), axis=-1), data)
+        )
 
-    record = {"config": config, "problem": problem.describe(),
-              "parameters": sum(a.size for a in jax.tree_util.tree_leaves(
-                  eqx.filter(fno, eqx.is_array))), "experts": {}}
+    record = {
+        "config": config,
+        "problem": problem.describe(),
+        "parameters": sum(a.size for a in jax.tree_util.tree_leaves(eqx.filter(fno, eqx.is_array))),
+        "experts": {},
+    }
     calls = {"backbone_step": common.compile_fn(backbone_step, backbone, opt_state, x, data)}
     basis = eqx.filter_jit(backbone)(x)  # a fixed FNO output for the constraint-only gradient
     for experts in config["experts"]:
         options = common.solve_kwargs(config["points"])
-        model = hcmoe.constrain(backbone, problem.pde, problem.partition(experts),
-                                grid=problem.grid, **options)
+        model = hcmoe.constrain(
+            backbone, problem.pde, problem.partition(experts), grid=problem.grid, **options
+        )
         model_state = optimizer.init(eqx.filter(model, eqx.is_array))
 
         def full_step(model, opt_state, x, data, key):
-            return update(model, opt_state,
-                          lambda m: physics_loss(problem, m(x, data, key=key).u, data))
+            return update(
+                model, opt_state, lambda m: physics_loss(problem, m(x, data, key=key).u, data)
+            )
 
         def constraint_loss(basis, data, key, experts=experts):
             keys = jr.split(key, basis.shape[0])
-            u = jax.vmap(lambda b, d, k: hcmoe.solve(
-                b, problem.pde, problem.partition(experts), problem.grid, d, key=k,
-                **options).u)(basis, data, keys)
+            u = jax.vmap(
+                lambda b, d, k: (
+                    hcmoe.solve(
+                        b,
+                        problem.pde,
+                        problem.partition(experts),
+                        problem.grid,
+                        d,
+                        key=k,
+                        **options,
+                    ).u
+                )
+            )(basis, data, keys)
             return physics_loss(problem, u, data)
 
-        calls[f"{experts}/full_step"] = common.compile_fn(full_step, model, model_state, x,
-                                                          data, key)
+        calls[f"{experts}/full_step"] = common.compile_fn(
+            full_step, model, model_state, x, data, key
+        )
         calls[f"{experts}/constraint_gradient"] = common.compile_fn(
-            jax.grad(constraint_loss), basis, data, key)
+            jax.grad(constraint_loss), basis, data, key
+        )
         solution = eqx.filter_jit(lambda m, x, d, k: m(x, d, key=k))(model, x, data, key)
         record["experts"][experts] = {
             "lm_steps": jnp.asarray(solution.stats.num_steps).tolist(),
             "converged_fraction": float(jnp.mean(solution.stats.converged)),
         }
-        print(f"  K={experts}: compiled (LM steps per sample/expert "
-              f"{record['experts'][experts]['lm_steps']})", flush=True)
+        print(
+            f"  K={experts}: compiled (LM steps per sample/expert "
+            f"{record['experts'][experts]['lm_steps']})",
+            flush=True,
+        )
     record["compile_s"] = {name: c.compile_s for name, c in calls.items()}
     record["memory_peak_bytes"] = {name: c.memory.get("peak_bytes") for name, c in calls.items()}
-    timing = common.time_interleaved({name: c.call for name, c in calls.items()},
-                                     repeats=common.repeats(args, quick=3, full=5),
-                                     budget_s=common.budget(args, quick=60.0, full=300.0))
+    timing = common.time_interleaved(
+        {name: c.call for name, c in calls.items()},
+        repeats=common.repeats(args, quick=3, full=5),
+        budget_s=common.budget(args, quick=60.0, full=300.0),
+    )
     record["timing"] = timing
     t_backbone = timing["backbone_step"]["median_s"]
     for experts in config["experts"]:
         t_full = timing[f"{experts}/full_step"]["median_s"]
         entry = record["experts"][experts]
-        entry["full_over_backbone"] = common.ratio(timing, f"{experts}/full_step",
-                                                   "backbone_step")
+        entry["full_over_backbone"] = common.ratio(timing, f"{experts}/full_step", "backbone_step")
         entry["constraint_over_backbone"] = entry["full_over_backbone"] - 1.0
         entry["constraint_share_of_step"] = (t_full - t_backbone) / t_full
-        print(f"  K={experts}: backbone step {t_backbone:.2f} s, full step {t_full:.2f} s, "
-              f"constraint/backbone {entry['constraint_over_backbone']:.2f}, "
-              f"share {entry['constraint_share_of_step']:.0%}", flush=True)
+        print(
+            f"  K={experts}: backbone step {t_backbone:.2f} s, full step {t_full:.2f} s, "
+            f"constraint/backbone {entry['constraint_over_backbone']:.2f}, "
+            f"share {entry['constraint_share_of_step']:.0%}",
+            flush=True,
+        )
     return record
 
 
@@ -170,18 +230,25 @@ def plot(payload: dict, path) -> None:
     fig, axes = plt.subplots(1, len(records), figsize=(5.5 * len(records), 4), squeeze=False)
     for ax, record in zip(axes[0], records):
         timing = record["timing"]
-        names = ["backbone_step"] + [f"{k}/{part}" for k in record["config"]["experts"]
-                                     for part in ("full_step", "constraint_gradient")]
+        names = ["backbone_step"] + [
+            f"{k}/{part}"
+            for k in record["config"]["experts"]
+            for part in ("full_step", "constraint_gradient")
+        ]
         values = [timing[n]["median_s"] for n in names]
         errors = [timing[n]["iqr_s"] / 2 for n in names]
         ax.bar(range(len(names)), values, yerr=errors, color=["C0"] + ["C1", "C2"] * 4)
         ax.set_xticks(range(len(names)), [n.replace("/", "\n") for n in names], fontsize=8)
         ax.set_ylabel("seconds (median)")
         config = record["config"]
-        ax.set_title(f"{record['problem']['name']} (batch {config['batch']}, "
-                     f"{config['points']} pts/expert)", fontsize=9)
-    fig.suptitle(f"training step: backbone vs constraint ({payload['mode']}): "
-                 f"{common.describe_machine()}", fontsize=9)
+        ax.set_title(
+            f"{record['problem']['name']} (batch {config['batch']}, {config['points']} pts/expert)",
+            fontsize=9,
+        )
+    fig.suptitle(
+        f"training step: backbone vs constraint ({payload['mode']}): {common.describe_machine()}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

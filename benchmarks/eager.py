@@ -31,19 +31,29 @@ class Burgers(hcmoe.AbstractPDE):
     nu: float = 0.01
 
     def operators(self):
-        return {"u": ops.Identity(), "u_t": ops.FiniteDifference("t"),
-                "u_x": ops.FiniteDifference("x"), "u_xx": ops.FiniteDifference("x", order=2)}
+        return {
+            "u": ops.Identity(),
+            "u_t": ops.FiniteDifference("t"),
+            "u_x": ops.FiniteDifference("x"),
+            "u_xx": ops.FiniteDifference("x", order=2),
+        }
 
     def residual(self, v, coords, data):
         return v["u_t"] + v["u"] * v["u_x"] - self.nu * v["u_xx"]
 
     def conditions(self, grid, data):
-        return [hcmoe.initial(data["u0"]), hcmoe.dirichlet("x", "low", 0.0),
-                hcmoe.dirichlet("x", "high", 0.0)]
+        return [
+            hcmoe.initial(data["u0"]),
+            hcmoe.dirichlet("x", "low", 0.0),
+            hcmoe.dirichlet("x", "high", 0.0),
+        ]
 
 
-SIZES = {"smoke": dict(nt=8, nx=16, points=32), "quick": dict(nt=32, nx=64, points=200),
-         "full": dict(nt=32, nx=64, points=200)}
+SIZES = {
+    "smoke": dict(nt=8, nx=16, points=32),
+    "quick": dict(nt=32, nx=64, points=200),
+    "full": dict(nt=32, nx=64, points=200),
+}
 
 
 def _cases(size: dict) -> dict[str, tuple]:
@@ -60,16 +70,25 @@ def _cases(size: dict) -> dict[str, tuple]:
     cases = {}
 
     def solve(b):
-        return hcmoe.solve(b, pde, partition, grid, data, key=key,
-                           rows=hcmoe.Rows(points_per_expert=size["points"])).u
+        return hcmoe.solve(
+            b,
+            pde,
+            partition,
+            grid,
+            data,
+            key=key,
+            rows=hcmoe.Rows(points_per_expert=size["points"]),
+        ).u
 
     jitted_solve = eqx.filter_jit(solve)
     cases["hcmoe.solve"] = (lambda: solve(basis), lambda: jitted_solve(basis))
 
     model = hcmoe.constrain(backbone, pde, partition, **options)
     jitted_model = eqx.filter_jit(lambda m, x: m(x, data, key=key).u)
-    cases["constrain(equinox)"] = (lambda: model(x, data, key=key).u,
-                                   lambda: jitted_model(model, x))
+    cases["constrain(equinox)"] = (
+        lambda: model(x, data, key=key).u,
+        lambda: jitted_model(model, x),
+    )
 
     def fn(params, x):
         return jnp.tanh(x @ params)  # (*grid, 3) @ (3, N) -> (*grid, N)
@@ -77,8 +96,10 @@ def _cases(size: dict) -> dict[str, tuple]:
     params = 0.5 * jr.normal(jr.key(2), (x.shape[-1], 8))
     constrained_fn = hcmoe.constrain(fn, pde, partition, **options)
     jitted_fn = jax.jit(lambda p, x: constrained_fn(p, x, data, key=key).u)
-    cases["constrain(function)"] = (lambda: constrained_fn(params, x, data, key=key).u,
-                                    lambda: jitted_fn(params, x))
+    cases["constrain(function)"] = (
+        lambda: constrained_fn(params, x, data, key=key).u,
+        lambda: jitted_fn(params, x),
+    )
     try:
         from flax import nnx
     except ImportError:
@@ -86,8 +107,10 @@ def _cases(size: dict) -> dict[str, tuple]:
     nnx_backbone = nnx.Linear(x.shape[-1], 8, rngs=nnx.Rngs(0))
     nnx_model = hcmoe.constrain(nnx_backbone, pde, partition, **options)
     jitted_nnx = nnx.jit(lambda m, x: m(x, data, key=key).u)
-    cases["constrain(nnx)"] = (lambda: nnx_model(x, data, key=key).u,
-                               lambda: jitted_nnx(nnx_model, x))
+    cases["constrain(nnx)"] = (
+        lambda: nnx_model(x, data, key=key).u,
+        lambda: jitted_nnx(nnx_model, x),
+    )
     return cases
 
 
@@ -100,14 +123,17 @@ def main():
         jax.block_until_ready(eager())
         first = time.perf_counter() - start
         timings = common.time_interleaved(
-            {"eager": eager, "jitted": jitted}, repeats=common.repeats(args, 10, 20),
+            {"eager": eager, "jitted": jitted},
+            repeats=common.repeats(args, 10, 20),
             budget_s=common.budget(args, 30.0, 60.0),
         )
         ratio = timings["eager"]["median_s"] / timings["jitted"]["median_s"]
         results[name] = {"first_call_s": first, **timings, "ratio": ratio}
         eager_ms, jitted_ms = (1e3 * timings[k]["median_s"] for k in ("eager", "jitted"))
-        print(f"{name:22s} first call {first:7.3f} s   eager {eager_ms:8.2f} ms   "
-              f"jitted {jitted_ms:8.2f} ms   ratio {ratio:5.2f}")
+        print(
+            f"{name:22s} first call {first:7.3f} s   eager {eager_ms:8.2f} ms   "
+            f"jitted {jitted_ms:8.2f} ms   ratio {ratio:5.2f}"
+        )
     common.write_json(args, "eager", {"size": size, "results": results})
 
 

@@ -39,13 +39,15 @@ ADJOINTS = {
     "unrolled_all": lambda: optx.RecursiveCheckpointAdjoint(checkpoints=MAX_STEPS),
 }
 SIZES = {
-    "smoke": {"ds": dict(grid=dict(nt=11, nx=64, n_basis=8), points=[64], experts=[1]),
-              "ns": None},
-    "quick": {"ds": dict(grid=dict(), points=[100, 1000, 10_000], experts=[1, 4]),
-              "ns": dict(grid=dict(nt=16, n=32, n_basis=16), points=[100, 1000, 10_000],
-                         experts=[1])},
-    "full": {"ds": dict(grid=dict(), points=[100, 1000, 10_000, 100_000], experts=[1, 4]),
-             "ns": dict(grid=dict(), points=[100, 1000, 10_000, 100_000], experts=[1, 4])},
+    "smoke": {"ds": dict(grid=dict(nt=11, nx=64, n_basis=8), points=[64], experts=[1]), "ns": None},
+    "quick": {
+        "ds": dict(grid=dict(), points=[100, 1000, 10_000], experts=[1, 4]),
+        "ns": dict(grid=dict(nt=16, n=32, n_basis=16), points=[100, 1000, 10_000], experts=[1]),
+    },
+    "full": {
+        "ds": dict(grid=dict(), points=[100, 1000, 10_000, 100_000], experts=[1, 4]),
+        "ns": dict(grid=dict(), points=[100, 1000, 10_000, 100_000], experts=[1, 4]),
+    },
 }
 
 
@@ -53,8 +55,12 @@ def measure(problem, points: int, experts: int, args) -> dict:
     basis, key = problem.basis(), jr.key(0)
     partition = problem.partition(experts)
     per_expert = max(points // experts, 1)
-    record = {"points_total": points, "experts": experts, "points_per_expert": per_expert,
-              "adjoints": {}}
+    record = {
+        "points_total": points,
+        "experts": experts,
+        "points_per_expert": per_expert,
+        "adjoints": {},
+    }
     calls, grads = {}, {}
     chosen = {name: ADJOINTS[name] for name in args.adjoints}
     for name, adjoint in chosen.items():
@@ -64,8 +70,9 @@ def measure(problem, points: int, experts: int, args) -> dict:
         record["adjoints"][name] = {"memory": compiled.memory, "compile_s": compiled.compile_s}
         calls[name] = compiled.call
         grads[name] = np.asarray(compiled.call())
-    timing = common.time_interleaved(calls, repeats=common.repeats(args, quick=3, full=5),
-                                     budget_s=common.budget(args))
+    timing = common.time_interleaved(
+        calls, repeats=common.repeats(args, quick=3, full=5), budget_s=common.budget(args)
+    )
     reference = grads[args.adjoints[0]]
     scale = float(np.linalg.norm(reference))
     record["gradient_reference"] = args.adjoints[0]
@@ -75,7 +82,8 @@ def measure(problem, points: int, experts: int, args) -> dict:
         entry["gradient_norm"] = float(np.linalg.norm(grads[name]))
         entry["gradient_finite"] = bool(np.all(np.isfinite(grads[name])))
         entry["gradient_relative_difference_vs_reference"] = float(
-            np.linalg.norm(grads[name] - reference) / scale)
+            np.linalg.norm(grads[name] - reference) / scale
+        )
     peak = {name: record["adjoints"][name]["memory"].get("peak_bytes") for name in chosen}
     temp = {name: record["adjoints"][name]["memory"].get("temp_bytes") for name in chosen}
     if {"hcmoe", "implicit"} <= set(chosen) and None not in peak.values():
@@ -85,14 +93,17 @@ def measure(problem, points: int, experts: int, args) -> dict:
         record["peak_ratio_unrolled_over_implicit"] = peak["unrolled"] / peak["implicit"]
         record["peak_ratio_unrolled_all_over_implicit"] = peak["unrolled_all"] / peak["implicit"]
         record["temp_ratio_unrolled_over_implicit"] = temp["unrolled"] / max(temp["implicit"], 1)
-        record["time_ratio_unrolled_over_implicit"] = common.ratio(timing, "unrolled",
-                                                                   "implicit")
-        record["time_ratio_unrolled_all_over_implicit"] = common.ratio(timing, "unrolled_all",
-                                                                       "implicit")
+        record["time_ratio_unrolled_over_implicit"] = common.ratio(timing, "unrolled", "implicit")
+        record["time_ratio_unrolled_all_over_implicit"] = common.ratio(
+            timing, "unrolled_all", "implicit"
+        )
     times = ", ".join(f"{n} {timing[n]['median_s'] * 1e3:.1f} ms" for n in chosen)
-    print(f"  P={points:<7d} K={experts}: peak " + ", ".join(
-        f"{n} {common.fmt_bytes(b)}" for n, b in peak.items() if b is not None)
-        + f"; gradient {times}", flush=True)
+    print(
+        f"  P={points:<7d} K={experts}: peak "
+        + ", ".join(f"{n} {common.fmt_bytes(b)}" for n, b in peak.items() if b is not None)
+        + f"; gradient {times}",
+        flush=True,
+    )
     return record
 
 
@@ -107,11 +118,16 @@ def plot(payload: dict, path) -> None:
     for ax, section in zip(axes[0], sections):
         records = payload[section]["results"]
         for experts in sorted({r["experts"] for r in records}):
-            rs = sorted((r for r in records if r["experts"] == experts),
-                        key=lambda r: r["points_total"])
+            rs = sorted(
+                (r for r in records if r["experts"] == experts), key=lambda r: r["points_total"]
+            )
             x = [r["points_total"] for r in rs]
-            for name, style in (("hcmoe", "D-"), ("implicit", "o-"), ("unrolled", "s--"),
-                                ("unrolled_all", "^:")):
+            for name, style in (
+                ("hcmoe", "D-"),
+                ("implicit", "o-"),
+                ("unrolled", "s--"),
+                ("unrolled_all", "^:"),
+            ):
                 if name not in rs[0]["adjoints"]:
                     continue
                 y = [r["adjoints"][name]["memory"].get("peak_bytes", np.nan) / 2**20 for r in rs]
@@ -134,9 +150,13 @@ def main():
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--problem", choices=["ds", "ns", "both"], default="both")
     p.add_argument("--points", type=int, nargs="+", help="total constrained points to sweep")
-    p.add_argument("--adjoints", nargs="+", choices=list(ADJOINTS), default=list(ADJOINTS),
-                   help="which adjoints to compile and time (the first is the gradients' "
-                   "reference)")
+    p.add_argument(
+        "--adjoints",
+        nargs="+",
+        choices=list(ADJOINTS),
+        default=list(ADJOINTS),
+        help="which adjoints to compile and time (the first is the gradients' reference)",
+    )
     args = p.parse_args()
     mode = common.mode(args)
     payload = {"mode": mode, "max_steps": MAX_STEPS}
@@ -150,8 +170,9 @@ def main():
         print(problem.name, flush=True)
         payload[problem.name] = {
             "problem": problem.describe(),
-            "results": [measure(problem, p, k, args)
-                        for k in size["experts"] for p in size["points"]],
+            "results": [
+                measure(problem, p, k, args) for k in size["experts"] for p in size["points"]
+            ],
         }
     name = common.output_name("memory", args)
     common.write_json(args, name, payload)

@@ -132,27 +132,51 @@ VARIANTS = {"release": "hcmoe", "hcmoe": "hcmoe-fd"}  # --stencils value -> name
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--release", type=Path, required=True,
-                   help="folder of the release's tree (the one that holds neptune/)")
-    p.add_argument("--size", choices=sorted(SIZES), default="paper",
-                   help="paper: 101 x 1024, 20k points per expert; small: 26 x 64, 256 points")
+    p.add_argument(
+        "--release",
+        type=Path,
+        required=True,
+        help="folder of the release's tree (the one that holds neptune/)",
+    )
+    p.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="paper",
+        help="paper: 101 x 1024, 20k points per expert; small: 26 x 64, 256 points",
+    )
     p.add_argument("--rounds", type=int, default=5, help="round-robin rounds (medians)")
     p.add_argument("--points", type=int, default=None, help="PDE points per expert")
     p.add_argument("--experts", type=int, nargs="+", default=list(EXPERTS))
     p.add_argument("--max-steps", type=int, default=50, help="LM iteration cap (paper: 50)")
     p.add_argument("--tol", type=float, default=1e-4, help="LM rtol = atol (paper: 1e-4)")
-    p.add_argument("--stencils", choices=sorted(VARIANTS), nargs="+",
-                   default=["release", "hcmoe"],
-                   help="hcmoe variants timed: with the release's first differences ('hcmoe') "
-                        "and/or with its own FiniteDifference operators ('hcmoe-fd')")
-    p.add_argument("--points-from", choices=("hcmoe", "release"), default="release",
-                   help="hcmoe's PDE points in the timed runs: its own draw, or the release's")
+    p.add_argument(
+        "--stencils",
+        choices=sorted(VARIANTS),
+        nargs="+",
+        default=["release", "hcmoe"],
+        help="hcmoe variants timed: with the release's first differences ('hcmoe') "
+        "and/or with its own FiniteDifference operators ('hcmoe-fd')",
+    )
+    p.add_argument(
+        "--points-from",
+        choices=("hcmoe", "release"),
+        default="release",
+        help="hcmoe's PDE points in the timed runs: its own draw, or the release's",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the shared random basis")
-    p.add_argument("--termination", choices=("cauchy", "objective"), default="cauchy",
-                   help="hcmoe's stopping rule: the release's (cauchy, default: like for like) "
-                        "or hcmoe's default (objective)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON output (default results/peer.json, results/peer_small.json)")
+    p.add_argument(
+        "--termination",
+        choices=("cauchy", "objective"),
+        default="cauchy",
+        help="hcmoe's stopping rule: the release's (cauchy, default: like for like) "
+        "or hcmoe's default (objective)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON output (default results/peer.json, results/peer_small.json)",
+    )
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1; got {args.rounds}")
@@ -193,8 +217,10 @@ class _Placeholder:
         return _Placeholder(f"{self._name}.{attr}")
 
     def __call__(self, *args, **kwargs):
-        raise RuntimeError(f"peer.py: the stub {self._name} was called; the measured path of "
-                           "the release should not need it")
+        raise RuntimeError(
+            f"peer.py: the stub {self._name} was called; the measured path of "
+            "the release should not need it"
+        )
 
     def __repr__(self):
         return f"<peer.py stub {self._name}>"
@@ -314,11 +340,14 @@ def run(args, rel, root: Path) -> dict:
     points = args.points or size["points"]
     for k in args.experts:
         if nx % k:
-            raise SystemExit(f"--experts: {k} does not divide nx = {nx} (the release splits "
-                             "evenly)")
+            raise SystemExit(
+                f"--experts: {k} does not divide nx = {nx} (the release splits evenly)"
+            )
         if points > nt * nx // k:
-            raise SystemExit(f"--points {points} exceeds a block of {nt * nx // k} points at "
-                             f"K = {k} (the release would pad with copies of one point)")
+            raise SystemExit(
+                f"--points {points} exceeds a block of {nt * nx // k} points at "
+                f"K = {k} (the release would pad with copies of one point)"
+            )
     grid = ds.make_grid(nt=nt, nx=nx)
     t, x = np.asarray(grid.coords("t")), np.asarray(grid.coords("x"))
     physics = ds.DiffusionSorption()
@@ -327,31 +356,55 @@ def run(args, rel, root: Path) -> dict:
     u0 = jnp.full((nx,), U0)
     data = {"u0": u0}
     hcmoe_key, release_key = jr.key(1), jr.PRNGKey(1)
-    print(f"grid {nt} x {nx}, N = {N_BASIS}, {points} points per expert, u0 = {U0}, "
-          f"LM tol {args.tol}, <= {args.max_steps} steps, {args.rounds} rounds; "
-          f"{common.describe_machine()}; load average {load_avg()}", flush=True)
+    print(
+        f"grid {nt} x {nx}, N = {N_BASIS}, {points} points per expert, u0 = {U0}, "
+        f"LM tol {args.tol}, <= {args.max_steps} steps, {args.rounds} rounds; "
+        f"{common.describe_machine()}; load average {load_avg()}",
+        flush=True,
+    )
 
     # ---- the release's side: its own input processing, MoE router and constraint layer ----
     rel_pde = rel.DiffusionSorption1D()
-    inputs = {"D": physics.D, "phi": physics.phi, "rho_s": physics.rho_s, "n_f": physics.n_f,
-              "k": physics.k_f, "u": jnp.full((nt, nx), U0), "x": jnp.asarray(x),
-              "t": jnp.asarray(t)}
+    inputs = {
+        "D": physics.D,
+        "phi": physics.phi,
+        "rho_s": physics.rho_s,
+        "n_f": physics.n_f,
+        "k": physics.k_f,
+        "u": jnp.full((nt, nx), U0),
+        "x": jnp.asarray(x),
+        "t": jnp.asarray(t),
+    }
     model_input, _ = rel_pde.process_input(inputs)
 
     def release_solver(experts, max_steps):
-        cfg = rel.ConstraintConfig(system="levenbergmarquardt", num_sampled_points=points,
-                                   rtol=args.tol, atol=args.tol, maxiter=max_steps,
-                                   ridge=RIDGE, use_jaxopt=False)
+        cfg = rel.ConstraintConfig(
+            system="levenbergmarquardt",
+            num_sampled_points=points,
+            rtol=args.tol,
+            atol=args.tol,
+            maxiter=max_steps,
+            ridge=RIDGE,
+            use_jaxopt=False,
+        )
         layer = rel.HardConstraintLayer(cfg, rel_pde)
-        moe = rel.SpatialTemporalMoE(rel.MoEConfig(split="spatialtemporal",
-                                                   num_experts=(1, experts)), layer, rel_pde)
+        moe = rel.SpatialTemporalMoE(
+            rel.MoEConfig(split="spatialtemporal", num_experts=(1, experts)), layer, rel_pde
+        )
 
         def forward(basis, key):
-            out = moe(key, rel.Function(model_input.domain, basis),
-                      model_input.initial_condition, model_input.pde_param)
+            out = moe(
+                key,
+                rel.Function(model_input.domain, basis),
+                model_input.initial_condition,
+                model_input.pde_param,
+            )
             converged = out.solver_status == optx.RESULTS.successful
-            return {"u": out.solution.image[..., 0], "steps": out.solver_iter,
-                    "converged": converged}
+            return {
+                "u": out.solution.image[..., 0],
+                "steps": out.solver_iter,
+                "converged": converged,
+            }
 
         return forward
 
@@ -363,29 +416,38 @@ def run(args, rel, root: Path) -> dict:
         for k in range(experts):
             _, subkey = jax.random.split(keys[k])
             block = rel.generate_single_mask(rel.DenseGrid(blocks[k]), points, subkey)
-            mask[:, k * width:(k + 1) * width] = np.asarray(block.mask)
+            mask[:, k * width : (k + 1) * width] = np.asarray(block.mask)
         assert mask.sum() == experts * points
         return mask
 
     # ---- hcmoe's side: the public API, the same rows ----
     def hcmoe_solver(experts, max_steps, *, stencils, mask=None):
-        pde = ReleaseRows(physics=physics, x_scale=float(x.max()), stencils=stencils,
-                          points_mask=None if mask is None else StaticMask(mask))
+        pde = ReleaseRows(
+            physics=physics,
+            x_scale=float(x.max()),
+            stencils=stencils,
+            points_mask=None if mask is None else StaticMask(mask),
+        )
         partition = hcmoe.Partition(x=experts)
         expected = np.broadcast_to(np.repeat(np.arange(experts), nx // experts), grid.shape)
         assert np.array_equal(partition.labels(grid), expected), "blocks differ from the release's"
         options = dict(
-            rows=hcmoe.Rows(points_per_expert=None if mask is not None else points, ridge=RIDGE,
-                            balance="sum"),
-            solver=hcmoe.LevenbergMarquardt(rtol=args.tol, atol=args.tol,
-                                            termination=args.termination),
+            rows=hcmoe.Rows(
+                points_per_expert=None if mask is not None else points, ridge=RIDGE, balance="sum"
+            ),
+            solver=hcmoe.LevenbergMarquardt(
+                rtol=args.tol, atol=args.tol, termination=args.termination
+            ),
             max_steps=max_steps,
         )
 
         def forward(basis, key):
             solution = hcmoe.solve(basis, pde, partition, grid, data, key=key, **options)
-            return {"u": solution.u, "steps": solution.stats.num_steps,
-                    "converged": solution.stats.converged}
+            return {
+                "u": solution.u,
+                "steps": solution.stats.num_steps,
+                "converged": solution.stats.converged,
+            }
 
         return forward
 
@@ -422,9 +484,13 @@ def run(args, rel, root: Path) -> dict:
         print(f"\nK = {experts}: compiling ... (load average {load_avg()})", flush=True)
         release_mask = release_points(experts)
         timed_mask = release_mask if args.points_from == "release" else None
-        solvers = {name: (functools.partial(hcmoe_solver, experts, stencils=stencils,
-                                            mask=timed_mask), hcmoe_key)
-                   for name, stencils in variants.items()}
+        solvers = {
+            name: (
+                functools.partial(hcmoe_solver, experts, stencils=stencils, mask=timed_mask),
+                hcmoe_key,
+            )
+            for name, stencils in variants.items()
+        }
         solvers["release"] = (functools.partial(release_solver, experts), release_key)
         compiled, compile_s, memory, outputs = {}, {}, {}, {}
         for impl, (make, key) in solvers.items():
@@ -439,13 +505,18 @@ def run(args, rel, root: Path) -> dict:
                 outputs[name] = jax.block_until_ready(c.call())
             compiled[f"{impl}/backward-vjp"] = vjp_backward(fns["forward"], key)
         steps = {impl: np.asarray(outputs[f"{impl}/forward"]["steps"]).tolist() for impl in solvers}
-        converged = {impl: np.asarray(outputs[f"{impl}/forward"]["converged"]).tolist()
-                     for impl in solvers}
+        converged = {
+            impl: np.asarray(outputs[f"{impl}/forward"]["converged"]).tolist() for impl in solvers
+        }
         agreement = {
-            name: {"u_relative_difference": rel_diff(outputs[f"{name}/forward"]["u"],
-                                                     outputs["release/forward"]["u"]),
-                   "grad_relative_difference": rel_diff(outputs[f"{name}/fwd+grad"],
-                                                        outputs["release/fwd+grad"])}
+            name: {
+                "u_relative_difference": rel_diff(
+                    outputs[f"{name}/forward"]["u"], outputs["release/forward"]["u"]
+                ),
+                "grad_relative_difference": rel_diff(
+                    outputs[f"{name}/fwd+grad"], outputs["release/fwd+grad"]
+                ),
+            }
             for name in variants
         }
 
@@ -460,37 +531,59 @@ def run(args, rel, root: Path) -> dict:
         same_rows = {
             "u_relative_difference": rel_diff(check_u["u"], outputs["release/forward"]["u"]),
             "u_relative_difference_per_expert": per_block(
-                check_u["u"], outputs["release/forward"]["u"], experts),
+                check_u["u"], outputs["release/forward"]["u"], experts
+            ),
             "grad_relative_difference": rel_diff(check_grad, outputs["release/fwd+grad"]),
             "hcmoe_steps": np.asarray(check_u["steps"]).tolist(),
         }
         print_agreement(experts, steps, converged, agreement, same_rows, args.points_from)
 
         load_before = load_avg()
-        order = [f"{impl}/{what}" for what in ("forward", "fwd+grad", "setup", "backward-vjp")
-                 for impl in solvers]
+        order = [
+            f"{impl}/{what}"
+            for what in ("forward", "fwd+grad", "setup", "backward-vjp")
+            for impl in solvers
+        ]
         t0 = time.perf_counter()
-        timing = common.time_interleaved({n: compiled[n] for n in order}, repeats=args.rounds,
-                                         warmup=1)
+        timing = common.time_interleaved(
+            {n: compiled[n] for n in order}, repeats=args.rounds, warmup=1
+        )
         load_after = load_avg()
         record = summarize_k(experts, list(solvers), timing, steps, compile_s, memory, common)
         for impl in solvers:
             record["impls"][impl]["converged"] = converged[impl]
-        record |= {"agreement_with_release": agreement, "same_rows_check": same_rows,
-                   "load_average_before": load_before, "load_average_after": load_after,
-                   "timing_wall_s": round(time.perf_counter() - t0, 2)}
+        record |= {
+            "agreement_with_release": agreement,
+            "same_rows_check": same_rows,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+            "timing_wall_s": round(time.perf_counter() - t0, 2),
+        }
         results.append(record)
         print_table([record], load_before, load_after)
 
     return {
-        "config": {"size": args.size, "grid": {"t": nt, "x": nx}, "n_basis": N_BASIS,
-                   "points_per_expert": points, "u0": U0, "ridge": RIDGE, "tol": args.tol,
-                   "max_steps": args.max_steps, "rounds": args.rounds,
-                   "hcmoe_variants": variants, "points_from": args.points_from,
-                   "basis_seed": args.seed, "dtype": "float64",
-                   "termination": args.termination},
-        "release": {"path": str(root), "sources_sha256_16": release_fingerprint(root),
-                    "shims": rel.shims},
+        "config": {
+            "size": args.size,
+            "grid": {"t": nt, "x": nx},
+            "n_basis": N_BASIS,
+            "points_per_expert": points,
+            "u0": U0,
+            "ridge": RIDGE,
+            "tol": args.tol,
+            "max_steps": args.max_steps,
+            "rounds": args.rounds,
+            "hcmoe_variants": variants,
+            "points_from": args.points_from,
+            "basis_seed": args.seed,
+            "dtype": "float64",
+            "termination": args.termination,
+        },
+        "release": {
+            "path": str(root),
+            "sources_sha256_16": release_fingerprint(root),
+            "shims": rel.shims,
+        },
         "results": results,
     }
 
@@ -516,8 +609,9 @@ def summarize_k(experts, impls, timing, steps, compile_s, memory, common) -> dic
             "lm_steps": steps[impl],
             "compile_s": {w: compile_s[f"{impl}/{w}"] for w in ("forward", "fwd+grad", "setup")},
             "peak_bytes": {w: memory[f"{impl}/{w}"] for w in ("forward", "fwd+grad", "setup")},
-            "timing": {w: timing[f"{impl}/{w}"]
-                       for w in ("forward", "fwd+grad", "setup", "backward-vjp")},
+            "timing": {
+                w: timing[f"{impl}/{w}"] for w in ("forward", "fwd+grad", "setup", "backward-vjp")
+            },
         }
     r = out["release"]
 
@@ -533,7 +627,8 @@ def summarize_k(experts, impls, timing, steps, compile_s, memory, common) -> dic
             "backward_vjp": common.ratio(timing, f"{impl}/backward-vjp", "release/backward-vjp"),
             "per_lm_step": quotient(out[impl]["per_lm_step_ms"], r["per_lm_step_ms"]),
         }
-        for impl in impls if impl != "release"
+        for impl in impls
+        if impl != "release"
     }
     return {"experts": experts, "impls": out, "ratio_over_release": ratios}
 
@@ -542,14 +637,19 @@ def print_agreement(experts, steps, converged, agreement, same_rows, points_from
     """LM steps and how close the predictions (and gradients) are."""
     print(f"K = {experts}: LM steps per expert: {steps}; converged: {converged}")
     for name, a in agreement.items():
-        print(f"K = {experts}: {name} vs release (points from {points_from}): u differs by "
-              f"{a['u_relative_difference']:.2e} (relative L2), gradients by "
-              f"{a['grad_relative_difference']:.2e}")
+        print(
+            f"K = {experts}: {name} vs release (points from {points_from}): u differs by "
+            f"{a['u_relative_difference']:.2e} (relative L2), gradients by "
+            f"{a['grad_relative_difference']:.2e}"
+        )
     per_expert = ", ".join(f"{v:.1e}" for v in same_rows["u_relative_difference_per_expert"])
-    print(f"K = {experts}: same rows (the release's points and stencils): u differs by "
-          f"{same_rows['u_relative_difference']:.2e} (relative L2; per expert {per_expert}), "
-          f"gradients by {same_rows['grad_relative_difference']:.2e}; hcmoe steps "
-          f"{same_rows['hcmoe_steps']}", flush=True)
+    print(
+        f"K = {experts}: same rows (the release's points and stencils): u differs by "
+        f"{same_rows['u_relative_difference']:.2e} (relative L2; per expert {per_expert}), "
+        f"gradients by {same_rows['grad_relative_difference']:.2e}; hcmoe steps "
+        f"{same_rows['hcmoe_steps']}",
+        flush=True,
+    )
 
 
 def _ms(value) -> str:
@@ -558,22 +658,28 @@ def _ms(value) -> str:
 
 def print_table(records, load_before, load_after) -> None:
     print(f"\n(ms, medians; load average before {load_before}, after {load_after})")
-    print("| K | impl | forward | fwd + grad | setup (1 LM step) | backward | backward (VJP) "
-          "| per LM step | LM steps | XLA peak fwd+grad |")
+    print(
+        "| K | impl | forward | fwd + grad | setup (1 LM step) | backward | backward (VJP) "
+        "| per LM step | LM steps | XLA peak fwd+grad |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for rec in records:
         for impl, d in rec["impls"].items():
             peak = d["peak_bytes"]["fwd+grad"]
             peak = "-" if peak is None else f"{peak / 2**20:.0f} MiB"
-            print(f"| {rec['experts']} | {impl} | {_ms(d['forward_ms'])} | {_ms(d['fwd_grad_ms'])} "
-                  f"| {_ms(d['setup_ms'])} | {_ms(d['backward_ms'])} "
-                  f"| {_ms(d.get('backward_vjp_ms'))} | {_ms(d['per_lm_step_ms'])} "
-                  f"| {d['lm_steps']} | {peak} |")
+            print(
+                f"| {rec['experts']} | {impl} | {_ms(d['forward_ms'])} | {_ms(d['fwd_grad_ms'])} "
+                f"| {_ms(d['setup_ms'])} | {_ms(d['backward_ms'])} "
+                f"| {_ms(d.get('backward_vjp_ms'))} | {_ms(d['per_lm_step_ms'])} "
+                f"| {d['lm_steps']} | {peak} |"
+            )
         for impl, q in rec["ratio_over_release"].items():
             fmt = {k: "-" if v is None else f"{v:.2f}x" for k, v in q.items()}
-            print(f"| {rec['experts']} | {impl} / release | {fmt['forward']} | {fmt['fwd_grad']} "
-                  f"| {fmt['setup']} | {fmt['backward']} | {fmt.get('backward_vjp', '-')} "
-                  f"| {fmt['per_lm_step']} | | |")
+            print(
+                f"| {rec['experts']} | {impl} / release | {fmt['forward']} | {fmt['fwd_grad']} "
+                f"| {fmt['setup']} | {fmt['backward']} | {fmt.get('backward_vjp', '-')} "
+                f"| {fmt['per_lm_step']} | | |"
+            )
 
 
 def hcmoe_changes() -> list[str] | None:
@@ -582,8 +688,13 @@ def hcmoe_changes() -> list[str] | None:
     import subprocess
 
     try:
-        done = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True,
-                              text=True, cwd=Path(__file__).resolve().parent.parent, timeout=10)
+        done = subprocess.run(
+            ["git", "status", "--porcelain", "src"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.splitlines() if done.returncode == 0 else None
@@ -593,9 +704,12 @@ def write(path: Path, payload: dict) -> None:
     import _common as common
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": "peer", "mode": payload["config"]["size"],
-               "machine": common.machine(),
-               "device_peak_bytes_since_start": common.device_peak_bytes()} | payload
+    payload = {
+        "benchmark": "peer",
+        "mode": payload["config"]["size"],
+        "machine": common.machine(),
+        "device_peak_bytes_since_start": common.device_peak_bytes(),
+    } | payload
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=common._jsonable) + "\n")
     os.replace(tmp, path)
@@ -631,6 +745,7 @@ def _define_pde():
 
     def first_difference(name):
         """Central differences inside, two-point one-sided ones at the ends (`jnp.gradient`)."""
+
         def apply(field, grid):
             return jnp.gradient(field, grid.spacing(name), axis=grid.axis(name))
 
@@ -671,8 +786,9 @@ def _define_pde():
             return (
                 hcmoe.initial(u0, weight=1.0 / u0, scope="global"),
                 hcmoe.dirichlet("x", "low", 1.0, weight=after_t0, scope="global"),
-                hcmoe.Condition("x", -1, outflow, 0.0, after_t0, name="Robin condition",
-                                scope="global"),
+                hcmoe.Condition(
+                    "x", -1, outflow, 0.0, after_t0, name="Robin condition", scope="global"
+                ),
             )
 
         def residual_mask(self, grid):
@@ -685,8 +801,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     root = release_root(args.release)
     if root is None:
-        print(f"{SKIP}: no release at {args.release} (expected a folder holding "
-              "neptune/ of github.com/ASK-Berkeley/physics-NNs-hard-constraints)")
+        print(
+            f"{SKIP}: no release at {args.release} (expected a folder holding "
+            "neptune/ of github.com/ASK-Berkeley/physics-NNs-hard-constraints)"
+        )
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import _common  # noqa: F401  (float64 on before any JAX array exists)

@@ -40,22 +40,52 @@ import hcmoe
 
 SIZES = {
     "smoke": {
-        "ds": dict(grid=dict(nt=11, nx=64, n_basis=8), points=[64], experts=[1, 2],
-                   sweep_experts=[], per_expert=32),
-        "ns": dict(grid=dict(nt=4, n=8, n_basis=4), points=[64], experts=[1, 2],
-                   sweep_experts=[], per_expert=32),
+        "ds": dict(
+            grid=dict(nt=11, nx=64, n_basis=8),
+            points=[64],
+            experts=[1, 2],
+            sweep_experts=[],
+            per_expert=32,
+        ),
+        "ns": dict(
+            grid=dict(nt=4, n=8, n_basis=4),
+            points=[64],
+            experts=[1, 2],
+            sweep_experts=[],
+            per_expert=32,
+        ),
     },
     "quick": {
-        "ds": dict(grid=dict(), points=[100, 1000, 10_000], experts=[1, 4],
-                   sweep_experts=[1, 2, 4, 8], per_expert=1000),
-        "ns": dict(grid=dict(nt=16, n=32, n_basis=16), points=[100, 1000, 10_000],
-                   experts=[1, 4], sweep_experts=[1, 2, 4, 8], per_expert=1000),
+        "ds": dict(
+            grid=dict(),
+            points=[100, 1000, 10_000],
+            experts=[1, 4],
+            sweep_experts=[1, 2, 4, 8],
+            per_expert=1000,
+        ),
+        "ns": dict(
+            grid=dict(nt=16, n=32, n_basis=16),
+            points=[100, 1000, 10_000],
+            experts=[1, 4],
+            sweep_experts=[1, 2, 4, 8],
+            per_expert=1000,
+        ),
     },
     "full": {
-        "ds": dict(grid=dict(), points=[100, 1000, 10_000, 100_000], experts=[1, 2, 4, 8],
-                   sweep_experts=[1, 2, 4, 8, 16], per_expert=5000),
-        "ns": dict(grid=dict(), points=[100, 1000, 10_000, 100_000], experts=[1, 2, 4, 8],
-                   sweep_experts=[1, 2, 4, 8, 16], per_expert=5000),
+        "ds": dict(
+            grid=dict(),
+            points=[100, 1000, 10_000, 100_000],
+            experts=[1, 2, 4, 8],
+            sweep_experts=[1, 2, 4, 8, 16],
+            per_expert=5000,
+        ),
+        "ns": dict(
+            grid=dict(),
+            points=[100, 1000, 10_000, 100_000],
+            experts=[1, 2, 4, 8],
+            sweep_experts=[1, 2, 4, 8, 16],
+            per_expert=5000,
+        ),
     },
 }
 
@@ -93,8 +123,7 @@ def run_group(problem, configs: list[dict], args, skip: dict, seed: int = 0) -> 
             records.append(record)
             continue
         partition = problem.partition(experts)
-        forward, grad = common.solve_and_grad(problem, partition,
-                                              **solve_options(points, args))
+        forward, grad = common.solve_and_grad(problem, partition, **solve_options(points, args))
         fwd = common.compile_fn(forward, basis, key)
         bwd = common.compile_fn(grad, basis, key)
         start = time.perf_counter()
@@ -108,20 +137,26 @@ def run_group(problem, configs: list[dict], args, skip: dict, seed: int = 0) -> 
             "first_forward_s": first_call,
         } | solve_stats(solution)
         if first_call > args.max_call_seconds:
-            skip[experts] = (f"a forward call took {first_call:.0f} s at "
-                             f"{points} points per expert (> --max-call-seconds)")
+            skip[experts] = (
+                f"a forward call took {first_call:.0f} s at "
+                f"{points} points per expert (> --max-call-seconds)"
+            )
             record["timing_skipped"] = skip[experts]
         else:
             calls[f"{experts}/forward"] = fwd.call
             calls[f"{experts}/gradient"] = bwd.call
         records.append(record)
-        print(f"  K={experts:<3d} m={points:<7d} "
-              f"compile {fwd.compile_s:5.1f}+{bwd.compile_s:5.1f} s  "
-              f"steps {record['lm_steps_mean']:5.1f}  converged "
-              f"{record['converged_fraction']:.2f}", flush=True)
+        print(
+            f"  K={experts:<3d} m={points:<7d} "
+            f"compile {fwd.compile_s:5.1f}+{bwd.compile_s:5.1f} s  "
+            f"steps {record['lm_steps_mean']:5.1f}  converged "
+            f"{record['converged_fraction']:.2f}",
+            flush=True,
+        )
     if calls:
-        timing = common.time_interleaved(calls, repeats=common.repeats(args),
-                                         budget_s=common.budget(args))
+        timing = common.time_interleaved(
+            calls, repeats=common.repeats(args), budget_s=common.budget(args)
+        )
         for record in records:
             for part in ("forward", "gradient"):
                 name = f"{record['experts']}/{part}"
@@ -134,8 +169,11 @@ def run_group(problem, configs: list[dict], args, skip: dict, seed: int = 0) -> 
 
 def solve_extra(args) -> dict:
     """Solve options set on the command line (none: the library's defaults)."""
-    options = {"termination": args.termination, "schedule": args.schedule,
-               "condition_scope": args.condition_scope}
+    options = {
+        "termination": args.termination,
+        "schedule": args.schedule,
+        "condition_scope": args.condition_scope,
+    }
     return {name: value for name, value in options.items() if value is not None}
 
 
@@ -143,11 +181,14 @@ def solve_options(points: int | None, args) -> dict:
     """`hcmoe.solve`'s keywords: the paper's settings (`common.solve_kwargs`) with the ones
     set on the command line on the objects that own them."""
     extra = solve_extra(args)
-    coupling = ({"coupling": hcmoe.Independent(schedule=extra["schedule"])}
-                if "schedule" in extra else {})
+    coupling = (
+        {"coupling": hcmoe.Independent(schedule=extra["schedule"])} if "schedule" in extra else {}
+    )
     return common.solve_kwargs(
-        points, lm={k: v for k, v in extra.items() if k == "termination"},
-        rows={k: v for k, v in extra.items() if k == "condition_scope"}, **coupling,
+        points,
+        lm={k: v for k, v in extra.items() if k == "termination"},
+        rows={k: v for k, v in extra.items() if k == "condition_scope"},
+        **coupling,
     )
 
 
@@ -157,8 +198,15 @@ def sweep_points(problem, size: dict, args) -> list[dict]:
         skip = {}
         for total in size["points"]:
             print(f"{problem.name}: {total} constrained points, basis {seed}", flush=True)
-            configs = [{"sweep": "points", "experts": k, "points_total": total,
-                        "points_per_expert": max(total // k, 1)} for k in size["experts"]]
+            configs = [
+                {
+                    "sweep": "points",
+                    "experts": k,
+                    "points_total": total,
+                    "points_per_expert": max(total // k, 1),
+                }
+                for k in size["experts"]
+            ]
             results += run_group(problem, configs, args, skip, seed)
     return results
 
@@ -170,8 +218,15 @@ def sweep_experts(problem, size: dict, args) -> list[dict]:
     results = []
     for seed in args.seeds:
         print(f"{problem.name}: {per_expert} points per expert, basis {seed}", flush=True)
-        configs = [{"sweep": "experts", "experts": k, "points_total": k * per_expert,
-                    "points_per_expert": per_expert} for k in size["sweep_experts"]]
+        configs = [
+            {
+                "sweep": "experts",
+                "experts": k,
+                "points_total": k * per_expert,
+                "points_per_expert": per_expert,
+            }
+            for k in size["sweep_experts"]
+        ]
         results += run_group(problem, configs, args, {}, seed)
     return results
 
@@ -180,9 +235,12 @@ def print_ratios(results: list[dict]) -> None:
     """PI-HC / PI-HC-MoE time ratios of the points sweep (> 1: the MoE is faster)."""
     for r in results:
         if r["sweep"] == "points" and r["experts"] != 1 and "forward_speedup_vs_hc" in r:
-            print(f"  basis {r['seed']}, {r['points_total']} points, K = {r['experts']}: "
-                  f"HC / MoE forward {r['forward_speedup_vs_hc']:.2f}x, fwd+bwd "
-                  f"{r['gradient_speedup_vs_hc']:.2f}x (steps {r['lm_steps']})", flush=True)
+            print(
+                f"  basis {r['seed']}, {r['points_total']} points, K = {r['experts']}: "
+                f"HC / MoE forward {r['forward_speedup_vs_hc']:.2f}x, fwd+bwd "
+                f"{r['gradient_speedup_vs_hc']:.2f}x (steps {r['lm_steps']})",
+                flush=True,
+            )
 
 
 def plot(payload: dict, path) -> None:
@@ -204,13 +262,16 @@ def plot(payload: dict, path) -> None:
             x = [r["points_total"] for r in rs]
             row[0].plot(x, [r["forward"]["median_s"] for r in rs], "o-", label=label)
             row[1].plot(x, [r["gradient"]["median_s"] for r in rs], "o-", label=label)
-        experts = sorted((r for r in records if r["sweep"] == "experts" and "forward" in r),
-                         key=lambda r: r["experts"])
+        experts = sorted(
+            (r for r in records if r["sweep"] == "experts" and "forward" in r),
+            key=lambda r: r["experts"],
+        )
         if experts:
             x = [r["experts"] for r in experts]
             row[2].plot(x, [r["forward"]["median_s"] for r in experts], "o-", label="forward")
-            row[2].plot(x, [r["gradient"]["median_s"] for r in experts], "s-",
-                        label="forward + backward")
+            row[2].plot(
+                x, [r["gradient"]["median_s"] for r in experts], "s-", label="forward + backward"
+            )
             row[2].set_title(f"{name}: {experts[0]['points_per_expert']} points per expert")
         row[0].set_title(f"{name}: forward")
         row[1].set_title(f"{name}: forward + backward")
@@ -239,17 +300,38 @@ def main():
     p.add_argument("--experts", type=int, nargs="+", help="expert counts of the points sweep")
     p.add_argument("--sweep-experts", type=int, nargs="+", help="expert counts, fixed points")
     p.add_argument("--per-expert", type=int, help="points per expert of the experts sweep")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="random bases (and point draws) to repeat the sweeps on")
-    p.add_argument("--termination", choices=("objective", "cauchy"), default=None,
-                   help="the solver's stopping rule (default: the library's)")
-    p.add_argument("--schedule", choices=("auto", "vmap", "map"), default=None,
-                   help="how the experts run (default: the library's, 'auto')")
-    p.add_argument("--condition-scope", choices=("owned", "global"), default=None,
-                   help="which condition rows each expert holds (default: each condition's "
-                        "own scope; the paper's diffusion-sorption MoE: global)")
-    p.add_argument("--max-call-seconds", type=float, default=None,
-                   help="skip larger configurations of a K once one forward call is slower")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="random bases (and point draws) to repeat the sweeps on",
+    )
+    p.add_argument(
+        "--termination",
+        choices=("objective", "cauchy"),
+        default=None,
+        help="the solver's stopping rule (default: the library's)",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=("auto", "vmap", "map"),
+        default=None,
+        help="how the experts run (default: the library's, 'auto')",
+    )
+    p.add_argument(
+        "--condition-scope",
+        choices=("owned", "global"),
+        default=None,
+        help="which condition rows each expert holds (default: each condition's "
+        "own scope; the paper's diffusion-sorption MoE: global)",
+    )
+    p.add_argument(
+        "--max-call-seconds",
+        type=float,
+        default=None,
+        help="skip larger configurations of a K once one forward call is slower",
+    )
     args = p.parse_args()
     mode = common.mode(args)
     if args.max_call_seconds is None:
@@ -266,7 +348,8 @@ def main():
         print_ratios(results)
         payload["problems"][problem.name] = {
             "problem": problem.describe(),
-            "solver": common.solve_settings(solve_options(None, args)) | solve_extra(args)
+            "solver": common.solve_settings(solve_options(None, args))
+            | solve_extra(args)
             | {"solver": "hcmoe default"},
             "results": results,
         }

@@ -50,50 +50,68 @@ import hcmoe
 TOL = 1e-4
 VARIANTS = {
     "optx_qr": lambda: dict(solver=optx.LevenbergMarquardt(rtol=TOL, atol=TOL)),
-    "optx_normal": lambda: dict(solver=optx.LevenbergMarquardt(
-        rtol=TOL, atol=TOL, linear_solver=lx.Normal(lx.Cholesky()))),
+    "optx_normal": lambda: dict(
+        solver=optx.LevenbergMarquardt(rtol=TOL, atol=TOL, linear_solver=lx.Normal(lx.Cholesky()))
+    ),
     "hcmoe": lambda: {},
 }
-SCHEDULE_VARIANTS = {"vmap": lambda: dict(coupling=hcmoe.Independent(schedule="vmap")),
-                     "map": lambda: dict(coupling=hcmoe.Independent(schedule="map"))}
-DAMPING_VARIANTS = {"lambda_1": lambda: dict(lm=dict(initial_damping=1.0)),
-                    "default": lambda: {}}
+SCHEDULE_VARIANTS = {
+    "vmap": lambda: dict(coupling=hcmoe.Independent(schedule="vmap")),
+    "map": lambda: dict(coupling=hcmoe.Independent(schedule="map")),
+}
+DAMPING_VARIANTS = {"lambda_1": lambda: dict(lm=dict(initial_damping=1.0)), "default": lambda: {}}
 # A linear PDE is one least-squares solve, by a lineax solver (default lineax.QR()).
-LINEAR_VARIANTS = {"qr": lambda: {},
-                   "normal_cholesky": lambda: dict(solver=lx.Normal(lx.Cholesky()))}
+LINEAR_VARIANTS = {
+    "qr": lambda: {},
+    "normal_cholesky": lambda: dict(solver=lx.Normal(lx.Cholesky())),
+}
 
 SIZES = {
-    "smoke": {"ds": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
-              "ns": None, "heat": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
-              "accuracy": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
-              "schedules": [dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(256, 4)])],
-              "damping": [("ds", dict(nt=11, nx=64, n_basis=8), [(256, 4)])]},
-    "quick": {"ds": dict(grid=dict(), configs=[(1000, 1), (10_000, 1), (10_000, 4)]),
-              "ns": dict(grid=dict(nt=16, n=32, n_basis=16), configs=[(1000, 1), (10_000, 4)]),
-              "heat": dict(grid=dict(), configs=[(1000, 1), (10_000, 1)]),
-              "accuracy": dict(grid=dict(), configs=[(10_000, 1), (10_000, 4)]),
-              "schedules": [dict(grid=dict(nt=26, nx=64, n_basis=8), configs=[(1600, 4)]),
-                            dict(grid=dict(nt=26, nx=64, n_basis=16), configs=[(1600, 4)]),
-                            dict(grid=dict(n_basis=8), configs=[(20_000, 4)]),
-                            dict(grid=dict(), configs=[(80_000, 4)])],
-              "damping": [("ds", dict(nt=26, nx=64, n_basis=16), [(1600, 1), (1600, 4)]),
-                          ("ds", dict(), [(10_000, 1), (100_000, 1), (10_000, 4),
-                                          (100_000, 4)]),
-                          ("ns", dict(nt=16, n=32, n_basis=16), [(1000, 1), (4000, 4)])]},
-    "full": {"ds": dict(grid=dict(), configs=[(1000, 1), (10_000, 1), (100_000, 1),
-                                              (10_000, 4), (80_000, 4)]),
-             "ns": dict(grid=dict(), configs=[(1000, 1), (20_000, 1), (80_000, 4)]),
-             "heat": dict(grid=dict(), configs=[(1000, 1), (10_000, 1), (100_000, 1)]),
-             "accuracy": dict(grid=dict(), configs=[(10_000, 1), (10_000, 4), (100_000, 1)]),
-             "schedules": [dict(grid=dict(nt=26, nx=64, n_basis=8), configs=[(1600, 4)]),
-                           dict(grid=dict(nt=26, nx=64, n_basis=16), configs=[(1600, 4)]),
-                           dict(grid=dict(n_basis=8), configs=[(20_000, 4)]),
-                           dict(grid=dict(), configs=[(10_000, 4), (20_000, 4), (80_000, 4),
-                                                      (100_000, 4)])],
-             "damping": [("ds", dict(nt=26, nx=64, n_basis=16), [(1600, 1), (1600, 4)]),
-                         ("ds", dict(), [(10_000, 1), (100_000, 1), (10_000, 4), (100_000, 4)]),
-                         ("ns", dict(nt=16, n=32, n_basis=16), [(1000, 1), (4000, 4)]),
-                         ("ns", dict(nt=16, n=32, n_basis=64), [(1000, 1), (4000, 4)])]},
+    "smoke": {
+        "ds": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
+        "ns": None,
+        "heat": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
+        "accuracy": dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(64, 1)]),
+        "schedules": [dict(grid=dict(nt=11, nx=64, n_basis=8), configs=[(256, 4)])],
+        "damping": [("ds", dict(nt=11, nx=64, n_basis=8), [(256, 4)])],
+    },
+    "quick": {
+        "ds": dict(grid=dict(), configs=[(1000, 1), (10_000, 1), (10_000, 4)]),
+        "ns": dict(grid=dict(nt=16, n=32, n_basis=16), configs=[(1000, 1), (10_000, 4)]),
+        "heat": dict(grid=dict(), configs=[(1000, 1), (10_000, 1)]),
+        "accuracy": dict(grid=dict(), configs=[(10_000, 1), (10_000, 4)]),
+        "schedules": [
+            dict(grid=dict(nt=26, nx=64, n_basis=8), configs=[(1600, 4)]),
+            dict(grid=dict(nt=26, nx=64, n_basis=16), configs=[(1600, 4)]),
+            dict(grid=dict(n_basis=8), configs=[(20_000, 4)]),
+            dict(grid=dict(), configs=[(80_000, 4)]),
+        ],
+        "damping": [
+            ("ds", dict(nt=26, nx=64, n_basis=16), [(1600, 1), (1600, 4)]),
+            ("ds", dict(), [(10_000, 1), (100_000, 1), (10_000, 4), (100_000, 4)]),
+            ("ns", dict(nt=16, n=32, n_basis=16), [(1000, 1), (4000, 4)]),
+        ],
+    },
+    "full": {
+        "ds": dict(
+            grid=dict(), configs=[(1000, 1), (10_000, 1), (100_000, 1), (10_000, 4), (80_000, 4)]
+        ),
+        "ns": dict(grid=dict(), configs=[(1000, 1), (20_000, 1), (80_000, 4)]),
+        "heat": dict(grid=dict(), configs=[(1000, 1), (10_000, 1), (100_000, 1)]),
+        "accuracy": dict(grid=dict(), configs=[(10_000, 1), (10_000, 4), (100_000, 1)]),
+        "schedules": [
+            dict(grid=dict(nt=26, nx=64, n_basis=8), configs=[(1600, 4)]),
+            dict(grid=dict(nt=26, nx=64, n_basis=16), configs=[(1600, 4)]),
+            dict(grid=dict(n_basis=8), configs=[(20_000, 4)]),
+            dict(grid=dict(), configs=[(10_000, 4), (20_000, 4), (80_000, 4), (100_000, 4)]),
+        ],
+        "damping": [
+            ("ds", dict(nt=26, nx=64, n_basis=16), [(1600, 1), (1600, 4)]),
+            ("ds", dict(), [(10_000, 1), (100_000, 1), (10_000, 4), (100_000, 4)]),
+            ("ns", dict(nt=16, n=32, n_basis=16), [(1000, 1), (4000, 4)]),
+            ("ns", dict(nt=16, n=32, n_basis=64), [(1000, 1), (4000, 4)]),
+        ],
+    },
 }
 
 
@@ -101,8 +119,12 @@ def compare(problem, points: int, experts: int, variants: dict, args) -> dict:
     """Compile every variant, check its solution, time them interleaved."""
     basis, key = problem.basis(), jr.key(0)
     partition = problem.partition(experts)
-    record = {"points_total": points, "experts": experts,
-              "points_per_expert": max(points // experts, 1), "variants": {}}
+    record = {
+        "points_total": points,
+        "experts": experts,
+        "points_per_expert": max(points // experts, 1),
+        "variants": {},
+    }
     calls, weights, fields = {}, {}, {}
     for name, extra in variants.items():
         options = common.solve_kwargs(record["points_per_expert"], **extra())
@@ -114,7 +136,8 @@ def compare(problem, points: int, experts: int, variants: dict, args) -> dict:
         fields[name] = np.asarray(solution.u)
         stats = solution.stats
         record["variants"][name] = {
-            "compile_forward_s": fwd.compile_s, "compile_gradient_s": bwd.compile_s,
+            "compile_forward_s": fwd.compile_s,
+            "compile_gradient_s": bwd.compile_s,
             "lm_steps": np.asarray(stats.num_steps).tolist(),
             "converged_fraction": float(np.mean(np.asarray(stats.converged))),
             "residual_norm": np.asarray(stats.residual_norm).tolist(),
@@ -124,19 +147,24 @@ def compare(problem, points: int, experts: int, variants: dict, args) -> dict:
     reference = next(iter(variants))
     for name in variants:
         record["variants"][name]["max_weight_difference_vs_" + reference] = float(
-            np.max(np.abs(weights[name] - weights[reference])))
+            np.max(np.abs(weights[name] - weights[reference]))
+        )
         record["variants"][name]["max_u_difference_vs_" + reference] = float(
-            np.max(np.abs(fields[name] - fields[reference])))
-    timing = common.time_interleaved(calls, repeats=common.repeats(args),
-                                     budget_s=common.budget(args))
+            np.max(np.abs(fields[name] - fields[reference]))
+        )
+    timing = common.time_interleaved(
+        calls, repeats=common.repeats(args), budget_s=common.budget(args)
+    )
     for name in variants:
         for part in ("forward", "gradient"):
             record["variants"][name][part] = timing[f"{name}/{part}"]
             record["variants"][name][f"{part}_speedup_vs_{reference}"] = common.ratio(
-                timing, f"{reference}/{part}", f"{name}/{part}")
+                timing, f"{reference}/{part}", f"{name}/{part}"
+            )
     line = ", ".join(
         f"{name} {v['forward']['median_s'] * 1e3:.0f}/{v['gradient']['median_s'] * 1e3:.0f} ms"
-        for name, v in record["variants"].items())
+        for name, v in record["variants"].items()
+    )
     print(f"  P={points} K={experts}: {line} (forward/gradient)", flush=True)
     return record
 
@@ -146,8 +174,10 @@ def accuracy(problem, points: int, experts: int) -> dict:
     basis, key = problem.basis(), jr.key(0)
     partition = problem.partition(experts)
     out = {}
-    for name, solver in (("optx_qr", optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10)),
-                         ("hcmoe", hcmoe.LevenbergMarquardt(rtol=1e-10, atol=1e-10))):
+    for name, solver in (
+        ("optx_qr", optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10)),
+        ("hcmoe", hcmoe.LevenbergMarquardt(rtol=1e-10, atol=1e-10)),
+    ):
         options = common.solve_kwargs(max(points // experts, 1), solver=solver, max_steps=200)
         forward, _ = common.solve_and_grad(problem, partition, **options)
         sol = common.compile_fn(forward, basis, key).call()
@@ -155,7 +185,9 @@ def accuracy(problem, points: int, experts: int) -> dict:
     qr, new = out["optx_qr"], out["hcmoe"]
     scale = float(jnp.max(jnp.abs(qr.weights)))
     return {
-        "points_total": points, "experts": experts, "tolerance": 1e-10,
+        "points_total": points,
+        "experts": experts,
+        "tolerance": 1e-10,
         "lm_steps": {k: np.asarray(v.stats.num_steps).tolist() for k, v in out.items()},
         "converged": {k: np.asarray(v.stats.converged).tolist() for k, v in out.items()},
         "max_abs_weight_difference": float(jnp.max(jnp.abs(qr.weights - new.weights))),
@@ -182,16 +214,23 @@ def plot(payload: dict, path) -> None:
         for i, name in enumerate(names):
             for j, part in enumerate(("forward", "gradient")):
                 values = [r["variants"][name][part]["median_s"] for r in records]
-                ax.bar(x + (2 * i + j) * width - 0.4 + width / 2, values, width,
-                       label=f"{name} {part}", color=f"C{i}", edgecolor="black",
-                       hatch="//" if part == "gradient" else None)
+                ax.bar(
+                    x + (2 * i + j) * width - 0.4 + width / 2,
+                    values,
+                    width,
+                    label=f"{name} {part}",
+                    color=f"C{i}",
+                    edgecolor="black",
+                    hatch="//" if part == "gradient" else None,
+                )
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("seconds (median)")
         ax.set_title(section)
         ax.legend(fontsize=7)
-    fig.suptitle(f"LM linear algebra, before/after ({payload['mode']}): "
-                 f"{common.describe_machine()}")
+    fig.suptitle(
+        f"LM linear algebra, before/after ({payload['mode']}): {common.describe_machine()}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -203,8 +242,10 @@ def schedules(sizes: list[dict], args) -> list[dict]:
     out = []
     for size in sizes:
         problem = common.diffusion_sorption(**size["grid"])
-        print(f"schedules: {problem.name} {problem.describe()['grid']} N={problem.n_basis}",
-              flush=True)
+        print(
+            f"schedules: {problem.name} {problem.describe()['grid']} N={problem.n_basis}",
+            flush=True,
+        )
         for points, experts in size["configs"]:
             record = compare(problem, points, experts, SCHEDULE_VARIANTS, args)
             record["problem"] = problem.describe()
@@ -218,8 +259,9 @@ def damping(sizes: list, args) -> list[dict]:
     for name, grid, configs in sizes:
         make = common.diffusion_sorption if name == "ds" else common.navier_stokes
         problem = make(**grid)
-        print(f"damping: {problem.name} {problem.describe()['grid']} N={problem.n_basis}",
-              flush=True)
+        print(
+            f"damping: {problem.name} {problem.describe()['grid']} N={problem.n_basis}", flush=True
+        )
         for points, experts in configs:
             record = compare(problem, points, experts, DAMPING_VARIANTS, args)
             record["problem"] = problem.describe()
@@ -231,10 +273,13 @@ def damping(sizes: list, args) -> list[dict]:
 
 def main():
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--section", choices=["all", "solvers", "schedules", "damping"],
-                   default="all",
-                   help="the LM variants and accuracy, the expert schedules, both, or the "
-                   "damping comparison alone")
+    p.add_argument(
+        "--section",
+        choices=["all", "solvers", "schedules", "damping"],
+        default="all",
+        help="the LM variants and accuracy, the expert schedules, both, or the "
+        "damping comparison alone",
+    )
     args = p.parse_args()
     mode = common.mode(args)
     sizes = SIZES[mode]
@@ -248,9 +293,11 @@ def main():
     if args.section == "schedules":
         common.write_json(args, "solvers_schedules", payload)
         return
-    for key, make, variants in (("ds", common.diffusion_sorption, VARIANTS),
-                                ("ns", common.navier_stokes, VARIANTS),
-                                ("heat", common.heat, LINEAR_VARIANTS)):
+    for key, make, variants in (
+        ("ds", common.diffusion_sorption, VARIANTS),
+        ("ns", common.navier_stokes, VARIANTS),
+        ("heat", common.heat, LINEAR_VARIANTS),
+    ):
         if sizes[key] is None:
             continue
         problem = make(**sizes[key]["grid"])
@@ -260,11 +307,14 @@ def main():
             "results": [compare(problem, p, k, variants, args) for p, k in sizes[key]["configs"]],
         }
     problem = common.diffusion_sorption(**sizes["accuracy"]["grid"])
-    payload["accuracy_diffusion_sorption"] = [accuracy(problem, p, k)
-                                              for p, k in sizes["accuracy"]["configs"]]
+    payload["accuracy_diffusion_sorption"] = [
+        accuracy(problem, p, k) for p, k in sizes["accuracy"]["configs"]
+    ]
     for row in payload["accuracy_diffusion_sorption"]:
-        print(f"  accuracy P={row['points_total']} K={row['experts']}: max |dw| "
-              f"{row['max_abs_weight_difference']:.2e} (max |w| {row['max_abs_weight']:.2e})")
+        print(
+            f"  accuracy P={row['points_total']} K={row['experts']}: max |dw| "
+            f"{row['max_abs_weight_difference']:.2e} (max |w| {row['max_abs_weight']:.2e})"
+        )
     common.write_json(args, "solvers", payload)
     if not args.no_plot:
         plot(payload, common.plot_path(args, "solvers"))

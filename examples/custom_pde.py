@@ -89,15 +89,22 @@ def main(argv=None):
         method = methods.make_method(kind, backbone, pde, grid)
         print(f"\n== {method.name} ==")
         result = methods.train(
-            method, train_data, steps=args.steps, batch_size=8, key=jr.key(3),
+            method,
+            train_data,
+            steps=args.steps,
+            batch_size=8,
+            key=jr.key(3),
             optimizer=training.paper_optimizer(decay_every=max(1, args.steps // 4)),
             progress=args.progress,
         )
         evaluation = methods.evaluate(result.model, test_data, test_solutions)
         rows.append(methods.result_row(result.model, evaluation, result.history))
         plotting.plot_prediction(
-            evaluation.predictions[0], test_solutions[0], grid=grid,
-            labels=result.model.labels(), title=method.name,
+            evaluation.predictions[0],
+            test_solutions[0],
+            grid=grid,
+            labels=result.model.labels(),
+            title=method.name,
             path=args.out / f"prediction_{kind}.png",
         )
     print("\nRelative L2 error against the exact solution (16 held-out initial conditions):")

@@ -72,12 +72,23 @@ from hcmoe.problems import diffusion_sorption  # noqa: E402
 
 CONFIGS = {
     "small": dict(
-        backbone=FNO.diffusion_sorption_small, steps=1500, batch_size=8, points_per_expert=400,
-        decay_every=300, eval_every=250, checkpoint_every=100, eval_batch_size=16,
+        backbone=FNO.diffusion_sorption_small,
+        steps=1500,
+        batch_size=8,
+        points_per_expert=400,
+        decay_every=300,
+        eval_every=250,
+        checkpoint_every=100,
+        eval_batch_size=16,
     ),
     "paper": dict(
-        backbone=FNO.diffusion_sorption_paper, steps=4000, batch_size=6,
-        points_per_expert=20_000, decay_every=800, eval_every=500, checkpoint_every=100,
+        backbone=FNO.diffusion_sorption_paper,
+        steps=4000,
+        batch_size=6,
+        points_per_expert=20_000,
+        decay_every=800,
+        eval_every=500,
+        checkpoint_every=100,
         eval_batch_size=4,
     ),
 }
@@ -87,60 +98,101 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=CONFIGS, default="small")
     parser.add_argument(
-        "--method", nargs="+", choices=methods.KINDS, default=list(methods.KINDS),
+        "--method",
+        nargs="+",
+        choices=methods.KINDS,
+        default=list(methods.KINDS),
         help="sc (PI-SC), hc (PI-HC), moe (PI-HC-MoE); several are run one after the other",
     )
     parser.add_argument("--steps", type=int, help="override the size's number of steps")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--decay-every", type=int,
-                        help="steps between the learning rate's halvings (default: the size's, "
-                        "300 / 800)")
+    parser.add_argument(
+        "--decay-every",
+        type=int,
+        help="steps between the learning rate's halvings (default: the size's, 300 / 800)",
+    )
     parser.add_argument("--points-per-expert", type=int)
     parser.add_argument("--experts", type=int, default=4, help="PI-HC-MoE blocks along x")
     parser.add_argument("--n-train", type=int, help="default: the size's (256 / 8000)")
     parser.add_argument("--n-test", type=int, help="default: the size's (64 / 1000)")
     parser.add_argument("--residual-weight", type=float, default=500.0)
-    parser.add_argument("--formulation", choices=diffusion_sorption.FORMULATIONS,
-                        default="hcmoe")
-    parser.add_argument("--overlap", type=float, default=0.3,
-                        help="PI-HC-MoE blending half-width in x (0: the paper's piecewise)")
+    parser.add_argument("--formulation", choices=diffusion_sorption.FORMULATIONS, default="hcmoe")
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        default=0.3,
+        help="PI-HC-MoE blending half-width in x (0: the paper's piecewise)",
+    )
     # Formulation flags: unset ones take the --formulation's values.
-    parser.add_argument("--scope", choices=("global", "owned"),
-                        help="which experts get the IC/BC rows")
-    parser.add_argument("--exact-ic", action=argparse.BooleanOptionalAction,
-                        help="build the initial condition into the ansatz")
+    parser.add_argument(
+        "--scope", choices=("global", "owned"), help="which experts get the IC/BC rows"
+    )
+    parser.add_argument(
+        "--exact-ic",
+        action=argparse.BooleanOptionalAction,
+        help="build the initial condition into the ansatz",
+    )
     parser.add_argument("--ic-weight", type=float, help="weight of the initial-condition rows")
     parser.add_argument("--bc-weight", type=float, help="weight of the boundary rows")
-    parser.add_argument("--initial-layer", type=float,
-                        help="impose the PDE only at t > t0 + this (s)")
-    parser.add_argument("--boundary", choices=("ghost", "cell"),
-                        help="boundary rows as the finite-volume reference poses them (ghost) "
-                        "or on the outermost cell centres (cell)")
-    parser.add_argument("--time-derivative", choices=("central", "backward"),
-                        help="the PDE rows' u_t: central or backward differences")
+    parser.add_argument(
+        "--initial-layer", type=float, help="impose the PDE only at t > t0 + this (s)"
+    )
+    parser.add_argument(
+        "--boundary",
+        choices=("ghost", "cell"),
+        help="boundary rows as the finite-volume reference poses them (ghost) "
+        "or on the outermost cell centres (cell)",
+    )
+    parser.add_argument(
+        "--time-derivative",
+        choices=("central", "backward"),
+        help="the PDE rows' u_t: central or backward differences",
+    )
     # The solves (PI-HC and PI-HC-MoE).
-    parser.add_argument("--balance", choices=("mean", "sum"),
-                        help="condition rows weighted as in the loss (mean) or plain sums of "
-                        "squares (sum); default: mean for --formulation hcmoe, sum for paper")
-    parser.add_argument("--ridge", type=float, default=RIDGE,
-                        help="weight of the ridge rows `ridge * w` (default: the paper's 1e-4)")
+    parser.add_argument(
+        "--balance",
+        choices=("mean", "sum"),
+        help="condition rows weighted as in the loss (mean) or plain sums of "
+        "squares (sum); default: mean for --formulation hcmoe, sum for paper",
+    )
+    parser.add_argument(
+        "--ridge",
+        type=float,
+        default=RIDGE,
+        help="weight of the ridge rows `ridge * w` (default: the paper's 1e-4)",
+    )
     parser.add_argument("--max-steps", type=int, default=MAX_STEPS, help="LM iteration cap")
-    parser.add_argument("--warm-start", action="store_true",
-                        help="start LM from one Gauss-Newton step")
-    parser.add_argument("--initial-damping", type=float,
-                        help="LM damping of the first step (default: the library's, 1e-6; "
-                        "1 reproduces results from before 2026-12-03)")
-    parser.add_argument("--termination", choices=("objective", "cauchy"),
-                        help="when LM stops (default: the library's, objective: once the "
-                        "objective has converged, or at optimistix's Cauchy test; cauchy: that "
-                        "test alone, which reproduces results from before 2026-12-06)")
-    parser.add_argument("--coupling", choices=("joint", "independent"), default="joint",
-                        help="PI-HC-MoE experts' weights fitted together (default) or each "
-                        "expert on its own (the paper)")
-    parser.add_argument("--total-points", action="store_true",
-                        help="PI-HC gets the points of all experts together")
-    parser.add_argument("--extrapolate", action="store_true",
-                        help="train on t <= 400, test on t > 400 (the paper's third experiment)")
+    parser.add_argument(
+        "--warm-start", action="store_true", help="start LM from one Gauss-Newton step"
+    )
+    parser.add_argument(
+        "--initial-damping",
+        type=float,
+        help="LM damping of the first step (default: the library's, 1e-6; "
+        "1 reproduces results from before 2026-12-03)",
+    )
+    parser.add_argument(
+        "--termination",
+        choices=("objective", "cauchy"),
+        help="when LM stops (default: the library's, objective: once the "
+        "objective has converged, or at optimistix's Cauchy test; cauchy: that "
+        "test alone, which reproduces results from before 2026-12-06)",
+    )
+    parser.add_argument(
+        "--coupling",
+        choices=("joint", "independent"),
+        default="joint",
+        help="PI-HC-MoE experts' weights fitted together (default) or each "
+        "expert on its own (the paper)",
+    )
+    parser.add_argument(
+        "--total-points", action="store_true", help="PI-HC gets the points of all experts together"
+    )
+    parser.add_argument(
+        "--extrapolate",
+        action="store_true",
+        help="train on t <= 400, test on t > 400 (the paper's third experiment)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/diffusion_sorption"))
     parser.add_argument("--data-dir", type=Path, help="dataset cache (default ~/.cache/hcmoe)")
@@ -150,8 +202,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in CONFIGS[args.size].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
-    for name in ("steps", "batch_size", "decay_every", "points_per_expert", "experts", "n_train",
-                 "n_test", "max_steps"):
+    for name in (
+        "steps",
+        "batch_size",
+        "decay_every",
+        "points_per_expert",
+        "experts",
+        "n_train",
+        "n_test",
+        "max_steps",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive int; got {value}")
@@ -165,7 +225,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.balance = default_balance(args.formulation)
     try:  # the partition's own checks, before any data is made
         hcmoe.Partition(t=1, x=args.experts, overlap=args.overlap).blend(
-            diffusion_sorption.grid(args.size))
+            diffusion_sorption.grid(args.size)
+        )
     except ValueError as error:
         parser.error(f"--experts/--overlap: {error}")
     return args
@@ -192,17 +253,21 @@ def default_balance(formulation: str) -> str:
 def formulation_changes(args) -> dict:
     """The formulation flags that change `--formulation`'s problem: `{flag: value}`."""
     default = diffusion_sorption.formulation(args.formulation)
-    return {flag: value for flag, field in FORMULATION_FLAGS.items()
-            if (value := getattr(args, flag)) is not None and value != getattr(default, field)}
+    return {
+        flag: value
+        for flag, field in FORMULATION_FLAGS.items()
+        if (value := getattr(args, flag)) is not None and value != getattr(default, field)
+    }
 
 
 def solve_changes(args) -> dict:
     """The solve flags set away from their defaults: `{flag: value}` (PI-HC, PI-HC-MoE)."""
-    changes = {"balance": args.balance if args.balance != default_balance(args.formulation)
-               else None,
-               "ridge": args.ridge if args.ridge != RIDGE else None,
-               "max_steps": args.max_steps if args.max_steps != MAX_STEPS else None,
-               "warm_start": True if args.warm_start else None}
+    changes = {
+        "balance": args.balance if args.balance != default_balance(args.formulation) else None,
+        "ridge": args.ridge if args.ridge != RIDGE else None,
+        "max_steps": args.max_steps if args.max_steps != MAX_STEPS else None,
+        "warm_start": True if args.warm_start else None,
+    }
     return {flag: value for flag, value in changes.items() if value is not None}
 
 
@@ -210,14 +275,18 @@ def pde(args) -> diffusion_sorption.DiffusionSorption:
     """The problem of every method: `--formulation`, with the formulation flags' changes."""
     return diffusion_sorption.formulation(
         args.formulation,
-        **{FORMULATION_FLAGS[flag]: value for flag, value in formulation_changes(args).items()})
+        **{FORMULATION_FLAGS[flag]: value for flag, value in formulation_changes(args).items()},
+    )
 
 
 def solver(args):
     """The constraint solver of the flags: None (the library's default, LM) unless one of its
     settings is given."""
-    settings = {name: getattr(args, name) for name in ("initial_damping", "termination")
-                if getattr(args, name) is not None}
+    settings = {
+        name: getattr(args, name)
+        for name in ("initial_damping", "termination")
+        if getattr(args, name) is not None
+    }
     if not settings and not args.warm_start:
         return None
     lm = hcmoe.LevenbergMarquardt(**settings)
@@ -267,8 +336,15 @@ def run_directory(args, kind: str | None = None):
 
 def run_settings(args, kind: str) -> dict:
     """The flags that shape `kind`'s run (not `--steps`: a finished run may be extended)."""
-    names = ["size", "seed", "batch_size", "n_train", "residual_weight", "formulation",
-             "extrapolate"]
+    names = [
+        "size",
+        "seed",
+        "batch_size",
+        "n_train",
+        "residual_weight",
+        "formulation",
+        "extrapolate",
+    ]
     if kind != "sc":
         names += ["points_per_expert"]
     if kind == "hc":
@@ -320,24 +396,41 @@ def run(kind: str, args, train, test, grid) -> dict:
         settings=run_settings(args, kind),  # a reused directory with other flags is refused
     )
     evaluation = methods.evaluate(
-        result.model, test_data, test["u"], grid=grid, batch_size=args.eval_batch_size,
+        result.model,
+        test_data,
+        test["u"],
+        grid=grid,
+        batch_size=args.eval_batch_size,
         num_predictions=len(test["u0"]) if args.extrapolate else 1,
     )
     row = methods.result_row(result.model, evaluation, result.history)
     if args.extrapolate:  # the error on t > 400 only
         late = grid.coords("t") > T_TRAIN + 1e-9
-        errors = np.asarray(hcmoe.losses.relative_l2(
-            jnp.asarray(evaluation.predictions[:, late]), jnp.asarray(test["u"][:, late]),
-            batch_ndim=1))
-        row.update(rel_l2_mean=float(errors.mean()), rel_l2_std=float(errors.std()),
-                   rel_l2=errors.tolist(), rel_l2_whole_horizon=evaluation.mean)
+        errors = np.asarray(
+            hcmoe.losses.relative_l2(
+                jnp.asarray(evaluation.predictions[:, late]),
+                jnp.asarray(test["u"][:, late]),
+                batch_ndim=1,
+            )
+        )
+        row.update(
+            rel_l2_mean=float(errors.mean()),
+            rel_l2_std=float(errors.std()),
+            rel_l2=errors.tolist(),
+            rel_l2_whole_horizon=evaluation.mean,
+        )
     (directory / "results.json").write_text(json.dumps(row, indent=2))
     plotting.plot_prediction(
-        evaluation.predictions[0], test["u"][0], grid=grid, labels=result.model.labels(grid),
-        title=f"{method.name}, test sample 0", path=directory / "prediction.png",
+        evaluation.predictions[0],
+        test["u"][0],
+        grid=grid,
+        labels=result.model.labels(grid),
+        title=f"{method.name}, test sample 0",
+        path=directory / "prediction.png",
     )
     plotting.plot_training_curves(
-        result.history, keys=["loss"] if args.extrapolate else ["loss", "rel_l2"],
+        result.history,
+        keys=["loss"] if args.extrapolate else ["loss", "rel_l2"],
         title=method.name,
         path=directory / "training.png",
     )
@@ -358,12 +451,14 @@ def summarise(args, grid) -> str:
         "extrapolate": args.extrapolate,
         "overlap": args.overlap,
         "coupling": args.coupling,
-        **({"changes": changes} if (changes := formulation_changes(args) | solve_changes(args))
-           else {}),  # the formulation and solve flags away from their defaults
+        **(
+            {"changes": changes}
+            if (changes := formulation_changes(args) | solve_changes(args))
+            else {}
+        ),  # the formulation and solve flags away from their defaults
         "grid": list(grid.shape),
         "command": " ".join(["python", *sys.argv]),
-        "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, "
-        f"jax {jax.__version__}",
+        "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, jax {jax.__version__}",
         "results": rows,
     }
     (directory / "results.json").write_text(json.dumps(record, indent=2))

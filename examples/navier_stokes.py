@@ -71,6 +71,8 @@ SCALE = 0.005  # default --scale: the paper's s of the hard-constrained ansatz
 RIDGE = 1e-4  # default --ridge: the paper's
 COUPLING = "joint"  # default --coupling
 PAPER_EXPERTS = "1x2x2"  # the paper's blocks in t x x x y (--size paper's --experts)
+
+
 # --backbone: the size's own, or one of these FNO3D configurations at any size ("wide" sits
 # between the CPU-sized one and the paper's: the paper's N = 64 functions from a 4-layer,
 # width-32 FNO; one training step of the paper's on the small grid takes ~3.7 s on 2 cores).
@@ -80,8 +82,7 @@ def _wide_trunk(n_basis: int, key) -> FNO:
 
 BACKBONES = {
     "small": FNO.navier_stokes_small,
-    "wide": functools.partial(FNO.navier_stokes_paper, width=32, n_layers=4, modes=6,
-                              fc_width=128),
+    "wide": functools.partial(FNO.navier_stokes_paper, width=32, n_layers=4, modes=6, fc_width=128),
     # The wide trunk with fewer functions: N = 16 (the small backbone's) and 32.
     "wide16": functools.partial(_wide_trunk, 16),
     "wide32": functools.partial(_wide_trunk, 32),
@@ -90,16 +91,32 @@ BACKBONES = {
 
 CONFIGS = {
     "small": dict(
-        backbone="wide", experts="1x2x1", epochs=12, batch_size=4, points_per_expert=1000,
-        n_xy_test=64, test_resolutions=(64, 32), learning_rate=3e-3, decay_every=250,
+        backbone="wide",
+        experts="1x2x1",
+        epochs=12,
+        batch_size=4,
+        points_per_expert=1000,
+        n_xy_test=64,
+        test_resolutions=(64, 32),
+        learning_rate=3e-3,
+        decay_every=250,
         eval_every=64,
-        checkpoint_every=32, eval_batch_size=4,
+        checkpoint_every=32,
+        eval_batch_size=4,
     ),
     "paper": dict(
-        backbone="paper", experts=PAPER_EXPERTS, epochs=20, batch_size=4, points_per_expert=20_000,
-        n_xy_test=256, test_resolutions=(256, 128, 64), learning_rate=1e-3, decay_every=800,
+        backbone="paper",
+        experts=PAPER_EXPERTS,
+        epochs=20,
+        batch_size=4,
+        points_per_expert=20_000,
+        n_xy_test=256,
+        test_resolutions=(256, 128, 64),
+        learning_rate=1e-3,
+        decay_every=800,
         eval_every=2000,
-        checkpoint_every=100, eval_batch_size=1,
+        checkpoint_every=100,
+        eval_batch_size=1,
     ),
 }
 
@@ -108,55 +125,99 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=CONFIGS, default="small")
     parser.add_argument(
-        "--method", nargs="+", choices=methods.KINDS, default=list(methods.KINDS),
+        "--method",
+        nargs="+",
+        choices=methods.KINDS,
+        default=list(methods.KINDS),
         help="sc (PI-SC), hc (PI-HC), moe (PI-HC-MoE); several are run one after the other",
     )
-    parser.add_argument("--epochs", type=int,
-                        help="override the size's number of epochs (small 12 = 192 steps, "
-                        "paper 20)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help="override the size's number of epochs (small 12 = 192 steps, paper 20)",
+    )
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--points-per-expert", type=int)
-    parser.add_argument("--learning-rate", type=float,
-                        help="initial learning rate of the paper's optimiser (default: the size's)")
-    parser.add_argument("--decay-every", type=int,
-                        help="steps between the learning rate's halvings (default: the size's)")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        help="initial learning rate of the paper's optimiser (default: the size's)",
+    )
+    parser.add_argument(
+        "--decay-every",
+        type=int,
+        help="steps between the learning rate's halvings (default: the size's)",
+    )
     parser.add_argument("--n-train", type=int, help="default: the size's (64 / 4000)")
     parser.add_argument("--n-test", type=int, help="default: the size's (16 / 100)")
-    parser.add_argument("--overlap", type=float, default=OVERLAP,
-                        help="PI-HC-MoE blending half-width in each split spatial axis (0: the "
-                        "paper's piecewise prediction)")
-    parser.add_argument("--experts",
-                        help="PI-HC-MoE's blocks in t x x x y, e.g. 1x2x2 (the paper's); default: "
-                        "the size's (small 1x2x1, paper 1x2x2); the overlap applies to the split "
-                        "spatial axes")
-    parser.add_argument("--coupling", choices=("joint", "independent"), default=COUPLING,
-                        help="PI-HC-MoE experts' weights fitted together or each expert on its "
-                        "own (the paper)")
-    parser.add_argument("--scale", type=float, default=SCALE,
-                        help="s of the ansatz w0 + s (t/T) (B - mean B) w for PI-HC and "
-                        "PI-HC-MoE (default: the paper's 0.005; PI-SC always uses 1)")
-    parser.add_argument("--ridge", type=float, default=RIDGE,
-                        help="weight of the ridge rows `ridge * w` of the solves (default: the "
-                        "paper's 1e-4; it acts on weights of order 1 / scale)")
-    parser.add_argument("--ridge-toward", choices=("zero", "init"), default="zero",
-                        help="centre of the solves' ridge rows: zero (the paper's) or the "
-                        "initial weights, ones (keeps the unconstrained sum, PI-SC's "
-                        "prediction, in directions the rows leave open)")
-    parser.add_argument("--initial-damping", type=float,
-                        help="LM damping of the first step (default: the library's, 1e-6; "
-                        "1 reproduces results from before 2026-12-03)")
-    parser.add_argument("--termination", choices=("objective", "cauchy"),
-                        help="when LM stops (default: the library's, objective: once the "
-                        "objective has converged, or at optimistix's Cauchy test; cauchy: that "
-                        "test alone, which reproduces results from before 2026-12-06)")
-    parser.add_argument("--train-n-xy", type=int,
-                        help="spatial resolution of the training grid (default: the size's, "
-                        "32 / 64); the loss and the solves live there")
-    parser.add_argument("--backbone", choices=BACKBONES,
-                        help="FNO3D for every method: small (3 layers, width 12, 4 modes, fc 32, "
-                        "N = 16), wide (4 layers, width 32, 6 modes, fc 128, N = 64), wide16 and "
-                        "wide32 (the same with N = 16, 32) or paper (8 layers, width 64, 8 modes, "
-                        "fc 256, N = 64); default: the size's (small: wide, paper: paper)")
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        default=OVERLAP,
+        help="PI-HC-MoE blending half-width in each split spatial axis (0: the "
+        "paper's piecewise prediction)",
+    )
+    parser.add_argument(
+        "--experts",
+        help="PI-HC-MoE's blocks in t x x x y, e.g. 1x2x2 (the paper's); default: "
+        "the size's (small 1x2x1, paper 1x2x2); the overlap applies to the split "
+        "spatial axes",
+    )
+    parser.add_argument(
+        "--coupling",
+        choices=("joint", "independent"),
+        default=COUPLING,
+        help="PI-HC-MoE experts' weights fitted together or each expert on its own (the paper)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=SCALE,
+        help="s of the ansatz w0 + s (t/T) (B - mean B) w for PI-HC and "
+        "PI-HC-MoE (default: the paper's 0.005; PI-SC always uses 1)",
+    )
+    parser.add_argument(
+        "--ridge",
+        type=float,
+        default=RIDGE,
+        help="weight of the ridge rows `ridge * w` of the solves (default: the "
+        "paper's 1e-4; it acts on weights of order 1 / scale)",
+    )
+    parser.add_argument(
+        "--ridge-toward",
+        choices=("zero", "init"),
+        default="zero",
+        help="centre of the solves' ridge rows: zero (the paper's) or the "
+        "initial weights, ones (keeps the unconstrained sum, PI-SC's "
+        "prediction, in directions the rows leave open)",
+    )
+    parser.add_argument(
+        "--initial-damping",
+        type=float,
+        help="LM damping of the first step (default: the library's, 1e-6; "
+        "1 reproduces results from before 2026-12-03)",
+    )
+    parser.add_argument(
+        "--termination",
+        choices=("objective", "cauchy"),
+        help="when LM stops (default: the library's, objective: once the "
+        "objective has converged, or at optimistix's Cauchy test; cauchy: that "
+        "test alone, which reproduces results from before 2026-12-06)",
+    )
+    parser.add_argument(
+        "--train-n-xy",
+        type=int,
+        help="spatial resolution of the training grid (default: the size's, "
+        "32 / 64); the loss and the solves live there",
+    )
+    parser.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        help="FNO3D for every method: small (3 layers, width 12, 4 modes, fc 32, "
+        "N = 16), wide (4 layers, width 32, 6 modes, fc 128, N = 64), wide16 and "
+        "wide32 (the same with N = 16, 32) or paper (8 layers, width 64, 8 modes, "
+        "fc 256, N = 64); default: the size's (small: wide, paper: paper)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/navier_stokes"))
     parser.add_argument("--data-dir", type=Path, help="dataset cache (default ~/.cache/hcmoe)")
@@ -172,8 +233,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every flag checked before any data is generated: a one-line argparse error each."""
-    for name in ("epochs", "batch_size", "points_per_expert", "decay_every", "n_train", "n_test",
-                 "train_n_xy"):
+    for name in (
+        "epochs",
+        "batch_size",
+        "points_per_expert",
+        "decay_every",
+        "n_train",
+        "n_test",
+        "train_n_xy",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')}: expected a positive integer; got {value}")
@@ -226,8 +294,11 @@ def partition(args) -> hcmoe.Partition:
 def solver(args):
     """The constraint solver of the flags: None (the library's default, LM) unless one of its
     settings is given."""
-    settings = {name: getattr(args, name) for name in ("initial_damping", "termination")
-                if getattr(args, name) is not None}
+    settings = {
+        name: getattr(args, name)
+        for name in ("initial_damping", "termination")
+        if getattr(args, name) is not None
+    }
     return hcmoe.LevenbergMarquardt(**settings) if settings else None
 
 
@@ -262,14 +333,22 @@ def run_directory(args, kind: str | None = None) -> Path:
 
 def run_settings(args, kind: str) -> dict:
     """The flags that shape `kind`'s run (not `--epochs`: a finished run may be extended)."""
-    names = ["size", "seed", "backbone", "batch_size", "n_train", "learning_rate",
-             "decay_every", "train_n_xy"]
+    names = [
+        "size",
+        "seed",
+        "backbone",
+        "batch_size",
+        "n_train",
+        "learning_rate",
+        "decay_every",
+        "train_n_xy",
+    ]
     if kind != "sc":
         names += ["scale", "ridge", "ridge_toward", "points_per_expert"]
     if kind == "moe":
         names += ["overlap", "coupling"]
         if args.experts != PAPER_EXPERTS:  # checkpoints from before --experts (all 1x2x2)
-            names.append("experts")          # still resume
+            names.append("experts")  # still resume
     return {name: getattr(args, name) for name in names}
 
 
@@ -294,8 +373,11 @@ def run(kind: str, args, train, tests, grid) -> dict:
         pde,
         grid,
         partition(args),
-        rows=hcmoe.Rows(points_per_expert=args.points_per_expert, ridge=args.ridge,
-                        ridge_toward=args.ridge_toward),
+        rows=hcmoe.Rows(
+            points_per_expert=args.points_per_expert,
+            ridge=args.ridge,
+            ridge_toward=args.ridge_toward,
+        ),
         solver=solver(args),  # None: the library's default
         **({"coupling": args.coupling} if kind == "moe" else {}),
     )
@@ -329,8 +411,12 @@ def run(kind: str, args, train, tests, grid) -> dict:
         summary = methods.result_row(result.model, evaluation, result.history)
         row["resolutions"][str(n)] = summary
         plotting.plot_snapshots(
-            evaluation.predictions[0], references[0], grid=test_grid, times=(0, -1),
-            labels=result.model.labels(test_grid), title=f"{method.name}, test sample 0, {n}²",
+            evaluation.predictions[0],
+            references[0],
+            grid=test_grid,
+            times=(0, -1),
+            labels=result.model.labels(test_grid),
+            title=f"{method.name}, test sample 0, {n}²",
             path=directory / f"prediction_{n}.png",
         )
     row.update(row["resolutions"][str(max(tests))])  # the headline: the finest test grid
@@ -352,8 +438,7 @@ def summarise(args, tests) -> str:
         "problem": "navier-stokes",
         "size": args.size,
         "command": " ".join(["python", *sys.argv]),
-        "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, "
-        f"jax {jax.__version__}",
+        "machine": f"{platform.machine()}, {jax.devices()[0].device_kind}, jax {jax.__version__}",
         "results": rows,
     }
     (directory / "results.json").write_text(json.dumps(record, indent=2))

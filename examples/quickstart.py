@@ -64,16 +64,21 @@ def make_data(args):
         both, n = {"u0": u0.astype("float32"), "u": u.astype("float32")}, args.n_train
         return {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}, grid
     options = dict(seed=args.seed, cache_dir=args.out / "data", progress=args.progress)
-    return (ds.make_dataset("train", args.n_train, "small", **options),
-            ds.make_dataset("test", args.n_test, "small", **options), ds.grid("small"))
+    return (
+        ds.make_dataset("train", args.n_train, "small", **options),
+        ds.make_dataset("test", args.n_test, "small", **options),
+        ds.grid("small"),
+    )
 
 
 def physics_loss(grid, data, u) -> float:
     """Mean physics loss (PDE residual + conditions: the training loss) of fields `u`."""
+
     def one(d, v):
         v = jnp.asarray(v, "float64")
-        return (losses.residual_loss(v, WEIGHTED, grid, d)
-                + losses.condition_loss(v, WEIGHTED, grid, d))
+        return losses.residual_loss(v, WEIGHTED, grid, d) + losses.condition_loss(
+            v, WEIGHTED, grid, d
+        )
 
     return float(jnp.mean(jax.jit(jax.vmap(one))(data, u)))
 
@@ -82,27 +87,43 @@ def run_method(kind, args, train, test, grid) -> dict:
     """Train one method, evaluate it on the held-out split, save its figure; a results row."""
     size = dict(width=8, n_layers=2, modes=3, fc_width=16) if args.tiny else {}
     method = methods.make_method(
-        kind, hcmoe.models.FNO.diffusion_sorption_small(jr.key(args.seed), **size),  # same init
-        PDE, grid, hcmoe.Partition(t=1, x=args.experts, overlap=args.overlap),
-        residual_weight=ds.T_FINAL, rows=hcmoe.Rows(points_per_expert=args.points_per_expert),
+        kind,
+        hcmoe.models.FNO.diffusion_sorption_small(jr.key(args.seed), **size),  # same init
+        PDE,
+        grid,
+        hcmoe.Partition(t=1, x=args.experts, overlap=args.overlap),
+        residual_weight=ds.T_FINAL,
+        rows=hcmoe.Rows(points_per_expert=args.points_per_expert),
         **({"coupling": hcmoe.Joint()} if kind == "moe" else {}),
     )
     print(f"\n== {method.name} ==", flush=True)
     start, test_data = time.perf_counter(), {"u0": test["u0"]}
     result = methods.train(
-        method, {"u0": train["u0"]}, steps=args.steps, batch_size=args.batch_size,
-        key=jr.key(args.seed + 1), eval_data=(test_data, test["u"]),
+        method,
+        {"u0": train["u0"]},
+        steps=args.steps,
+        batch_size=args.batch_size,
+        key=jr.key(args.seed + 1),
+        eval_data=(test_data, test["u"]),
         optimizer=training.paper_optimizer(decay_every=max(1, args.steps // 5)),
-        eval_every=max(1, args.steps // 3), run_dir=args.out / "runs" / kind, resume=False,
+        eval_every=max(1, args.steps // 3),
+        run_dir=args.out / "runs" / kind,
+        resume=False,
         progress=args.progress,
     )
     evaluation = methods.evaluate(result.model, test_data, test["u"], num_predictions=args.n_test)
-    plotting.plot_prediction(evaluation.predictions[0], test["u"][0], grid=grid,
-                             labels=result.model.labels(), title=method.name,
-                             path=args.out / f"prediction_{kind}.png")
+    plotting.plot_prediction(
+        evaluation.predictions[0],
+        test["u"][0],
+        grid=grid,
+        labels=result.model.labels(),
+        title=method.name,
+        path=args.out / f"prediction_{kind}.png",
+    )
     return methods.result_row(result.model, evaluation, result.history) | dict(
         train_seconds=time.perf_counter() - start,
-        physics_loss=physics_loss(grid, test_data, evaluation.predictions))
+        physics_loss=physics_loss(grid, test_data, evaluation.predictions),
+    )
 
 
 def main(argv=None) -> list[dict]:
@@ -113,17 +134,24 @@ def main(argv=None) -> list[dict]:
     rows = [run_method(kind, args, train, test, grid) for kind in args.methods]
     table, total = methods.results_table(rows), time.perf_counter() - start
     print(f"\nHeld-out relative L2 error ({args.n_test} trajectories), {total:.0f} s in all:")
-    print(f"{table}\nphysics loss of the reference solutions: {reference_loss:.3g}; of the "
-          "predictions: " + ", ".join(f"{r['method']} {r['physics_loss']:.3g}" for r in rows))
-    plotting.plot_method_comparison({row["method"]: row["rel_l2"] for row in rows},
-                                    title="diffusion-sorption (quickstart)",
-                                    path=args.out / "comparison.png")
+    print(
+        f"{table}\nphysics loss of the reference solutions: {reference_loss:.3g}; of the "
+        "predictions: " + ", ".join(f"{r['method']} {r['physics_loss']:.3g}" for r in rows)
+    )
+    plotting.plot_method_comparison(
+        {row["method"]: row["rel_l2"] for row in rows},
+        title="diffusion-sorption (quickstart)",
+        path=args.out / "comparison.png",
+    )
     record = dict(
         command=" ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
         machine=f"{jax.devices()[0].device_kind}, jax {jax.__version__}",
-        grid=list(grid.shape), reference_physics_loss=reference_loss, total_seconds=total,
+        grid=list(grid.shape),
+        reference_physics_loss=reference_loss,
+        total_seconds=total,
         options={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        results=rows)
+        results=rows,
+    )
     (args.out / "results.json").write_text(json.dumps(record, indent=2))
     (args.out / "results.md").write_text(table + "\n")
     print(f"figures and results in {args.out}/")

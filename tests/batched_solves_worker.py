@@ -24,8 +24,16 @@ def main():
     u0 = jnp.full((samples, grid.shape[1]), 0.1)
 
     def one(b, u):
-        return hcmoe.solve(b, pde, partition, grid, {"u0": u}, coupling="joint",
-                           key=jr.key(1), rows=hcmoe.Rows(points_per_expert=100)).u
+        return hcmoe.solve(
+            b,
+            pde,
+            partition,
+            grid,
+            {"u0": u},
+            coupling="joint",
+            key=jr.key(1),
+            rows=hcmoe.Rows(points_per_expert=100),
+        ).u
 
     solve = jax.jit(jax.vmap(one))
     for _ in range(3):

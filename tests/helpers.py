@@ -115,8 +115,9 @@ def basis_with_exact(grid, key, n_basis=5, scale=0.3):
     mesh = grid.mesh()
     t, x = jnp.asarray(mesh["t"]), jnp.asarray(mesh["x"])
     coeffs = scale * jr.normal(key, (n_basis - 1, 4))
-    others = [c[0] * jnp.sin((1 + c[1]) * 3 * x) * jnp.cos(2 * t + c[2]) + c[3] * t**3
-              for c in coeffs]
+    others = [
+        c[0] * jnp.sin((1 + c[1]) * 3 * x) * jnp.cos(2 * t + c[2]) + c[3] * t**3 for c in coeffs
+    ]
     return jnp.stack([exact_field(grid)] + others, axis=-1)
 
 
@@ -130,10 +131,12 @@ def check_blended_solve(getkey, partition, *, n_basis=5, rows=hcmoe.Rows(), **op
     ridge, which this sets; `options`: extra `hcmoe.solve` options)."""
     grid = small_grid()
     basis = basis_with_exact(grid, getkey(), n_basis=n_basis)
-    tight = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12), max_steps=100,
-                 rows=dataclasses.replace(rows, ridge=0.0))
-    sol = hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid),
-                      **tight, **options)
+    tight = dict(
+        solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12),
+        max_steps=100,
+        rows=dataclasses.replace(rows, ridge=0.0),
+    )
+    sol = hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid), **tight, **options)
     assert bool(jnp.all(sol.stats.converged))
     np.testing.assert_allclose(sol.u, exact_field(grid), atol=1e-8)
 
@@ -142,12 +145,17 @@ def check_blended_solve(getkey, partition, *, n_basis=5, rows=hcmoe.Rows(), **op
     # A ridge that pins the minimiser down: with 1e-3 this noisy basis leaves a valley so flat
     # that where LM stops in it (1e-8 in u, depending on the path: measured with
     # initial_damping 1e-6) spoils a 1e-5 finite difference; the gradient itself agreed.
-    loose = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-13, atol=1e-13), max_steps=200,
-                 rows=dataclasses.replace(rows, ridge=1e-2))
+    loose = dict(
+        solver=hcmoe.LevenbergMarquardt(rtol=1e-13, atol=1e-13),
+        max_steps=200,
+        rows=dataclasses.replace(rows, ridge=1e-2),
+    )
 
     def loss(b):
-        return jnp.sum(hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid),
-                                   **loose, **options).u * readout)
+        return jnp.sum(
+            hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid), **loose, **options).u
+            * readout
+        )
 
     direction = jr.normal(getkey(), basis.shape)
     grad = jax.grad(loss)(noisy)

@@ -44,8 +44,9 @@ def results(mesh, batch_mesh) -> dict[str, np.ndarray]:
         sol = hcmoe.solve(b, pde, partition, grid, data, coupling=hcmoe.Independent(mesh=mesh))
         return jnp.sum(sol.u**2) + jnp.sum(sol.weights**2), sol
 
-    model = hcmoe.constrain(lambda s, x: s * x, pde, partition, grid=grid,
-                            coupling=hcmoe.Independent(mesh=batch_mesh))
+    model = hcmoe.constrain(
+        lambda s, x: s * x, pde, partition, grid=grid, coupling=hcmoe.Independent(mesh=batch_mesh)
+    )
 
     def batch_loss(scale):
         sol = model(scale, bases, batch_data)
@@ -53,8 +54,14 @@ def results(mesh, batch_mesh) -> dict[str, np.ndarray]:
 
     (_, sol), grad = jax.jit(jax.value_and_grad(solve_loss, has_aux=True))(basis)
     (_, batch_sol), batch_grad = jax.jit(jax.value_and_grad(batch_loss, has_aux=True))(1.2)
-    out = dict(u=sol.u, weights=sol.weights, grad=grad, batch_u=batch_sol.u,
-               batch_weights=batch_sol.weights, batch_grad=batch_grad)
+    out = dict(
+        u=sol.u,
+        weights=sol.weights,
+        grad=grad,
+        batch_u=batch_sol.u,
+        batch_weights=batch_sol.weights,
+        batch_grad=batch_grad,
+    )
     return {name: _fetch(value) for name, value in out.items()}
 
 
@@ -62,8 +69,12 @@ def main(process_id: int, num_processes: int, port: int, path: str):
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id,
-        initialization_timeout=60, heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30,
+        f"127.0.0.1:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=60,
+        heartbeat_timeout_seconds=30,
+        shutdown_timeout_seconds=30,
     )
     assert jax.process_count() == num_processes
     assert jax.device_count() == num_processes * jax.local_device_count()

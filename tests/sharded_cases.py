@@ -46,8 +46,9 @@ def _value_and_grad(pde, partition, grid, mesh, readout):
     """jit(value_and_grad) of a loss reading both `u` and the per-expert `weights`."""
 
     def loss(basis):
-        sol = hcmoe.solve(basis, pde, partition, grid, data_for(grid),
-                          coupling=hcmoe.Independent(mesh=mesh))
+        sol = hcmoe.solve(
+            basis, pde, partition, grid, data_for(grid), coupling=hcmoe.Independent(mesh=mesh)
+        )
         return jnp.sum(sol.u * readout) + jnp.sum(sol.weights**2), sol
 
     return jax.jit(jax.value_and_grad(loss, has_aux=True))
@@ -131,8 +132,12 @@ def test_batch_by_experts_mesh(getkey, batch_size, num_experts, mesh_shape):
 
     def loss(scale, mesh):
         model = hcmoe.constrain(
-            lambda s, x: s * x, ForcedHeat(), hcmoe.Partition(x=num_experts), grid=grid,
-            rows=hcmoe.Rows(points_per_expert=12), coupling=hcmoe.Independent(mesh=mesh),
+            lambda s, x: s * x,
+            ForcedHeat(),
+            hcmoe.Partition(x=num_experts),
+            grid=grid,
+            rows=hcmoe.Rows(points_per_expert=12),
+            coupling=hcmoe.Independent(mesh=mesh),
         )
         sol = model(scale, bases, data, key=key)
         return jnp.sum(sol.u * readout) + jnp.sum(sol.weights**2), sol
@@ -160,9 +165,15 @@ def test_sharded_blended_moe_equals_unsharded(getkey):
 
     def run(mesh):
         def loss(basis):
-            sol = hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid),
-                              rows=hcmoe.Rows(condition_scope="global"),
-                              coupling=hcmoe.Independent(mesh=mesh))
+            sol = hcmoe.solve(
+                basis,
+                ForcedBurgers(),
+                partition,
+                grid,
+                data_for(grid),
+                rows=hcmoe.Rows(condition_scope="global"),
+                coupling=hcmoe.Independent(mesh=mesh),
+            )
             return jnp.sum(sol.u * readout) + jnp.sum(sol.weights**2), sol
 
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(basis)

@@ -55,22 +55,29 @@ def _readout_loss(pde, partition, grid, data_fn, readout, **options):
 
 @pytest.mark.parametrize(
     "blocks, schedule, ridge_toward",
-    [(dict(), "auto", "zero"), (dict(x=2), "map", "zero"), (dict(x=2, t=2), "vmap", "zero"),
-     (dict(x=2), "map", "init")],
+    [
+        (dict(), "auto", "zero"),
+        (dict(x=2), "map", "zero"),
+        (dict(x=2, t=2), "vmap", "zero"),
+        (dict(x=2), "map", "init"),
+    ],
     ids=["one-expert", "map", "vmap-4", "ridge-init"],
 )
 def test_matches_optimistix_adjoint_for_basis_and_data(getkey, blocks, schedule, ridge_toward):
     grid, basis, data = _burgers_case(getkey)
     readout = jr.normal(getkey(), grid.shape)
     u0 = data["u0"]
-    common = dict(**TIGHT, rows=hcmoe.Rows(ridge=1e-2, ridge_toward=ridge_toward),
-                  coupling=hcmoe.Independent(schedule=schedule),
-                  init=jnp.linspace(0.5, 1.5, basis.shape[-1]))
+    common = dict(
+        **TIGHT,
+        rows=hcmoe.Rows(ridge=1e-2, ridge_toward=ridge_toward),
+        coupling=hcmoe.Independent(schedule=schedule),
+        init=jnp.linspace(0.5, 1.5, basis.shape[-1]),
+    )
     partition = hcmoe.Partition(**blocks)
-    new = _readout_loss(ForcedBurgers(), partition, grid, lambda x: {"u0": x}, readout,
-                        **common)
-    old = _readout_loss(ForcedBurgers(), partition, grid, lambda x: {"u0": x}, readout,
-                        adjoint=OPTIMISTIX, **common)
+    new = _readout_loss(ForcedBurgers(), partition, grid, lambda x: {"u0": x}, readout, **common)
+    old = _readout_loss(
+        ForcedBurgers(), partition, grid, lambda x: {"u0": x}, readout, adjoint=OPTIMISTIX, **common
+    )
     grads_new = jax.grad(new, argnums=(0, 1))(basis, u0)
     grads_old = jax.grad(old, argnums=(0, 1))(basis, u0)
     for g_new, g_old in zip(grads_new, grads_old):
@@ -88,17 +95,36 @@ def test_matches_finite_differences_in_a_pde_parameter(getkey):
     readout = jr.normal(getkey(), grid.shape)
 
     def loss(nu):
-        sol = hcmoe.solve(basis, ForcedBurgers(nu=nu), hcmoe.Partition(x=2), grid, data,
-                          **TIGHT, rows=hcmoe.Rows(ridge=1e-2))
+        sol = hcmoe.solve(
+            basis,
+            ForcedBurgers(nu=nu),
+            hcmoe.Partition(x=2),
+            grid,
+            data,
+            **TIGHT,
+            rows=hcmoe.Rows(ridge=1e-2),
+        )
         return jnp.sum(sol.u * readout)
 
     nu = jnp.asarray(0.1)
     analytic = jax.grad(loss)(nu)
     numeric = finite_difference_jvp(loss, nu, jnp.asarray(1.0), eps=1e-5)
     assert abs(float(analytic - numeric)) <= 1e-6 * (1 + abs(float(numeric)))
-    old = jax.grad(lambda nu: jnp.sum(hcmoe.solve(
-        basis, ForcedBurgers(nu=nu), hcmoe.Partition(x=2), grid, data, **TIGHT,
-        rows=hcmoe.Rows(ridge=1e-2), adjoint=OPTIMISTIX).u * readout))(nu)
+    old = jax.grad(
+        lambda nu: jnp.sum(
+            hcmoe.solve(
+                basis,
+                ForcedBurgers(nu=nu),
+                hcmoe.Partition(x=2),
+                grid,
+                data,
+                **TIGHT,
+                rows=hcmoe.Rows(ridge=1e-2),
+                adjoint=OPTIMISTIX,
+            ).u
+            * readout
+        )
+    )(nu)
     assert abs(float(analytic - old)) <= 1e-8 * (1 + abs(float(old)))
 
 
@@ -117,13 +143,29 @@ def test_diffusion_sorption_exact_initial_condition_and_robin_boundary(getkey):
     key = getkey()
 
     def loss(basis, adjoint=None):
-        sol = hcmoe.solve(basis, pde, hcmoe.Partition(x=4), grid, data, key=key,
-                          rows=hcmoe.Rows(points_per_expert=20, ridge=1e-2), **TIGHT,
-                          adjoint=adjoint)
+        sol = hcmoe.solve(
+            basis,
+            pde,
+            hcmoe.Partition(x=4),
+            grid,
+            data,
+            key=key,
+            rows=hcmoe.Rows(points_per_expert=20, ridge=1e-2),
+            **TIGHT,
+            adjoint=adjoint,
+        )
         return jnp.sum(sol.u * readout)
 
-    sol = hcmoe.solve(basis, pde, hcmoe.Partition(x=4), grid, data, key=key,
-                      rows=hcmoe.Rows(points_per_expert=20, ridge=1e-2), **TIGHT)
+    sol = hcmoe.solve(
+        basis,
+        pde,
+        hcmoe.Partition(x=4),
+        grid,
+        data,
+        key=key,
+        rows=hcmoe.Rows(points_per_expert=20, ridge=1e-2),
+        **TIGHT,
+    )
     assert bool(jnp.all(sol.stats.converged))
     grad = jax.grad(loss)(basis)
     assert _relative(grad, jax.grad(lambda b: loss(b, OPTIMISTIX))(basis)) < 1e-8
@@ -149,8 +191,17 @@ def test_navier_stokes_spectral_operators_and_joint_coupling(getkey):
     readout = jr.normal(getkey(), grid.shape)
 
     def loss(basis, adjoint, **options):
-        sol = hcmoe.solve(basis, pde, hcmoe.Partition(x=2, overlap=0.25), grid, {"w0": w0},
-                          **TIGHT, rows=hcmoe.Rows(ridge=1e-2), adjoint=adjoint, **options)
+        sol = hcmoe.solve(
+            basis,
+            pde,
+            hcmoe.Partition(x=2, overlap=0.25),
+            grid,
+            {"w0": w0},
+            **TIGHT,
+            rows=hcmoe.Rows(ridge=1e-2),
+            adjoint=adjoint,
+            **options,
+        )
         return jnp.sum(sol.u * readout)
 
     for options in (dict(), dict(coupling="joint")):
@@ -165,8 +216,16 @@ def test_jit_and_vmap_over_a_batch(getkey):
     readout = jr.normal(getkey(), grid.shape)
 
     def loss(basis, adjoint=None):
-        sol = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data, **TIGHT,
-                          rows=hcmoe.Rows(ridge=1e-2), adjoint=adjoint)
+        sol = hcmoe.solve(
+            basis,
+            ForcedBurgers(),
+            hcmoe.Partition(x=2),
+            grid,
+            data,
+            **TIGHT,
+            rows=hcmoe.Rows(ridge=1e-2),
+            adjoint=adjoint,
+        )
         return jnp.sum(sol.u * readout)
 
     new = jax.jit(jax.vmap(jax.grad(loss)))(batch)
@@ -180,8 +239,15 @@ def test_diagnostics_keep_their_gradient(getkey):
     grid, basis, data = _burgers_case(getkey)
 
     def norm(basis):
-        sol = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data, **TIGHT,
-                          rows=hcmoe.Rows(ridge=1e-2))
+        sol = hcmoe.solve(
+            basis,
+            ForcedBurgers(),
+            hcmoe.Partition(x=2),
+            grid,
+            data,
+            **TIGHT,
+            rows=hcmoe.Rows(ridge=1e-2),
+        )
         return jnp.sum(sol.stats.residual_norm)
 
     direction = jr.normal(getkey(), basis.shape)
@@ -199,10 +265,18 @@ def test_product_tangents_match_the_plain_products(getkey, per_expert):
     from hcmoe import _adjoint
 
     basis, weights, fields = (jr.normal(getkey(), s) for s in ((50, 6), (4, 6), (50, 4)))
-    cases = [(lambda t, w: _adjoint._fields_product(t, w, per_expert), lambda t, w: t @ w.T,
-              (basis, weights)),
-             (lambda f, t: _adjoint._transpose_product(f, t, per_expert), lambda f, t: f.T @ t,
-              (fields, basis))]
+    cases = [
+        (
+            lambda t, w: _adjoint._fields_product(t, w, per_expert),
+            lambda t, w: t @ w.T,
+            (basis, weights),
+        ),
+        (
+            lambda f, t: _adjoint._transpose_product(f, t, per_expert),
+            lambda f, t: f.T @ t,
+            (fields, basis),
+        ),
+    ]
     for custom, plain, args in cases:
         tangents = tuple(jr.normal(getkey(), a.shape) for a in args)
         out, tangent = jax.jvp(custom, args, tangents)
@@ -210,8 +284,9 @@ def test_product_tangents_match_the_plain_products(getkey, per_expert):
         assert _relative(out, expected) < 1e-14
         assert _relative(tangent, expected_tangent) < 1e-14
         cotangent = jr.normal(getkey(), out.shape)
-        for got, want in zip(jax.vjp(custom, *args)[1](cotangent),
-                             jax.vjp(plain, *args)[1](cotangent)):
+        for got, want in zip(
+            jax.vjp(custom, *args)[1](cotangent), jax.vjp(plain, *args)[1](cotangent)
+        ):
             assert _relative(got, want) < 1e-14
 
 
@@ -226,17 +301,27 @@ def test_per_expert_products_only_for_few_experts_and_local_or_spectral_operator
 
     class Opaque(ForcedBurgers):
         def operators(self):
-            return {**super().operators(), "u_t": ops.Linear(
-                lambda f, g: jnp.gradient(f, g.spacing("t"), axis=g.axis("t")))}
+            return {
+                **super().operators(),
+                "u_t": ops.Linear(lambda f, g: jnp.gradient(f, g.spacing("t"), axis=g.axis("t"))),
+            }
 
     ns_grid = ns.make_grid(nt=4, n=8)
     ns_data = {"w0": ns.sample_initial_conditions(getkey(), 1, ns_grid)[0]}
     ns_basis = jr.normal(getkey(), ns_grid.shape + (3,))
-    cases = [(ForcedBurgers(), grid, basis, data, hcmoe.Partition(x=2), True),
-             (ns.NavierStokes(), ns_grid, ns_basis, ns_data, hcmoe.Partition(x=2), True),
-             (Opaque(), grid, basis, data, hcmoe.Partition(x=2), False),
-             (ForcedBurgers(), hcmoe.uniform_grid(t=(0.0, 1.0, 7), x=(0.0, 1.0, 40)),
-              None, None, hcmoe.Partition(x=20), False)]
+    cases = [
+        (ForcedBurgers(), grid, basis, data, hcmoe.Partition(x=2), True),
+        (ns.NavierStokes(), ns_grid, ns_basis, ns_data, hcmoe.Partition(x=2), True),
+        (Opaque(), grid, basis, data, hcmoe.Partition(x=2), False),
+        (
+            ForcedBurgers(),
+            hcmoe.uniform_grid(t=(0.0, 1.0, 7), x=(0.0, 1.0, 40)),
+            None,
+            None,
+            hcmoe.Partition(x=20),
+            False,
+        ),
+    ]
     for pde, grid_, basis_, data_, partition, expected in cases:
         if basis_ is None:
             basis_ = jr.normal(getkey(), grid_.shape + (3,))
@@ -252,8 +337,15 @@ def test_gradient_is_the_same_with_either_product_form(getkey, monkeypatch):
 
     grid, basis, data = _burgers_case(getkey)
     readout = jr.normal(getkey(), grid.shape)
-    loss = _readout_loss(ForcedBurgers(), hcmoe.Partition(x=2, t=2), grid,
-                         lambda x: {"u0": x}, readout, **TIGHT, rows=hcmoe.Rows(ridge=1e-2))
+    loss = _readout_loss(
+        ForcedBurgers(),
+        hcmoe.Partition(x=2, t=2),
+        grid,
+        lambda x: {"u0": x},
+        readout,
+        **TIGHT,
+        rows=hcmoe.Rows(ridge=1e-2),
+    )
     per_expert = jax.grad(loss, argnums=(0, 1))(basis, data["u0"])
     monkeypatch.setattr(_adjoint, "_UNROLL_MAX", 0)
     jax.clear_caches()  # `hcmoe.solve` is jitted: retrace it with the other form
@@ -271,8 +363,13 @@ def _hessian_cases(getkey):
     yield "ds", pde, grid, ds_basis, ds_data
     ns_grid = ns.make_grid(nt=4, n=8)
     w0 = ns.sample_initial_conditions(getkey(), 1, ns_grid)[0]
-    yield "ns", ns.NavierStokes(), ns_grid, 0.1 * jr.normal(getkey(), ns_grid.shape + (3,)), {
-        "w0": w0}
+    yield (
+        "ns",
+        ns.NavierStokes(),
+        ns_grid,
+        0.1 * jr.normal(getkey(), ns_grid.shape + (3,)),
+        {"w0": w0},
+    )
     b_grid, b_basis, b_data = _burgers_case(getkey)
     yield "burgers", ForcedBurgers(), b_grid, b_basis, b_data
 
@@ -286,8 +383,7 @@ def test_stack_hessian_equals_jax_hessian(getkey):
     from hcmoe._rows import build_problems
 
     for name, pde, grid, basis, data in _hessian_cases(getkey):
-        problems, _, _ = build_problems(basis, pde, grid, data, hcmoe.Partition(x=2), 12,
-                                        getkey())
+        problems, _, _ = build_problems(basis, pde, grid, data, hcmoe.Partition(x=2), 12, getkey())
         problem = jax.tree.map(lambda a: a[1] if isinstance(a, jax.Array) else a, problems)
         w = jr.normal(getkey(), (basis.shape[-1],))
 

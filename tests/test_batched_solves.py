@@ -21,11 +21,14 @@ def test_vmapped_joint_solve_over_64_samples_finishes():
     """With jaxlib 0.10.2 this hung every time (both pool threads blocked in batched Cholesky
     kernels); it must run to the end with the jaxlib that hcmoe requires."""
     try:
-        result = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True,
-                                timeout=TIMEOUT_S)
+        result = subprocess.run(
+            [sys.executable, str(WORKER)], capture_output=True, text=True, timeout=TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
-        pytest.fail(f"a vmapped solve over 64 samples did not finish in {TIMEOUT_S} s: "
-                    "the jaxlib CPU LAPACK hang (see hcmoe._jaxlib_check)")
+        pytest.fail(
+            f"a vmapped solve over 64 samples did not finish in {TIMEOUT_S} s: "
+            "the jaxlib CPU LAPACK hang (see hcmoe._jaxlib_check)"
+        )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("done")
 
@@ -36,10 +39,18 @@ def test_hang_prone_releases_are_named(version):
     assert message is not None and version in message and "0.9.2" in message
 
 
-@pytest.mark.parametrize("version, backend", [
-    ("0.9.2", "cpu"), ("0.11.1", "cpu"), ("0.12.0", "cpu"), ("0.6.0", "cpu"),
-    ("0.10.2", "gpu"), ("0.10.2.dev20260101", "tpu"), ("unknown", "cpu"),
-])
+@pytest.mark.parametrize(
+    "version, backend",
+    [
+        ("0.9.2", "cpu"),
+        ("0.11.1", "cpu"),
+        ("0.12.0", "cpu"),
+        ("0.6.0", "cpu"),
+        ("0.10.2", "gpu"),
+        ("0.10.2.dev20260101", "tpu"),
+        ("unknown", "cpu"),
+    ],
+)
 def test_other_releases_and_backends_are_not(version, backend):
     assert _jaxlib_check.hang_message(version, backend) is None
 

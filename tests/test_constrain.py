@@ -118,8 +118,10 @@ def test_function_wrapper_trains(getkey):
     def backbone(params, x):
         return _reshape(jnp.tanh(x @ params["w1"]) @ params["w2"])
 
-    params = {"w1": jr.normal(getkey(), (FEATURES, 16)),
-              "w2": 0.25 * jr.normal(getkey(), (16, GRID.size * N_BASIS))}
+    params = {
+        "w1": jr.normal(getkey(), (FEATURES, 16)),
+        "w2": 0.25 * jr.normal(getkey(), (16, GRID.size * N_BASIS)),
+    }
     model = hcmoe.constrain(backbone, ForcedHeat(), PARTITION, grid=GRID)
     x, data = jr.normal(getkey(), (FEATURES,)), data_for(GRID)
     optim = optax.adam(3e-2)
@@ -161,8 +163,9 @@ def test_call_time_grid_override(getkey):
             t, x = jnp.asarray(mesh["t"]), jnp.asarray(mesh["x"])
             return jnp.stack([exact_field(grid), jnp.sin(3 * x) * t, x * t**2], -1)
 
-    model = hcmoe.constrain(AnyGrid(), ForcedHeat(), PARTITION, grid=GRID,
-                            rows=hcmoe.Rows(ridge=0.0))
+    model = hcmoe.constrain(
+        AnyGrid(), ForcedHeat(), PARTITION, grid=GRID, rows=hcmoe.Rows(ridge=0.0)
+    )
     coarse_sol = model(GRID, data_for(GRID))
     fine_sol = model(fine, data_for(fine), grid=fine)
     assert fine_sol.u.shape == fine.shape
@@ -173,16 +176,24 @@ def test_call_time_grid_override(getkey):
 def test_constrain_rejects_bad_configuration(getkey):
     with pytest.raises(ValueError, match="unknown option"):
         hcmoe.constrain(EqxBackbone(getkey()), ForcedHeat(), PARTITION, grid=GRID, tol=1e-3)
-    with pytest.raises(ValueError, match=r"constrain: the option 'ridge' moved in hcmoe 0\.2: "
-                                         r"pass rows=hcmoe\.Rows\(ridge=\.\.\.\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"constrain: the option 'ridge' moved in hcmoe 0\.2: "
+        r"pass rows=hcmoe\.Rows\(ridge=\.\.\.\)",
+    ):
         hcmoe.constrain(EqxBackbone(getkey()), ForcedHeat(), PARTITION, grid=GRID, ridge=0.0)
-    with pytest.raises(ValueError, match=r"constrain: rows: expected an hcmoe\.Rows\(\.\.\.\); "
-                                         "got dict"):
-        hcmoe.constrain(EqxBackbone(getkey()), ForcedHeat(), PARTITION, grid=GRID,
-                        rows={"ridge": 0.0})
+    with pytest.raises(
+        ValueError,
+        match=r"constrain: rows: expected an hcmoe\.Rows\(\.\.\.\); "
+        "got dict",
+    ):
+        hcmoe.constrain(
+            EqxBackbone(getkey()), ForcedHeat(), PARTITION, grid=GRID, rows={"ridge": 0.0}
+        )
     with pytest.raises(ValueError, match="coupling: expected hcmoe.Independent"):
-        hcmoe.constrain(EqxBackbone(getkey()), ForcedHeat(), PARTITION, grid=GRID,
-                        coupling="joints")
+        hcmoe.constrain(
+            EqxBackbone(getkey()), ForcedHeat(), PARTITION, grid=GRID, coupling="joints"
+        )
     with pytest.raises(ValueError, match="pde: expected an hcmoe.AbstractPDE"):
         hcmoe.constrain(EqxBackbone(getkey()), "heat", PARTITION, grid=GRID)
     with pytest.raises(ValueError, match="unknown axis 'y'"):

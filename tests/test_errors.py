@@ -23,8 +23,9 @@ def test_basis_shape_must_match_grid(getkey):
     with pytest.raises(ValueError, match=r"got \(6, 7\)"):
         hcmoe.solve(jnp.zeros(GRID.shape), ForcedHeat(), None, GRID, data_for(GRID))
     with pytest.raises(ValueError, match="floating-point"):
-        hcmoe.solve(jnp.zeros(GRID.shape + (2,), jnp.int32), ForcedHeat(), None, GRID,
-                    data_for(GRID))
+        hcmoe.solve(
+            jnp.zeros(GRID.shape + (2,), jnp.int32), ForcedHeat(), None, GRID, data_for(GRID)
+        )
 
 
 def test_errors_raise_under_jit_and_vmap(getkey):
@@ -50,11 +51,11 @@ def test_more_experts_than_points(getkey):
 
 def test_bad_label_arrays(getkey):
     with pytest.raises(ValueError, match="does not match the grid shape"):
-        hcmoe.solve(_basis(getkey()), ForcedHeat(), np.zeros((3, 3), np.int32), GRID,
-                    data_for(GRID))
+        hcmoe.solve(
+            _basis(getkey()), ForcedHeat(), np.zeros((3, 3), np.int32), GRID, data_for(GRID)
+        )
     with pytest.raises(ValueError, match=r"experts \[0, 1\] own no point"):
-        hcmoe.solve(_basis(getkey()), ForcedHeat(), np.full(GRID.shape, 2), GRID,
-                    data_for(GRID))
+        hcmoe.solve(_basis(getkey()), ForcedHeat(), np.full(GRID.shape, 2), GRID, data_for(GRID))
     with pytest.raises(ValueError, match="must hold integers"):
         hcmoe.LabelPartition(np.zeros(GRID.shape))
 
@@ -74,17 +75,35 @@ def test_condition_target_of_wrong_shape(getkey):
 
 def test_sampling_needs_a_key_and_positive_points(getkey):
     with pytest.raises(ValueError, match="key: points_per_expert=5 samples points"):
-        hcmoe.solve(_basis(getkey()), ForcedHeat(), None, GRID, data_for(GRID),
-                    rows=hcmoe.Rows(points_per_expert=5))
+        hcmoe.solve(
+            _basis(getkey()),
+            ForcedHeat(),
+            None,
+            GRID,
+            data_for(GRID),
+            rows=hcmoe.Rows(points_per_expert=5),
+        )
     with pytest.raises(ValueError, match="points_per_expert: expected a positive int"):
-        hcmoe.solve(_basis(getkey()), ForcedHeat(), None, GRID, data_for(GRID),
-                    rows=hcmoe.Rows(points_per_expert=0))
+        hcmoe.solve(
+            _basis(getkey()),
+            ForcedHeat(),
+            None,
+            GRID,
+            data_for(GRID),
+            rows=hcmoe.Rows(points_per_expert=0),
+        )
 
 
 def test_init_shape(getkey):
     with pytest.raises(ValueError, match=r"init: expected shape \(3,\) or \(2, 3\)"):
-        hcmoe.solve(_basis(getkey()), ForcedHeat(), hcmoe.Partition(x=2), GRID, data_for(GRID),
-                    init=jnp.ones(4))
+        hcmoe.solve(
+            _basis(getkey()),
+            ForcedHeat(),
+            hcmoe.Partition(x=2),
+            GRID,
+            data_for(GRID),
+            init=jnp.ones(4),
+        )
 
 
 def test_float64_requested_with_x64_off(getkey, monkeypatch):
@@ -95,8 +114,9 @@ def test_float64_requested_with_x64_off(getkey, monkeypatch):
     jax.config.update("jax_enable_x64", False)
     try:
         with pytest.raises(ValueError, match="jax_enable_x64"):
-            hcmoe.solve(jnp.asarray(basis), ForcedHeat(), None, GRID, data_for(GRID),
-                        precision="float64")
+            hcmoe.solve(
+                jnp.asarray(basis), ForcedHeat(), None, GRID, data_for(GRID), precision="float64"
+            )
         # the default falls back to float32 (and says so, hcmoe 0.2) and still solves
         data = {"u0": jnp.asarray(np.asarray(data_for(GRID)["u0"]), jnp.float32)}
         with pytest.warns(hcmoe.PrecisionWarning, match="64-bit JAX is off"):
@@ -105,8 +125,7 @@ def test_float64_requested_with_x64_off(getkey, monkeypatch):
     finally:
         jax.config.update("jax_enable_x64", True)
     with pytest.raises(ValueError, match="precision: expected one of"):
-        hcmoe.solve(_basis(getkey()), ForcedHeat(), None, GRID, data_for(GRID),
-                    precision="bf16")
+        hcmoe.solve(_basis(getkey()), ForcedHeat(), None, GRID, data_for(GRID), precision="bf16")
 
 
 def test_non_finite_basis_is_an_error_not_a_silent_nan(getkey):
@@ -118,8 +137,10 @@ def test_non_finite_basis_is_an_error_not_a_silent_nan(getkey):
         jax.block_until_ready(fn(basis))
     # Also when only the weights are used (the check sits on them, not on `u` alone).
     fn = eqx.filter_jit(
-        lambda b: hcmoe.solve(b, ForcedBurgers(), hcmoe.Partition(x=2), GRID,
-                              data_for(GRID)).weights)
+        lambda b: (
+            hcmoe.solve(b, ForcedBurgers(), hcmoe.Partition(x=2), GRID, data_for(GRID)).weights
+        )
+    )
     with pytest.raises(Exception, match="basis contains NaN or inf"):
         jax.block_until_ready(fn(basis))
 
@@ -140,6 +161,7 @@ def test_operator_validation():
         hcmoe.ops.FiniteDifference("x", accuracy=3)
     with pytest.raises(ValueError, match="needs 7 points along the axis; the grid has 4"):
         hcmoe.ops.FiniteDifference("x", order=2, accuracy=6)(
-            jnp.zeros(4), hcmoe.uniform_grid(x=(0, 1, 4)))
+            jnp.zeros(4), hcmoe.uniform_grid(x=(0, 1, 4))
+        )
     with pytest.raises(TypeError, match="expected an hcmoe operator"):
         hcmoe.ops.Identity() + 1.0

@@ -73,18 +73,40 @@ def test_navier_stokes_runs_with_other_solve_settings_get_their_own_directory(tm
     example = _load("navier_stokes")
     names = {
         example.run_directory(example.parse_args(["--out", str(tmp_path), *flags])).name
-        for flags in ([], ["--scale", "1"], ["--ridge", "0.02"], ["--ridge-toward", "init"],
-                      ["--scale", "1", "--ridge", "0.02", "--ridge-toward", "init"],
-                      ["--train-n-xy", "64"], ["--backbone", "small"], ["--backbone", "wide"],
-                      ["--seed", "0"], ["--seed", "2"], ["--backbone", "small", "--seed", "1"],
-                      ["--backbone", "wide16"], ["--initial-damping", "1"],
-                      ["--termination", "cauchy"], ["--experts", "1x2x1"],
-                      ["--experts", "1x2x2"])
+        for flags in (
+            [],
+            ["--scale", "1"],
+            ["--ridge", "0.02"],
+            ["--ridge-toward", "init"],
+            ["--scale", "1", "--ridge", "0.02", "--ridge-toward", "init"],
+            ["--train-n-xy", "64"],
+            ["--backbone", "small"],
+            ["--backbone", "wide"],
+            ["--seed", "0"],
+            ["--seed", "2"],
+            ["--backbone", "small", "--seed", "1"],
+            ["--backbone", "wide16"],
+            ["--initial-damping", "1"],
+            ["--termination", "cauchy"],
+            ["--experts", "1x2x1"],
+            ["--experts", "1x2x2"],
+        )
     }
-    assert names == {"small", "small_scale1", "small_ridge0.02", "small_towardinit",
-                     "small_scale1_ridge0.02_towardinit", "small_train64", "small_backbonesmall",
-                     "small_seed2", "small_backbonesmall_seed1", "small_backbonewide16",
-                     "small_lambda01", "small_stopcauchy", "small_experts1x2x2"}
+    assert names == {
+        "small",
+        "small_scale1",
+        "small_ridge0.02",
+        "small_towardinit",
+        "small_scale1_ridge0.02_towardinit",
+        "small_train64",
+        "small_backbonesmall",
+        "small_seed2",
+        "small_backbonesmall_seed1",
+        "small_backbonewide16",
+        "small_lambda01",
+        "small_stopcauchy",
+        "small_experts1x2x2",
+    }
     # PI-SC has no solve: the old solver's start does not retrain it.
     args = example.parse_args(["--out", str(tmp_path), "--initial-damping", "1"])
     assert example.run_directory(args, "sc").name == "small"
@@ -92,17 +114,24 @@ def test_navier_stokes_runs_with_other_solve_settings_get_their_own_directory(tm
 
 def test_navier_stokes_paths_must_be_directories(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    _rejects(_load("navier_stokes").main, ["--data-dir", str(tmp_path / "file")],
-             "--data-dir: expected a directory", capsys)
+    _rejects(
+        _load("navier_stokes").main,
+        ["--data-dir", str(tmp_path / "file")],
+        "--data-dir: expected a directory",
+        capsys,
+    )
 
 
 def test_custom_pde_flags(tmp_path, capsys):
     example = _load("custom_pde")
-    _rejects(example.main, ["--steps", "-5", "--out", str(tmp_path)],
-             "--steps: expected a positive integer; got -5", capsys)
+    _rejects(
+        example.main,
+        ["--steps", "-5", "--out", str(tmp_path)],
+        "--steps: expected a positive integer; got -5",
+        capsys,
+    )
     (tmp_path / "file").write_text("")
-    _rejects(example.main, ["--out", str(tmp_path / "file")], "--out: expected a directory",
-             capsys)
+    _rejects(example.main, ["--out", str(tmp_path / "file")], "--out: expected a directory", capsys)
 
 
 def test_diffusion_sorption_seeds_get_their_own_directory(tmp_path):
@@ -115,17 +144,27 @@ def test_diffusion_sorption_seeds_get_their_own_directory(tmp_path):
     assert names == ["small", "small_seed1", "small_extrapolate_seed2"]
     # PI-SC and PI-HC share runs across the experts' coupling, PI-SC and PI-HC-MoE across
     # PI-HC's --total-points; the comparison lives where every setting is named.
-    args = example.parse_args(["--out", str(tmp_path), "--coupling", "independent",
-                               "--total-points", "--seed", "1"])
+    args = example.parse_args(
+        ["--out", str(tmp_path), "--coupling", "independent", "--total-points", "--seed", "1"]
+    )
     assert {kind: example.run_directory(args, kind).name for kind in ("sc", "hc", "moe")} == {
-        "sc": "small_seed1", "hc": "small_totalpoints_seed1", "moe": "small_independent_seed1"}
+        "sc": "small_seed1",
+        "hc": "small_totalpoints_seed1",
+        "moe": "small_independent_seed1",
+    }
     assert example.run_directory(args).name == "small_independent_totalpoints_seed1"
     damped = example.parse_args(["--out", str(tmp_path), "--initial-damping", "1"])
     assert {kind: example.run_directory(damped, kind).name for kind in ("sc", "hc", "moe")} == {
-        "sc": "small", "hc": "small_lambda01", "moe": "small_lambda01"}
+        "sc": "small",
+        "hc": "small_lambda01",
+        "moe": "small_lambda01",
+    }
     cauchy = example.parse_args(["--out", str(tmp_path), "--termination", "cauchy"])
     assert {kind: example.run_directory(cauchy, kind).name for kind in ("sc", "hc", "moe")} == {
-        "sc": "small", "hc": "small_stopcauchy", "moe": "small_stopcauchy"}
+        "sc": "small",
+        "hc": "small_stopcauchy",
+        "moe": "small_stopcauchy",
+    }
     assert example.run_settings(args, "hc")["total_points"] is True
     assert "coupling" not in example.run_settings(args, "sc")
 
@@ -139,28 +178,54 @@ def test_diffusion_sorption_research_flags_get_their_own_directory(tmp_path):
 
     # The formulation's pieces shape every method's problem (and PI-SC's loss).
     assert names("--ic-weight", "2", "--no-exact-ic") == dict.fromkeys(
-        ("sc", "hc", "moe"), "small_noexactic_icweight2")
-    assert names("--scope", "owned", "--boundary", "cell", "--time-derivative", "backward",
-                 "--initial-layer", "5") == dict.fromkeys(
-        ("sc", "hc", "moe"), "small_scopeowned_initiallayer5_boundarycell_timederivativebackward")
+        ("sc", "hc", "moe"), "small_noexactic_icweight2"
+    )
+    assert names(
+        "--scope",
+        "owned",
+        "--boundary",
+        "cell",
+        "--time-derivative",
+        "backward",
+        "--initial-layer",
+        "5",
+    ) == dict.fromkeys(
+        ("sc", "hc", "moe"), "small_scopeowned_initiallayer5_boundarycell_timederivativebackward"
+    )
     assert names("--decay-every", "60") == dict.fromkeys(("sc", "hc", "moe"), "small_decay60")
     # The solves' settings: PI-SC solves nothing and keeps its run.
     assert names("--ridge", "0.001", "--max-steps", "100", "--warm-start", "--balance", "sum") == {
-        "sc": "small", "hc": "small_balancesum_ridge0.001_maxsteps100_warmstart",
-        "moe": "small_balancesum_ridge0.001_maxsteps100_warmstart"}
+        "sc": "small",
+        "hc": "small_balancesum_ridge0.001_maxsteps100_warmstart",
+        "moe": "small_balancesum_ridge0.001_maxsteps100_warmstart",
+    }
     # A flag at the formulation's or the library's value is the default run (its checkpoints
     # resume); --formulation paper's balance is sum.
-    assert names("--exact-ic", "--bc-weight", "10", "--ridge", "1e-4", "--max-steps", "50",
-                 "--balance", "mean", "--decay-every", "300") == dict.fromkeys(
-        ("sc", "hc", "moe"), "small")
+    assert names(
+        "--exact-ic",
+        "--bc-weight",
+        "10",
+        "--ridge",
+        "1e-4",
+        "--max-steps",
+        "50",
+        "--balance",
+        "mean",
+        "--decay-every",
+        "300",
+    ) == dict.fromkeys(("sc", "hc", "moe"), "small")
     assert names("--formulation", "paper", "--balance", "sum") == dict.fromkeys(
-        ("sc", "hc", "moe"), "small_paper")
+        ("sc", "hc", "moe"), "small_paper"
+    )
     default = example.parse_args(["--out", str(tmp_path)])
     assert example.run_settings(default, "hc") == example.run_settings(
-        example.parse_args(["--out", str(tmp_path), "--ridge", "1e-4"]), "hc")
+        example.parse_args(["--out", str(tmp_path), "--ridge", "1e-4"]), "hc"
+    )
     changed = example.parse_args(["--out", str(tmp_path), "--ic-weight", "2", "--ridge", "0.01"])
     assert example.run_settings(changed, "hc") == example.run_settings(default, "hc") | {
-        "ic_weight": 2.0, "ridge": 0.01}
+        "ic_weight": 2.0,
+        "ridge": 0.01,
+    }
     assert "ridge" not in example.run_settings(changed, "sc")
 
 
@@ -178,20 +243,54 @@ def test_diffusion_sorption_research_flags_reach_the_solve(tmp_path, monkeypatch
         raise Made
 
     monkeypatch.setattr(example.methods, "make_method", make_method)
-    flags = ["--scope", "owned", "--no-exact-ic", "--ic-weight", "2", "--bc-weight", "3",
-             "--initial-layer", "5", "--boundary", "cell", "--time-derivative", "backward",
-             "--balance", "sum", "--ridge", "0.01", "--max-steps", "7", "--warm-start",
-             "--initial-damping", "1", "--termination", "cauchy", "--coupling", "independent",
-             "--total-points", "--experts", "2", "--overlap", "0.2"]
+    flags = [
+        "--scope",
+        "owned",
+        "--no-exact-ic",
+        "--ic-weight",
+        "2",
+        "--bc-weight",
+        "3",
+        "--initial-layer",
+        "5",
+        "--boundary",
+        "cell",
+        "--time-derivative",
+        "backward",
+        "--balance",
+        "sum",
+        "--ridge",
+        "0.01",
+        "--max-steps",
+        "7",
+        "--warm-start",
+        "--initial-damping",
+        "1",
+        "--termination",
+        "cauchy",
+        "--coupling",
+        "independent",
+        "--total-points",
+        "--experts",
+        "2",
+        "--overlap",
+        "0.2",
+    ]
     args = example.parse_args(["--out", str(tmp_path), *flags])
     grid = example.diffusion_sorption.grid("small")
     for kind in ("hc", "moe"):
         with pytest.raises(Made):
             example.run(kind, args, None, None, grid)
     pde = made["hc"]["pde"]
-    assert (pde.scope, pde.exact_initial, pde.initial_weight, pde.boundary_weight,
-            pde.initial_layer, pde.boundary, pde.time_derivative) == (
-        "owned", False, 2.0, 3.0, 5.0, "cell", "backward")
+    assert (
+        pde.scope,
+        pde.exact_initial,
+        pde.initial_weight,
+        pde.boundary_weight,
+        pde.initial_layer,
+        pde.boundary,
+        pde.time_derivative,
+    ) == ("owned", False, 2.0, 3.0, 5.0, "cell", "backward")
     assert made["hc"]["rows"] == hcmoe.Rows(points_per_expert=800, ridge=0.01, balance="sum")
     assert made["moe"]["rows"] == hcmoe.Rows(points_per_expert=400, ridge=0.01, balance="sum")
     assert made["moe"]["coupling"] == "independent" and "coupling" not in made["hc"]
@@ -215,10 +314,14 @@ def test_diffusion_sorption_research_flags_reach_the_solve(tmp_path, monkeypatch
 
 def test_navier_stokes_methods_share_runs_across_settings_they_ignore(tmp_path):
     example = _load("navier_stokes")
-    args = example.parse_args(["--out", str(tmp_path), "--ridge", "0.02", "--overlap", "0",
-                               "--coupling", "independent"])
+    args = example.parse_args(
+        ["--out", str(tmp_path), "--ridge", "0.02", "--overlap", "0", "--coupling", "independent"]
+    )
     assert {kind: example.run_directory(args, kind).name for kind in ("sc", "hc", "moe")} == {
-        "sc": "small", "hc": "small_ridge0.02", "moe": "small_overlap0_independent_ridge0.02"}
+        "sc": "small",
+        "hc": "small_ridge0.02",
+        "moe": "small_overlap0_independent_ridge0.02",
+    }
     assert example.run_directory(args).name == "small_overlap0_independent_ridge0.02"
     assert "ridge" not in example.run_settings(args, "sc")
     assert example.run_settings(args, "moe")["overlap"] == 0
@@ -226,7 +329,10 @@ def test_navier_stokes_methods_share_runs_across_settings_they_ignore(tmp_path):
     # not recorded in its settings, so those checkpoints still resume.
     split = example.parse_args(["--out", str(tmp_path), "--experts", "1x2x2"])
     assert {kind: example.run_directory(split, kind).name for kind in ("sc", "hc", "moe")} == {
-        "sc": "small", "hc": "small", "moe": "small_experts1x2x2"}
+        "sc": "small",
+        "hc": "small",
+        "moe": "small_experts1x2x2",
+    }
     assert "experts" not in example.run_settings(split, "moe")
     default = example.parse_args(["--out", str(tmp_path)])
     assert example.run_settings(default, "moe")["experts"] == "1x2x1"

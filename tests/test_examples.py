@@ -32,8 +32,14 @@ def test_quickstart_tiny(tmp_path):
     argv = ["--tiny", "--steps", "3", "--out", str(tmp_path), "--no-progress"]
     rows = quickstart.main(argv + ["--methods", "sc", "moe"])
     _check_rows(rows, ["PI-SC", "PI-HC-MoE (joint)"])
-    for name in ("results.json", "results.md", "prediction_sc.png", "prediction_moe.png",
-                 "comparison.png", "runs/moe/metrics.csv"):
+    for name in (
+        "results.json",
+        "results.md",
+        "prediction_sc.png",
+        "prediction_moe.png",
+        "comparison.png",
+        "runs/moe/metrics.csv",
+    ):
         assert (tmp_path / name).exists(), name
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["grid"] == [6, 16] and len(record["results"]) == 2
@@ -49,8 +55,22 @@ def test_quickstart_default(tmp_path):
 @pytest.mark.slow
 def test_diffusion_sorption_small_resumes(tmp_path):
     example = _load("diffusion_sorption")
-    argv = ["--steps", "2", "--n-train", "8", "--n-test", "4", "--out", str(tmp_path / "runs"),
-            "--data-dir", str(tmp_path / "data"), "--no-progress", "--method", "hc", "moe"]
+    argv = [
+        "--steps",
+        "2",
+        "--n-train",
+        "8",
+        "--n-test",
+        "4",
+        "--out",
+        str(tmp_path / "runs"),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--no-progress",
+        "--method",
+        "hc",
+        "moe",
+    ]
     example.main(argv)
     example.main([*argv[:1], "3", *argv[2:]])  # continues from step 2
     metrics = (tmp_path / "runs/small/moe/metrics.jsonl").read_text().splitlines()
@@ -62,8 +82,24 @@ def test_diffusion_sorption_small_resumes(tmp_path):
 @pytest.mark.slow
 def test_navier_stokes_small_evaluates_finer_grids(tmp_path):
     example = _load("navier_stokes")
-    example.main(["--epochs", "1", "--n-train", "4", "--n-test", "2", "--out", str(tmp_path),
-                  "--data-dir", str(tmp_path / "data"), "--no-progress", "--method", "sc", "moe"])
+    example.main(
+        [
+            "--epochs",
+            "1",
+            "--n-train",
+            "4",
+            "--n-test",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--no-progress",
+            "--method",
+            "sc",
+            "moe",
+        ]
+    )
     record = json.loads((tmp_path / "small/results.json").read_text())
     for row in record["results"]:
         assert sorted(row["resolutions"]) == ["32", "64"]
@@ -124,9 +160,25 @@ def test_diffusion_sorption_example_checks_the_partition_up_front(capsys):
 @pytest.mark.slow
 def test_diffusion_sorption_extrapolation(tmp_path):
     example = _load("diffusion_sorption")
-    example.main(["--steps", "2", "--n-train", "8", "--n-test", "4", "--extrapolate",
-                  "--out", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"),
-                  "--no-progress", "--method", "sc", "moe"])
+    example.main(
+        [
+            "--steps",
+            "2",
+            "--n-train",
+            "8",
+            "--n-test",
+            "4",
+            "--extrapolate",
+            "--out",
+            str(tmp_path / "runs"),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--no-progress",
+            "--method",
+            "sc",
+            "moe",
+        ]
+    )
     record = json.loads((tmp_path / "runs/small_extrapolate/results.json").read_text())
     _check_rows(record["results"], ["PI-SC", "PI-HC-MoE (joint)"])
     assert all("rel_l2_whole_horizon" in row for row in record["results"])

@@ -83,9 +83,15 @@ def test_eager_solve_does_not_retrace(getkey):
     traced = pde_cls.traces
     assert traced >= 1
     for _ in range(3):  # new arrays of the same shapes, a new key: no new trace
-        other = hcmoe.solve(basis * 1.01, pde_cls(), PARTITION, GRID,
-                            {"u0": data["u0"] + 0.1}, key=getkey(),
-                            rows=hcmoe.Rows(points_per_expert=12))
+        other = hcmoe.solve(
+            basis * 1.01,
+            pde_cls(),
+            PARTITION,
+            GRID,
+            {"u0": data["u0"] + 0.1},
+            key=getkey(),
+            rows=hcmoe.Rows(points_per_expert=12),
+        )
     assert pde_cls.traces == traced
     assert not np.allclose(other.u, first.u)  # the arrays did reach the compiled solve
     hcmoe.solve(basis, pde_cls(kappa=0.2), PARTITION, GRID, data, key=getkey(), rows=rows)
@@ -107,6 +113,7 @@ def test_eager_wrapper_calls_do_not_retrace(family, getkey):
         model = hcmoe.constrain(NNXBackbone(nnx.Rngs(0)), pde_cls(), PARTITION, grid=GRID)
         call = lambda d, **kw: model(x, d, **kw)  # noqa: E731
     else:
+
         class Dense(linen.Module):
             @linen.compact
             def __call__(self, x):
@@ -155,12 +162,18 @@ def test_solve_with_a_mesh_compiles_once(getkey):
     coupling = hcmoe.Independent(mesh=mesh)
     sharded = hcmoe.solve(basis, pde_cls(), PARTITION, GRID, data, coupling=coupling)
     traced = pde_cls.traces
-    hcmoe.solve(basis + 0.01, pde_cls(), PARTITION, GRID, data,
-                coupling=hcmoe.Independent(mesh=mesh))
+    hcmoe.solve(
+        basis + 0.01, pde_cls(), PARTITION, GRID, data, coupling=hcmoe.Independent(mesh=mesh)
+    )
     assert pde_cls.traces == traced
     assert _close(sharded.u, plain.u, rtol=1e-9, atol=1e-11)
-    model = hcmoe.constrain(EqxBackbone(_flat_backbone(4)[1]), pde_cls(), PARTITION, grid=GRID,
-                            coupling=hcmoe.Independent(mesh=mesh))
+    model = hcmoe.constrain(
+        EqxBackbone(_flat_backbone(4)[1]),
+        pde_cls(),
+        PARTITION,
+        grid=GRID,
+        coupling=hcmoe.Independent(mesh=mesh),
+    )
     x = jr.normal(getkey(), (4,))
     grads = eqx.filter_grad(lambda m: jnp.sum(m(x, data).u ** 2))(model)
     assert jnp.all(jnp.isfinite(grads.model.weight))
@@ -178,8 +191,7 @@ def test_nnx_wrapper_under_nnx_jit_and_grad(getkey):
     np.testing.assert_allclose(jit_loss, eager_loss, rtol=1e-8)
     leaves = jax.tree.leaves(jit_grads)
     assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    assert _close(jax.tree.leaves(jit_grads), jax.tree.leaves(eager_grads), rtol=1e-6,
-                  atol=1e-9)
+    assert _close(jax.tree.leaves(jit_grads), jax.tree.leaves(eager_grads), rtol=1e-6, atol=1e-9)
 
 
 def test_solve_has_a_short_documented_signature():
@@ -192,20 +204,24 @@ def test_solve_has_a_short_documented_signature():
         assert f"- `{name}`:" in doc, name
     assert "Compilation" in doc
     with pytest.raises(TypeError, match="max_step"):
-        hcmoe.solve(jnp.ones(GRID.shape + (2,)), ForcedHeat(), None, GRID,
-                    data_for(GRID), max_step=3)
+        hcmoe.solve(
+            jnp.ones(GRID.shape + (2,)), ForcedHeat(), None, GRID, data_for(GRID), max_step=3
+        )
 
 
-@pytest.mark.parametrize("name, value, home", [
-    ("ridge", 1e-3, r"rows=hcmoe\.Rows\(ridge=\.\.\.\)"),
-    ("points_per_expert", 5, r"rows=hcmoe\.Rows\(points_per_expert=\.\.\.\)"),
-    ("rtol", 1e-6, r"solver=hcmoe\.LevenbergMarquardt\(rtol=\.\.\.\)"),
-    ("initial_damping", 1.0, r"solver=hcmoe\.LevenbergMarquardt\(initial_damping=\.\.\.\)"),
-    ("schedule", "map", r"coupling=hcmoe\.Independent\(schedule=\.\.\.\)"),
-    ("mesh", None, r"coupling=hcmoe\.Independent\(mesh=\.\.\.\)"),
-    ("warm_start", True, r"solver=hcmoe\.WarmStart\("),
-    ("linear_solver", None, r"adjoint=optimistix\.ImplicitAdjoint\(linear_solver\)"),
-])
+@pytest.mark.parametrize(
+    "name, value, home",
+    [
+        ("ridge", 1e-3, r"rows=hcmoe\.Rows\(ridge=\.\.\.\)"),
+        ("points_per_expert", 5, r"rows=hcmoe\.Rows\(points_per_expert=\.\.\.\)"),
+        ("rtol", 1e-6, r"solver=hcmoe\.LevenbergMarquardt\(rtol=\.\.\.\)"),
+        ("initial_damping", 1.0, r"solver=hcmoe\.LevenbergMarquardt\(initial_damping=\.\.\.\)"),
+        ("schedule", "map", r"coupling=hcmoe\.Independent\(schedule=\.\.\.\)"),
+        ("mesh", None, r"coupling=hcmoe\.Independent\(mesh=\.\.\.\)"),
+        ("warm_start", True, r"solver=hcmoe\.WarmStart\("),
+        ("linear_solver", None, r"adjoint=optimistix\.ImplicitAdjoint\(linear_solver\)"),
+    ],
+)
 def test_an_option_of_hcmoe_0_1_names_its_new_home(name, value, home):
     backbone, params = _flat_backbone(4)
     moved = rf"the option '{name}' moved in hcmoe 0\.2: pass {home}"
@@ -215,8 +231,9 @@ def test_an_option_of_hcmoe_0_1_names_its_new_home(name, value, home):
     with pytest.raises(ValueError, match=rf"call: {moved}"):
         model(params, jnp.ones(4), data_for(GRID), **{name: value})
     with pytest.raises(TypeError, match=name):  # solve's own signature has no such keyword
-        hcmoe.solve(jnp.ones(GRID.shape + (2,)), ForcedHeat(), None, GRID, data_for(GRID),
-                    **{name: value})
+        hcmoe.solve(
+            jnp.ones(GRID.shape + (2,)), ForcedHeat(), None, GRID, data_for(GRID), **{name: value}
+        )
 
 
 # -- 3. missing data ---------------------------------------------------------------------------
@@ -243,8 +260,7 @@ def test_missing_data_names_the_pde_and_key(getkey):
     with pytest.raises(ValueError, match=MISSING):
         hcmoe.solve(basis, NeedsForcing(), None, GRID, data)
     with pytest.raises(ValueError, match=MISSING):  # under the user's own jit and vmap
-        jax.jit(jax.vmap(lambda b: hcmoe.solve(b, NeedsForcing(), None, GRID, data).u))(
-            basis[None])
+        jax.jit(jax.vmap(lambda b: hcmoe.solve(b, NeedsForcing(), None, GRID, data).u))(basis[None])
     with pytest.raises(ValueError, match=r"NeedsForcing needs data\['u0'\]; got keys \[\]"):
         hcmoe.solve(basis, NeedsForcing(), None, GRID)  # no data at all
     backbone, params = _flat_backbone(4)
@@ -253,8 +269,9 @@ def test_missing_data_names_the_pde_and_key(getkey):
         model(params, jnp.ones(4), data)
     eqx_model = hcmoe.constrain(EqxBackbone(params), NeedsForcing(), PARTITION, grid=GRID)
     with pytest.raises(ValueError, match=MISSING):  # a batch of samples
-        eqx.filter_vmap(lambda x, d: eqx_model(x, d).u)(jnp.ones((2, 4)),
-                                                         {"u0": jnp.stack([data["u0"]] * 2)})
+        eqx.filter_vmap(lambda x, d: eqx_model(x, d).u)(
+            jnp.ones((2, 4)), {"u0": jnp.stack([data["u0"]] * 2)}
+        )
 
 
 def test_missing_data_next_to_a_grid_field_names_the_pde_and_key(getkey):
@@ -309,7 +326,8 @@ def test_non_finite_basis_message_under_every_jit(jit, getkey):
     if jit != "jax.jit":  # the readable form: Equinox's own error, the message first
         assert isinstance(info.value, eqx.EquinoxRuntimeError)
         assert str(info.value).lstrip().startswith(NAN_MESSAGE) or (
-            f"EquinoxRuntimeError: {NAN_MESSAGE}" in str(info.value))
+            f"EquinoxRuntimeError: {NAN_MESSAGE}" in str(info.value)
+        )
 
 
 def test_docs_document_the_messages_users_see():
@@ -327,8 +345,13 @@ def test_docs_document_the_messages_users_see():
 def test_call_time_options_without_rewrapping(getkey):
     backbone, params = _flat_backbone(4)
     x, data = jr.normal(getkey(), (4,)), data_for(GRID)
-    model = hcmoe.constrain(EqxBackbone(params), ForcedHeat(), PARTITION, grid=GRID,
-                            rows=hcmoe.Rows(points_per_expert=5))
+    model = hcmoe.constrain(
+        EqxBackbone(params),
+        ForcedHeat(),
+        PARTITION,
+        grid=GRID,
+        rows=hcmoe.Rows(points_per_expert=5),
+    )
     everywhere = hcmoe.constrain(EqxBackbone(params), ForcedHeat(), PARTITION, grid=GRID)
     sampled = model(x, data, key=getkey())
     full = model(x, data, key=getkey(), rows=hcmoe.Rows(points_per_expert=None))
@@ -340,10 +363,15 @@ def test_call_time_options_without_rewrapping(getkey):
         model(x, data, points=3)
     with pytest.raises(ValueError, match="points_per_expert: expected a positive int"):
         model(x, data, key=getkey(), rows=hcmoe.Rows(points_per_expert=0))
-    fn_model = hcmoe.constrain(backbone, ForcedHeat(), PARTITION, grid=GRID,
-                               rows=hcmoe.Rows(points_per_expert=5))
-    assert _close(fn_model(params, x, data, rows=hcmoe.Rows(points_per_expert=None)).u,
-                  full.u, rtol=1e-10, atol=1e-12)
+    fn_model = hcmoe.constrain(
+        backbone, ForcedHeat(), PARTITION, grid=GRID, rows=hcmoe.Rows(points_per_expert=5)
+    )
+    assert _close(
+        fn_model(params, x, data, rows=hcmoe.Rows(points_per_expert=None)).u,
+        full.u,
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 def test_grid_input_is_the_neutral_name():
@@ -363,8 +391,9 @@ def test_plotting_without_matplotlib_names_the_extra(tmp_path):
         "try:\n    import hcmoe.plotting\n"
         "except ImportError as e:\n    print('MESSAGE', e)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert 'pip install "hcmoe[examples]"' in done.stdout, done.stdout + done.stderr
     assert "matplotlib" in done.stdout
@@ -382,13 +411,24 @@ def test_docs_jitted_training_idiom_runs(getkey):
     section = page.split("## Training through the solve", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     x, data = jr.normal(getkey(), (4,)), data_for(GRID)
-    model = hcmoe.constrain(EqxBackbone(_flat_backbone(4)[1]), ForcedHeat(), PARTITION,
-                            grid=GRID, rows=hcmoe.Rows(points_per_expert=10))
+    model = hcmoe.constrain(
+        EqxBackbone(_flat_backbone(4)[1]),
+        ForcedHeat(),
+        PARTITION,
+        grid=GRID,
+        rows=hcmoe.Rows(points_per_expert=10),
+    )
     # 1e-3: at the README's 1e-2 (a relative error to a reference) the docs' residual loss
     # overshoots on the second step here
     optimizer = optax.adam(1e-3)
-    namespace = {"eqx": eqx, "hcmoe": hcmoe, "optimizer": optimizer, "pde": ForcedHeat(),
-                 "grid": GRID, "reference": exact_field(GRID)}
+    namespace = {
+        "eqx": eqx,
+        "hcmoe": hcmoe,
+        "optimizer": optimizer,
+        "pde": ForcedHeat(),
+        "grid": GRID,
+        "reference": exact_field(GRID),
+    }
     exec(compile(code, "docs/getting-started.md", "exec"), namespace)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
     losses = []
@@ -406,8 +446,12 @@ def test_eager_calls_cost_about_a_jitted_call(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "eager.py"
-    done = subprocess.run([sys.executable, str(script), "--smoke", "--repeats", "5",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--repeats", "5", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "eager_smoke.json").read_text())["results"]
     assert set(results) >= {"hcmoe.solve", "constrain(equinox)", "constrain(function)"}

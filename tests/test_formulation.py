@@ -10,8 +10,11 @@ from hcmoe import losses, methods, ops
 from hcmoe.problems import diffusion_sorption as ds
 
 
-TIGHT = dict(rows=hcmoe.Rows(ridge=1e-8), max_steps=100,
-             solver=hcmoe.LevenbergMarquardt(rtol=1e-8, atol=1e-8))
+TIGHT = dict(
+    rows=hcmoe.Rows(ridge=1e-8),
+    max_steps=100,
+    solver=hcmoe.LevenbergMarquardt(rtol=1e-8, atol=1e-8),
+)
 
 
 def _discrete_solution(pde, grid, u0):
@@ -19,8 +22,7 @@ def _discrete_solution(pde, grid, u0):
     n = grid.size
     basis = jnp.eye(n).reshape(grid.shape + (n,))
     weighted = methods.WeightedResidual(pde, 500.0)
-    sol = hcmoe.solve(basis, weighted, None, grid, {"u0": u0}, **TIGHT,
-                      init=jnp.full((n,), 0.5))
+    sol = hcmoe.solve(basis, weighted, None, grid, {"u0": u0}, **TIGHT, init=jnp.full((n,), 0.5))
     return sol.u
 
 
@@ -36,9 +38,15 @@ def test_default_formulation_minimiser_is_close_to_the_reference(level):
     # Leaving the first step's rows out frees that level: the minimiser drifts away.
     n = grid.size
     basis = jnp.eye(n).reshape(grid.shape + (n,))
-    loose = hcmoe.solve(basis, methods.WeightedResidual(
-        ds.formulation("hcmoe", initial_layer=90.0), 500.0), None, grid, {"u0": u0},
-        **TIGHT, init=jnp.full((n,), 0.5)).u
+    loose = hcmoe.solve(
+        basis,
+        methods.WeightedResidual(ds.formulation("hcmoe", initial_layer=90.0), 500.0),
+        None,
+        grid,
+        {"u0": u0},
+        **TIGHT,
+        init=jnp.full((n,), 0.5),
+    ).u
     assert float(losses.relative_l2(loose, reference)) > 2 * error
 
 
@@ -67,5 +75,6 @@ def test_backward_difference_is_exact_for_low_degree_polynomials():
     np.testing.assert_allclose(quadratic[1], (t[1] ** 2 - t[0] ** 2) / 0.25, atol=1e-12)
     np.testing.assert_allclose(quadratic[0], 0.0, atol=1e-12)
     with pytest.raises(ValueError, match="periodic"):
-        ops.BackwardDifference("x")(t, hcmoe.uniform_grid(t=(0, 1, 3), x=(0, 1, 4),
-                                                          periodic=("x",)))
+        ops.BackwardDifference("x")(
+            t, hcmoe.uniform_grid(t=(0, 1, 3), x=(0, 1, 4), periodic=("x",))
+        )

@@ -37,8 +37,14 @@ def test_periodic_finite_difference_and_spectral_derivatives():
     grid = hcmoe.uniform_grid(x=(0.0, 2 * np.pi, 32), y=(0.0, 2 * np.pi, 16), periodic=("x", "y"))
     mesh = grid.mesh()
     u = jnp.sin(3 * mesh["x"]) * jnp.cos(2 * mesh["y"])
-    assert jnp.max(jnp.abs(ops.Spectral("x")(u, grid) - 3 * jnp.cos(3 * mesh["x"])
-                           * jnp.cos(2 * mesh["y"]))) < 1e-12
+    assert (
+        jnp.max(
+            jnp.abs(
+                ops.Spectral("x")(u, grid) - 3 * jnp.cos(3 * mesh["x"]) * jnp.cos(2 * mesh["y"])
+            )
+        )
+        < 1e-12
+    )
     assert jnp.max(jnp.abs(ops.Laplacian()(u, grid) + 13 * u)) < 1e-11
     assert jnp.max(jnp.abs(ops.InverseLaplacian()(ops.Laplacian()(u, grid), grid) - u)) < 1e-12
     fd = ops.FiniteDifference("y", order=2)(u, grid)
@@ -50,7 +56,8 @@ def test_velocity_from_vorticity_is_divergence_free_and_curl_consistent():
     grid = hcmoe.uniform_grid(x=(0.0, 1.0, 32), y=(0.0, 1.0, 32), periodic=("x", "y"))
     mesh = grid.mesh()
     psi = jnp.sin(2 * np.pi * mesh["x"]) * jnp.cos(4 * np.pi * mesh["y"]) + jnp.cos(
-        2 * np.pi * mesh["y"])
+        2 * np.pi * mesh["y"]
+    )
     omega = -ops.Laplacian()(psi, grid)
     u = ops.VelocityFromVorticity("u")(omega, grid)
     v = ops.VelocityFromVorticity("v")(omega, grid)
@@ -65,8 +72,11 @@ def test_operators_act_on_trailing_axes_and_combine():
     mesh = grid.mesh()
     u = jnp.asarray(mesh["t"] * mesh["x"] ** 2)
     stack = jnp.stack([u, 2 * u, -u], axis=-1)
-    op = 2.0 * ops.Identity() - ops.FiniteDifference("x") + ops.Compose(
-        ops.FiniteDifference("t"), ops.FiniteDifference("x"))
+    op = (
+        2.0 * ops.Identity()
+        - ops.FiniteDifference("x")
+        + ops.Compose(ops.FiniteDifference("t"), ops.FiniteDifference("x"))
+    )
     single = op(u, grid)
     batched = op(stack, grid)
     assert batched.shape == stack.shape
@@ -90,8 +100,9 @@ def test_partition_labels_are_resolution_independent():
         labels = partition.labels(grid)
         assert labels.shape == grid.shape and set(np.unique(labels)) == set(range(8))
         mesh = grid.mesh()
-        expected = (np.minimum(np.floor(mesh["t"] * 2), 1) * 4
-                    + np.minimum(np.floor(mesh["x"] * 4), 3))
+        expected = np.minimum(np.floor(mesh["t"] * 2), 1) * 4 + np.minimum(
+            np.floor(mesh["x"] * 4), 3
+        )
         assert np.array_equal(labels, expected)
 
 

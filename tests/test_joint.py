@@ -49,24 +49,42 @@ def test_joint_is_pi_hc_on_the_windowed_basis_with_the_experts_points(getkey):
     # Both run to the cap without a termination test (rtol = atol = 0), so both reach the
     # minimiser whatever path rounding sends them on.
     options = dict(key=key, solver=hcmoe.LevenbergMarquardt(rtol=0.0, atol=0.0), max_steps=200)
-    joint = hcmoe.solve(basis, pde, partition, grid, data, rows=hcmoe.Rows(points_per_expert=20),
-                        coupling="joint", **options)
-    direct = hcmoe.solve(windowed_basis(basis, partition, grid), pde, None, grid, data,
-                         rows=hcmoe.Rows(points_per_expert=80), **options)
+    joint = hcmoe.solve(
+        basis,
+        pde,
+        partition,
+        grid,
+        data,
+        rows=hcmoe.Rows(points_per_expert=20),
+        coupling="joint",
+        **options,
+    )
+    direct = hcmoe.solve(
+        windowed_basis(basis, partition, grid),
+        pde,
+        None,
+        grid,
+        data,
+        rows=hcmoe.Rows(points_per_expert=80),
+        **options,
+    )
     assert joint.weights.shape == (4, basis.shape[-1])
     scale = float(np.max(np.abs(direct.weights)))
-    np.testing.assert_allclose(joint.weights.reshape(-1), direct.weights[0], rtol=0,
-                               atol=1e-9 * scale)
-    np.testing.assert_allclose(joint.u, direct.u, rtol=0,
-                               atol=1e-8 * float(np.max(np.abs(direct.u))))
+    np.testing.assert_allclose(
+        joint.weights.reshape(-1), direct.weights[0], rtol=0, atol=1e-9 * scale
+    )
+    np.testing.assert_allclose(
+        joint.u, direct.u, rtol=0, atol=1e-8 * float(np.max(np.abs(direct.u)))
+    )
     assert joint.stats.num_steps.shape == (1,)
     assert joint.stats.points.shape == (1, 80)
     # The exact initial condition holds, and the prediction is the blended field
     # u_p + sum_k phi_k T(B) w_k (the windows depend on x only, so they commute with T).
     np.testing.assert_allclose(joint.u[0], data["u0"], atol=1e-12)
     transformed, particular, _ = hcmoe._pde.ansatz(pde, basis, grid, data)
-    blended = assemble(transformed, particular, joint.weights, partition.labels(grid),
-                       partition.blend(grid))
+    blended = assemble(
+        transformed, particular, joint.weights, partition.labels(grid), partition.blend(grid)
+    )
     np.testing.assert_allclose(joint.u, blended, atol=1e-10)
 
 
@@ -80,15 +98,19 @@ def test_joint_loss_is_at_most_the_independent_experts_blended_loss(getkey):
     # one Gauss-Newton step short of 1.3e-4 of its objective 181 (7e-7 relative). Since the
     # stationarity check, "converged" at 1e-10 (which the step test alone had reported) is
     # false there; at 1e-6 it is true.
-    opts = dict(rows=hcmoe.Rows(ridge=1e-8), max_steps=200,
-                solver=hcmoe.LevenbergMarquardt(rtol=1e-6, atol=1e-6))
+    opts = dict(
+        rows=hcmoe.Rows(ridge=1e-8),
+        max_steps=200,
+        solver=hcmoe.LevenbergMarquardt(rtol=1e-6, atol=1e-6),
+    )
     joint = hcmoe.solve(basis, pde, partition, grid, data, coupling="joint", **opts)
     independent = hcmoe.solve(basis, pde, partition, grid, data, **opts)
     assert bool(jnp.all(joint.stats.converged))
 
     def loss(u):
-        return float(losses.residual_loss(u, pde, grid, data)
-                     + losses.condition_loss(u, pde, grid, data))
+        return float(
+            losses.residual_loss(u, pde, grid, data) + losses.condition_loss(u, pde, grid, data)
+        )
 
     assert loss(joint.u) <= loss(independent.u) * (1 + 1e-6)
     assert loss(joint.u) < 0.9 * loss(independent.u)  # and here clearly below it
@@ -103,22 +125,26 @@ def test_joint_init_and_bad_options(getkey):
     partition = hcmoe.Partition(x=2, overlap=0.2)
     n = basis.shape[-1]
     ones = hcmoe.solve(basis, pde, partition, grid, data, coupling="joint")
-    tiled = hcmoe.solve(basis, pde, partition, grid, data, coupling="joint",
-                        init=jnp.ones((2, n)))
+    tiled = hcmoe.solve(basis, pde, partition, grid, data, coupling="joint", init=jnp.ones((2, n)))
     np.testing.assert_allclose(ones.weights, tiled.weights, atol=1e-12)
     with pytest.raises(ValueError, match="init: expected shape"):
         hcmoe.solve(basis, pde, partition, grid, data, coupling="joint", init=jnp.ones(n + 1))
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
             "coupling: expected hcmoe.Independent(...), hcmoe.Joint(...) or one of "
-            "('independent', 'joint'); got 'together'.")):
+            "('independent', 'joint'); got 'together'."
+        ),
+    ):
         hcmoe.solve(basis, pde, partition, grid, data, coupling="together")
     # A joint solve runs on one device: its mesh only splits a batch (hcmoe.constrain), so it
     # needs a "batch" axis, and one sample's solve is the same with it as without.
     experts_only = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("experts",))
     with pytest.raises(ValueError, match="mesh: needs an axis named 'batch'"):
         hcmoe.Joint(mesh=experts_only)
-    meshed = hcmoe.solve(basis, pde, partition, grid, data,
-                         coupling=hcmoe.Joint(mesh=hcmoe.expert_mesh(1)))
+    meshed = hcmoe.solve(
+        basis, pde, partition, grid, data, coupling=hcmoe.Joint(mesh=hcmoe.expert_mesh(1))
+    )
     np.testing.assert_allclose(meshed.weights, ones.weights, atol=1e-12)
     # One expert: "joint" is plain PI-HC.
     single = hcmoe.solve(basis, pde, None, grid, data, coupling="joint")
@@ -144,15 +170,31 @@ def test_joint_on_a_periodic_spectral_problem(getkey):
         wrap = np.abs(np.take(phi, 0, axis=axis) - np.take(phi, -1, axis=axis)).max()
         assert wrap <= inner + 1e-12
     key = getkey()
-    opts = dict(init=jnp.zeros(3), max_steps=100,
-                solver=hcmoe.LevenbergMarquardt(rtol=1e-10, atol=1e-10))
-    joint = hcmoe.solve(basis, pde, partition, grid, data, key=key,
-                        rows=hcmoe.Rows(points_per_expert=60), coupling="joint", **opts)
-    direct = hcmoe.solve(windowed_basis(basis, partition, grid), pde, None, grid, data,
-                         key=key, rows=hcmoe.Rows(points_per_expert=240),
-                         **(opts | {"init": jnp.zeros(12)}))
+    opts = dict(
+        init=jnp.zeros(3), max_steps=100, solver=hcmoe.LevenbergMarquardt(rtol=1e-10, atol=1e-10)
+    )
+    joint = hcmoe.solve(
+        basis,
+        pde,
+        partition,
+        grid,
+        data,
+        key=key,
+        rows=hcmoe.Rows(points_per_expert=60),
+        coupling="joint",
+        **opts,
+    )
+    direct = hcmoe.solve(
+        windowed_basis(basis, partition, grid),
+        pde,
+        None,
+        grid,
+        data,
+        key=key,
+        rows=hcmoe.Rows(points_per_expert=240),
+        **(opts | {"init": jnp.zeros(12)}),
+    )
     assert bool(jnp.all(joint.stats.converged))
-    np.testing.assert_allclose(joint.weights.reshape(-1), direct.weights[0], rtol=1e-8,
-                               atol=1e-6)
+    np.testing.assert_allclose(joint.weights.reshape(-1), direct.weights[0], rtol=1e-8, atol=1e-6)
     np.testing.assert_allclose(joint.u, direct.u, atol=1e-10)
     np.testing.assert_allclose(joint.u[0], data["w0"], atol=1e-12)  # the ansatz's IC

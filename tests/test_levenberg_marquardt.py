@@ -48,11 +48,24 @@ def test_default_solver_matches_optimistix_qr(getkey):
     basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
     # Both stop at optimistix's Cauchy test, so both weights are the minimiser to 1e-10 (the
     # objective test stops once the objective has converged, weights to ~1e-6 here).
-    default = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
-                          solver=LevenbergMarquardt(1e-10, 1e-10, termination="cauchy"),
-                          max_steps=100)
-    qr = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
-                     solver=optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10), max_steps=100)
+    default = hcmoe.solve(
+        basis,
+        ForcedBurgers(),
+        hcmoe.Partition(x=2),
+        grid,
+        data_for(grid),
+        solver=LevenbergMarquardt(1e-10, 1e-10, termination="cauchy"),
+        max_steps=100,
+    )
+    qr = hcmoe.solve(
+        basis,
+        ForcedBurgers(),
+        hcmoe.Partition(x=2),
+        grid,
+        data_for(grid),
+        solver=optx.LevenbergMarquardt(rtol=1e-10, atol=1e-10),
+        max_steps=100,
+    )
     assert bool(jnp.all(default.stats.converged))
     assert jnp.max(jnp.abs(default.weights - qr.weights)) < 1e-7
     assert jnp.max(jnp.abs(default.stats.residual_norm - qr.stats.residual_norm)) < 1e-10
@@ -73,14 +86,29 @@ def test_a_lineax_solver_reaches_the_linear_path(getkey):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
     qr = hcmoe.solve(basis, ForcedHeat(), hcmoe.Partition(x=2), grid, data_for(grid))
-    normal = hcmoe.solve(basis, ForcedHeat(), hcmoe.Partition(x=2), grid, data_for(grid),
-                         solver=lx.Normal(lx.Cholesky()))
+    normal = hcmoe.solve(
+        basis,
+        ForcedHeat(),
+        hcmoe.Partition(x=2),
+        grid,
+        data_for(grid),
+        solver=lx.Normal(lx.Cholesky()),
+    )
     assert jnp.max(jnp.abs(normal.weights - qr.weights)) < 1e-9
-    with pytest.raises(ValueError, match=r"solver: a lineax solver \(Normal\) solves a linear "
-                                         r"PDE's least-squares problem, but ForcedBurgers is "
-                                         "nonlinear"):
-        hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
-                    solver=lx.Normal(lx.Cholesky()))
+    with pytest.raises(
+        ValueError,
+        match=r"solver: a lineax solver \(Normal\) solves a linear "
+        r"PDE's least-squares problem, but ForcedBurgers is "
+        "nonlinear",
+    ):
+        hcmoe.solve(
+            basis,
+            ForcedBurgers(),
+            hcmoe.Partition(x=2),
+            grid,
+            data_for(grid),
+            solver=lx.Normal(lx.Cholesky()),
+        )
 
 
 def test_search_option_is_kept_and_used(getkey):
@@ -93,11 +121,24 @@ def test_search_option_is_kept_and_used(getkey):
     assert solver.with_jacobian(lambda y: y).search is search
     grid = small_grid()
     basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
-    default = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
-                          solver=LevenbergMarquardt(1e-10, 1e-10, termination="cauchy"),
-                          max_steps=200)
-    fast = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
-                       solver=solver, max_steps=200)
+    default = hcmoe.solve(
+        basis,
+        ForcedBurgers(),
+        hcmoe.Partition(x=2),
+        grid,
+        data_for(grid),
+        solver=LevenbergMarquardt(1e-10, 1e-10, termination="cauchy"),
+        max_steps=200,
+    )
+    fast = hcmoe.solve(
+        basis,
+        ForcedBurgers(),
+        hcmoe.Partition(x=2),
+        grid,
+        data_for(grid),
+        solver=solver,
+        max_steps=200,
+    )
     assert bool(jnp.all(default.stats.converged)) and bool(jnp.all(fast.stats.converged))
     assert not np.array_equal(default.stats.num_steps, fast.stats.num_steps)
     assert jnp.max(jnp.abs(default.stats.residual_norm - fast.stats.residual_norm)) < 1e-9
@@ -109,18 +150,26 @@ def test_initial_damping_changes_the_path_not_the_minimiser(getkey):
     # at the Cauchy test, which waits for the weights.
     grid = small_grid()
     basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
-    solve = functools.partial(hcmoe.solve, basis, ForcedBurgers(), hcmoe.Partition(x=2), grid,
-                              data_for(grid), max_steps=200)
+    solve = functools.partial(
+        hcmoe.solve,
+        basis,
+        ForcedBurgers(),
+        hcmoe.Partition(x=2),
+        grid,
+        data_for(grid),
+        max_steps=200,
+    )
     small = solve(solver=LevenbergMarquardt(1e-10, 1e-10, termination="cauchy"))
-    one = solve(solver=LevenbergMarquardt(1e-10, 1e-10, initial_damping=1.0,
-                                          termination="cauchy"))
+    one = solve(solver=LevenbergMarquardt(1e-10, 1e-10, initial_damping=1.0, termination="cauchy"))
     assert bool(jnp.all(small.stats.converged)) and bool(jnp.all(one.stats.converged))
     assert jnp.max(jnp.abs(small.weights - one.weights)) < 1e-7
     assert not np.array_equal(small.stats.num_steps, one.stats.num_steps)
     # `initial_damping` is shorthand for the default search started there
-    explicit = solve(solver=LevenbergMarquardt(1e-10, 1e-10,
-                                               search=hcmoe.TrustRegion(initial_damping=1.0),
-                                               termination="cauchy"))
+    explicit = solve(
+        solver=LevenbergMarquardt(
+            1e-10, 1e-10, search=hcmoe.TrustRegion(initial_damping=1.0), termination="cauchy"
+        )
+    )
     assert np.array_equal(explicit.stats.num_steps, one.stats.num_steps)
 
 
@@ -135,14 +184,17 @@ def test_initial_damping_errors():
         with pytest.raises(ValueError, match="initial_damping: expected a positive number"):
             hcmoe.LevenbergMarquardt(initial_damping=bad)
     # hcmoe 0.1 took it on solve (for the default solver only); it lives on the solver now
-    with pytest.raises(ValueError, match=r"the option 'initial_damping' moved in hcmoe 0\.2: "
-                                         r"pass solver=hcmoe\.LevenbergMarquardt\("
-                                         r"initial_damping=\.\.\.\)"):
-        hcmoe.constrain(lambda p, x: x, ForcedBurgers(), None, grid=small_grid(),
-                        initial_damping=1e-3)
+    with pytest.raises(
+        ValueError,
+        match=r"the option 'initial_damping' moved in hcmoe 0\.2: "
+        r"pass solver=hcmoe\.LevenbergMarquardt\("
+        r"initial_damping=\.\.\.\)",
+    ):
+        hcmoe.constrain(
+            lambda p, x: x, ForcedBurgers(), None, grid=small_grid(), initial_damping=1e-3
+        )
     with pytest.raises(ValueError, match="initial_damping: 0.001 applies to the default search"):
-        LevenbergMarquardt(1e-6, 1e-6, initial_damping=1e-3,
-                           search=optx.ClassicalTrustRegion())
+        LevenbergMarquardt(1e-6, 1e-6, initial_damping=1e-3, search=optx.ClassicalTrustRegion())
     with pytest.raises(ValueError, match="initial_damping: 0.001 applies to the default search"):
         LevenbergMarquardt(initial_damping=1e-3, search=hcmoe.TrustRegion(initial_damping=1.0))
     with pytest.raises(ValueError, match="initial_damping: expected a positive number"):
@@ -155,8 +207,15 @@ def test_a_collapsed_trust_region_is_not_reported_converged(getkey):
     # minimiser. optimistix reports success; hcmoe's stationarity check must not.
     grid = small_grid()
     basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
-    solve = functools.partial(hcmoe.solve, basis, ForcedBurgers(), hcmoe.Partition(x=2), grid,
-                              data_for(grid), max_steps=100)
+    solve = functools.partial(
+        hcmoe.solve,
+        basis,
+        ForcedBurgers(),
+        hcmoe.Partition(x=2),
+        grid,
+        data_for(grid),
+        max_steps=100,
+    )
     stalled = solve(solver=LevenbergMarquardt(1e-4, 1e-4, initial_damping=1e12))
     # optimistix said successful; hcmoe 0.2 reports why it is not converged
     assert bool(jnp.all(stalled.stats.result == hcmoe.RESULTS.not_stationary))
@@ -175,9 +234,17 @@ def test_converged_experts_are_stationary(getkey):
     pde, data, partition = ForcedBurgers(), data_for(grid), hcmoe.Partition(x=2)
     ridge, tol = 1e-3, 1e-8
     key = getkey()
-    sol = hcmoe.solve(basis, pde, partition, grid, data, key=key, max_steps=200,
-                      rows=hcmoe.Rows(points_per_expert=30, ridge=ridge),
-                      solver=LevenbergMarquardt(rtol=tol, atol=tol))
+    sol = hcmoe.solve(
+        basis,
+        pde,
+        partition,
+        grid,
+        data,
+        key=key,
+        max_steps=200,
+        rows=hcmoe.Rows(points_per_expert=30, ridge=ridge),
+        solver=LevenbergMarquardt(rtol=tol, atol=tol),
+    )
     assert bool(jnp.all(sol.stats.converged))
     problems, _, _ = build_problems(basis, pde, grid, data, partition, 30, key)
     for k in range(2):
@@ -199,9 +266,14 @@ def _walking_problems():
     data = {"u0": jnp.full((64,), 0.1)}
     bases = [smooth_basis(jr.key(seed), grid, 6) for seed in range(8)]
     pde = diffusion_sorption.DiffusionSorption(exact_initial=False, boundary_weight=1.0)
-    solve = functools.partial(hcmoe.solve, pde=pde,
-                              partition=hcmoe.Partition(x=2), grid=grid, data=data,
-                              solver=LevenbergMarquardt(rtol=1e-4, atol=1e-4))
+    solve = functools.partial(
+        hcmoe.solve,
+        pde=pde,
+        partition=hcmoe.Partition(x=2),
+        grid=grid,
+        data=data,
+        solver=LevenbergMarquardt(rtol=1e-4, atol=1e-4),
+    )
     return bases, solve
 
 
@@ -210,15 +282,19 @@ def test_objective_termination_stops_earlier_at_the_same_objective():
     steps = {"objective": 0, "cauchy": 0}
     for basis in bases:
         fast = solve(basis, max_steps=100)  # the default: termination="objective"
-        slow = solve(basis, max_steps=100,
-                     solver=LevenbergMarquardt(rtol=1e-4, atol=1e-4, termination="cauchy"))
+        slow = solve(
+            basis,
+            max_steps=100,
+            solver=LevenbergMarquardt(rtol=1e-4, atol=1e-4, termination="cauchy"),
+        )
         assert bool(jnp.all(fast.stats.converged)) and bool(jnp.all(slow.stats.converged))
         # The same iterates until the earlier stop, so never more iterations, ...
         assert np.all(np.asarray(fast.stats.num_steps) <= np.asarray(slow.stats.num_steps))
         # ... and an objective within the tolerance of the Cauchy test's.
         objective = 0.5 * np.asarray(fast.stats.residual_norm) ** 2
-        assert np.all(objective - 0.5 * np.asarray(slow.stats.residual_norm) ** 2
-                      <= 1e-4 * objective + 1e-8)
+        assert np.all(
+            objective - 0.5 * np.asarray(slow.stats.residual_norm) ** 2 <= 1e-4 * objective + 1e-8
+        )
         assert float(jnp.max(jnp.abs(fast.u - slow.u))) < 1e-6
         steps["objective"] += int(np.sum(fast.stats.num_steps))
         steps["cauchy"] += int(np.sum(slow.stats.num_steps))
@@ -231,8 +307,11 @@ def test_objective_termination_returns_the_iterate_of_the_cauchy_path():
     bases, solve = _walking_problems()
     basis = bases[2]
     fast = solve(basis, max_steps=100)
-    capped = solve(basis, max_steps=int(np.max(fast.stats.num_steps)),
-                   solver=LevenbergMarquardt(rtol=1e-4, atol=1e-4, termination="cauchy"))
+    capped = solve(
+        basis,
+        max_steps=int(np.max(fast.stats.num_steps)),
+        solver=LevenbergMarquardt(rtol=1e-4, atol=1e-4, termination="cauchy"),
+    )
     assert np.array_equal(np.asarray(fast.stats.num_steps), np.asarray(capped.stats.num_steps))
     assert jnp.max(jnp.abs(fast.weights - capped.weights)) < 1e-12
 
@@ -277,13 +356,19 @@ def test_termination_errors(getkey):
     with pytest.raises(ValueError, match="termination: expected one of"):
         LevenbergMarquardt(1e-6, 1e-6, termination="Objective")
     # hcmoe 0.1 took it on solve (for the default solver only); it lives on the solver now
-    with pytest.raises(ValueError, match=r"the option 'termination' moved in hcmoe 0\.2: pass "
-                                         r"solver=hcmoe\.LevenbergMarquardt\(termination="):
+    with pytest.raises(
+        ValueError,
+        match=r"the option 'termination' moved in hcmoe 0\.2: pass "
+        r"solver=hcmoe\.LevenbergMarquardt\(termination=",
+    ):
         hcmoe.constrain(lambda p, x: x, ForcedBurgers(), None, grid=grid, termination="cauchy")
     # float32 keeps optimistix's QR solver (Cauchy test only, from lambda = 1) by default:
     # the same solve as passing it explicitly, and it converges
-    qr = eqx.tree_at(lambda s: s.search, optx.LevenbergMarquardt(rtol=1e-4, atol=1e-4),
-                     hcmoe.TrustRegion(initial_damping=1.0))
+    qr = eqx.tree_at(
+        lambda s: s.search,
+        optx.LevenbergMarquardt(rtol=1e-4, atol=1e-4),
+        hcmoe.TrustRegion(initial_damping=1.0),
+    )
     assert bool(eqx.tree_equal(default_solver(jnp.float32), qr))
     assert isinstance(default_solver(jnp.float64), LevenbergMarquardt)
     single = solve(precision="float32")
@@ -299,12 +384,16 @@ def test_float32_solve_under_x64(getkey):
     # step size and failed on float32 weights.
     grid = small_grid()
     basis = basis_with_exact(grid, getkey()) + 0.05 * jr.normal(getkey(), grid.shape + (5,))
-    solve = functools.partial(hcmoe.solve, pde=ForcedBurgers(), partition=hcmoe.Partition(x=2),
-                              grid=grid, data=data_for(grid))
+    solve = functools.partial(
+        hcmoe.solve,
+        pde=ForcedBurgers(),
+        partition=hcmoe.Partition(x=2),
+        grid=grid,
+        data=data_for(grid),
+    )
     single = solve(basis.astype(jnp.float32), precision="float32")
     double = solve(basis)
     assert single.u.dtype == jnp.float32 and bool(jnp.all(single.stats.converged))
     assert float(jnp.max(jnp.abs(single.u - double.u))) < 1e-2
-    grad = jax.grad(lambda b: jnp.sum(solve(b, precision="float32").u))(
-        basis.astype(jnp.float32))
+    grad = jax.grad(lambda b: jnp.sum(solve(b, precision="float32").u))(basis.astype(jnp.float32))
     assert grad.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grad)))

@@ -49,8 +49,14 @@ def _data(n=8, seed=0):
 def test_loss_falls(kind):
     method = methods.make_method(kind, PointwiseBasis(key=jr.key(0)), PDE, GRID, PARTITION)
     result = methods.train(
-        method, _data(), steps=12, batch_size=4, key=jr.key(1), optimizer=OPTIMIZER,
-        log_every=3, progress=False,
+        method,
+        _data(),
+        steps=12,
+        batch_size=4,
+        key=jr.key(1),
+        optimizer=OPTIMIZER,
+        log_every=3,
+        progress=False,
     )
     records = [r for r in result.history if r["kind"] == "train"]
     assert records[-1]["loss"] < records[0]["loss"]
@@ -125,8 +131,13 @@ def test_evaluate_reports_solver_statistics_and_other_grids():
 def test_train_writes_run_directory_and_resumes(tmp_path):
     method = methods.make_method("sc", PointwiseBasis(key=jr.key(0)), PDE, GRID)
     options = dict(
-        batch_size=4, key=jr.key(1), optimizer=OPTIMIZER, log_every=2, progress=False,
-        run_dir=tmp_path, eval_data=(_data(3, seed=5), np.ones((3, *GRID.shape))),
+        batch_size=4,
+        key=jr.key(1),
+        optimizer=OPTIMIZER,
+        log_every=2,
+        progress=False,
+        run_dir=tmp_path,
+        eval_data=(_data(3, seed=5), np.ones((3, *GRID.shape))),
     )
     first = methods.train(method, _data(), steps=4, **options)
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.csv").exists()
@@ -142,20 +153,23 @@ def test_train_writes_run_directory_and_resumes(tmp_path):
 def test_train_refuses_to_resume_another_configuration(tmp_path):
     # A run directory reused with other points per expert (or another method, or other
     # caller settings) must not silently continue or re-evaluate the old run.
-    options = dict(steps=2, batch_size=4, key=jr.key(1), optimizer=OPTIMIZER, progress=False,
-                   run_dir=tmp_path)
+    options = dict(
+        steps=2, batch_size=4, key=jr.key(1), optimizer=OPTIMIZER, progress=False, run_dir=tmp_path
+    )
     backbone = PointwiseBasis(key=jr.key(0))
 
     def hc(points):
-        return methods.make_method("hc", backbone, PDE, GRID,
-                                   rows=hcmoe.Rows(points_per_expert=points))
+        return methods.make_method(
+            "hc", backbone, PDE, GRID, rows=hcmoe.Rows(points_per_expert=points)
+        )
 
     methods.train(hc(20), _data(), settings={"seed": 0}, **options)
     with pytest.raises(ValueError, match="settings: .*points_per_expert"):
         methods.train(hc(30), _data(), settings={"seed": 0}, **options)
     with pytest.raises(ValueError, match="settings: .*method='PI-HC'.*method='PI-SC'"):
-        methods.train(methods.make_method("sc", backbone, PDE, GRID), _data(),
-                      settings={"seed": 0}, **options)
+        methods.train(
+            methods.make_method("sc", backbone, PDE, GRID), _data(), settings={"seed": 0}, **options
+        )
     with pytest.raises(ValueError, match="settings: .*seed=0; got .*seed=1"):
         methods.train(hc(20), _data(), settings={"seed": 1}, **options)
     resumed = methods.train(hc(20), _data(), settings={"seed": 0}, **(options | {"steps": 3}))
@@ -164,10 +178,24 @@ def test_train_refuses_to_resume_another_configuration(tmp_path):
 
 def test_results_table_and_seconds_per_step():
     rows = [
-        {"method": "PI-SC", "kind": "sc", "rel_l2_mean": 0.5, "rel_l2_std": 0.25,
-         "seconds_per_step": 0.012, "solver_steps": 0.0, "non_converged": 0},
-        {"method": "PI-HC-MoE", "kind": "moe", "rel_l2_mean": 0.036, "rel_l2_std": 0.0293,
-         "seconds_per_step": 0.5, "solver_steps": 7.25, "non_converged": 1},
+        {
+            "method": "PI-SC",
+            "kind": "sc",
+            "rel_l2_mean": 0.5,
+            "rel_l2_std": 0.25,
+            "seconds_per_step": 0.012,
+            "solver_steps": 0.0,
+            "non_converged": 0,
+        },
+        {
+            "method": "PI-HC-MoE",
+            "kind": "moe",
+            "rel_l2_mean": 0.036,
+            "rel_l2_std": 0.0293,
+            "seconds_per_step": 0.5,
+            "solver_steps": 7.25,
+            "non_converged": 1,
+        },
     ]
     table = methods.results_table(rows).splitlines()
     assert table[2] == "| PI-SC | 50.00% ± 25.00% | 12 ms | – (no solve) | 0 |"
@@ -193,8 +221,11 @@ def test_bad_configurations():
         methods.make_method("hc", lambda p, x: x, PDE, GRID)
     with pytest.raises(ValueError, match="unknown option"):
         methods.make_method("hc", backbone, PDE, GRID, point_per_expert=3)
-    with pytest.raises(ValueError, match=r"the option 'ridge' moved in hcmoe 0\.2: pass "
-                                         r"rows=hcmoe\.Rows\(ridge=\.\.\.\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the option 'ridge' moved in hcmoe 0\.2: pass "
+        r"rows=hcmoe\.Rows\(ridge=\.\.\.\)",
+    ):
         methods.make_method("moe", backbone, PDE, GRID, PARTITION, ridge=1e-3)
     method = methods.make_method("sc", backbone, PDE, GRID)
     with pytest.raises(ValueError, match="references: expected shape"):
@@ -214,11 +245,13 @@ def test_residual_weight_scales_the_residual_only():
     u = plain(data).u
     np.testing.assert_allclose(
         hcmoe.losses.residual_loss(u, weighted.pde, GRID, data),
-        9.0 * hcmoe.losses.residual_loss(u, PDE, GRID, data), rtol=1e-10,
+        9.0 * hcmoe.losses.residual_loss(u, PDE, GRID, data),
+        rtol=1e-10,
     )
     np.testing.assert_allclose(
         hcmoe.losses.condition_loss(u, weighted.pde, GRID, data),
-        hcmoe.losses.condition_loss(u, PDE, GRID, data), rtol=1e-10,
+        hcmoe.losses.condition_loss(u, PDE, GRID, data),
+        rtol=1e-10,
     )
     hard = methods.make_method("hc", backbone, PDE, GRID, residual_weight=3.0)
     assert hard.model.pde == weighted.pde
@@ -227,11 +260,19 @@ def test_residual_weight_scales_the_residual_only():
 def test_result_row():
     method = methods.make_method("sc", ScaledInitialCondition(jnp.asarray(1.0)), PDE, GRID)
     evaluation = methods.Evaluation(np.array([0.1, 0.3]), 0.2, 0.1, 0.0, 0, np.zeros((0,)))
-    history = [{"kind": "train", "step": 10, "steps_per_second": 1.0},
-               {"kind": "train", "step": 20, "steps_per_second": 4.0}]
+    history = [
+        {"kind": "train", "step": 10, "steps_per_second": 1.0},
+        {"kind": "train", "step": 20, "steps_per_second": 4.0},
+    ]
     row = methods.result_row(method, evaluation, history)
     assert row == {
-        "method": "PI-SC", "kind": "sc", "rel_l2_mean": 0.2, "rel_l2_std": 0.1,
-        "rel_l2": [0.1, 0.3], "solver_steps": 0.0, "non_converged": 0,
-        "seconds_per_step": 0.25, "steps": 20,
+        "method": "PI-SC",
+        "kind": "sc",
+        "rel_l2_mean": 0.2,
+        "rel_l2_std": 0.1,
+        "rel_l2": [0.1, 0.3],
+        "solver_steps": 0.0,
+        "non_converged": 0,
+        "seconds_per_step": 0.25,
+        "steps": 20,
     }

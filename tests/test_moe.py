@@ -35,8 +35,10 @@ class Straight(hcmoe.AbstractPDE):
         return v["u_xx"]
 
     def conditions(self, grid, data):
-        return (hcmoe.dirichlet("x", "low", 0.0, scope=self.scope),
-                hcmoe.dirichlet("x", "high", 1.0, scope=self.scope))
+        return (
+            hcmoe.dirichlet("x", "low", 0.0, scope=self.scope),
+            hcmoe.dirichlet("x", "high", 1.0, scope=self.scope),
+        )
 
 
 def _line_basis(grid):
@@ -55,13 +57,15 @@ def test_interior_experts_recover_non_constant_solution_with_global_conditions()
     # Owned rows: the two interior experts see no condition and settle on (nearly) zero.
     interior = partition.labels(grid) == 1
     assert float(jnp.max(jnp.abs(owned.u - x)[interior])) > 0.1
-    glob = hcmoe.solve(basis, Straight(scope="global"), partition, grid,
-                       rows=hcmoe.Rows(ridge=1e-8))
+    glob = hcmoe.solve(
+        basis, Straight(scope="global"), partition, grid, rows=hcmoe.Rows(ridge=1e-8)
+    )
     assert float(jnp.max(jnp.abs(glob.u - x))) < 1e-6
     np.testing.assert_allclose(glob.weights, np.tile([1.0, 0.0], (4, 1)), atol=1e-6)
     # The per-call override gives the same as the condition's own scope.
-    override = hcmoe.solve(basis, Straight(), partition, grid,
-                           rows=hcmoe.Rows(ridge=1e-8, condition_scope="global"))
+    override = hcmoe.solve(
+        basis, Straight(), partition, grid, rows=hcmoe.Rows(ridge=1e-8, condition_scope="global")
+    )
     np.testing.assert_allclose(override.u, glob.u, atol=1e-12)
     assert float(jnp.max(glob.stats.condition_error)) < 1e-6
 
@@ -71,8 +75,11 @@ def test_interior_experts_recover_non_constant_solution_with_global_conditions()
     [
         (dict(t=(0.0, 1.0, 7), x=(0.0, 1.0, 33)), dict(x=4, overlap=0.1), ()),
         (dict(t=(0.0, 1.0, 9), x=(0.0, 2.0, 40)), dict(t=3, x=2, overlap={"x": 0.3}), ()),
-        (dict(t=(0.0, 1.0, 3), x=(0.0, 1.0, 32), y=(0.0, 1.0, 16)),
-         dict(x=2, y=4, overlap=0.1), ("x", "y")),
+        (
+            dict(t=(0.0, 1.0, 3), x=(0.0, 1.0, 32), y=(0.0, 1.0, 16)),
+            dict(x=2, y=4, overlap=0.1),
+            ("x", "y"),
+        ),
         (dict(t=(0.0, 1.0, 3), x=(0.0, 1.0, 41)), dict(x=4, overlap=0.3), ()),  # wide: normalised
         (dict(t=(0.0, 1.0, 3), x=(0.0, 1.0, 40)), dict(x=4, overlap=0.3), ("x",)),
     ],
@@ -120,8 +127,9 @@ def test_interface_jumps_per_interface():
 
 
 def test_blended_moe_recovers_exact_solution_and_gradients_match_finite_differences(getkey):
-    check_blended_solve(getkey, hcmoe.Partition(x=2, overlap=0.2),
-                        rows=hcmoe.Rows(condition_scope="global"))
+    check_blended_solve(
+        getkey, hcmoe.Partition(x=2, overlap=0.2), rows=hcmoe.Rows(condition_scope="global")
+    )
 
 
 def test_exact_initial_condition_holds_by_construction(getkey):
@@ -139,16 +147,31 @@ def test_exact_initial_condition_holds_by_construction(getkey):
     x = grid.coords("x")
     u0 = jnp.asarray(0.8 * np.sin(np.pi * x))
     basis = jr.normal(getkey(), grid.shape + (4,))  # a basis that knows nothing of u0
-    sol = hcmoe.solve(basis, Heat(), hcmoe.Partition(x=2), grid, {"u0": u0},
-                      key=getkey(), rows=hcmoe.Rows(points_per_expert=20))
+    sol = hcmoe.solve(
+        basis,
+        Heat(),
+        hcmoe.Partition(x=2),
+        grid,
+        {"u0": u0},
+        key=getkey(),
+        rows=hcmoe.Rows(points_per_expert=20),
+    )
     np.testing.assert_allclose(sol.u[0], u0, atol=1e-12)
+
     # Least-squares rows (the same condition without exact=True) miss it.
     class LeastSquares(Heat):
         def conditions(self, grid, data):
             return (hcmoe.initial(data["u0"]), hcmoe.dirichlet("x", "low", 0.0))
 
-    soft = hcmoe.solve(basis, LeastSquares(), hcmoe.Partition(x=2), grid, {"u0": u0},
-                       key=getkey(), rows=hcmoe.Rows(points_per_expert=20))
+    soft = hcmoe.solve(
+        basis,
+        LeastSquares(),
+        hcmoe.Partition(x=2),
+        grid,
+        {"u0": u0},
+        key=getkey(),
+        rows=hcmoe.Rows(points_per_expert=20),
+    )
     assert float(jnp.max(jnp.abs(soft.u[0] - u0))) > 1e-3
     assert float(jnp.max(soft.stats.condition_error)) > 1e-3
 
@@ -162,8 +185,10 @@ def test_exact_faces_compose_when_corners_agree(getkey):
             return v["u_t"]
 
         def conditions(self, grid, data):
-            return (hcmoe.initial(data["u0"], exact=True),
-                    hcmoe.dirichlet("x", "low", data["left"], exact=True))
+            return (
+                hcmoe.initial(data["u0"], exact=True),
+                hcmoe.dirichlet("x", "low", data["left"], exact=True),
+            )
 
     grid = small_grid()
     x, t = grid.coords("x"), grid.coords("t")
@@ -190,8 +215,10 @@ def test_condition_weight_enters_squared_in_the_loss():
         weight: float = 1.0
 
         def conditions(self, grid, data):
-            return tuple(hcmoe.Condition(c.axis, c.index, c.operator, c.target, self.weight)
-                         for c in super().conditions(grid, data))
+            return tuple(
+                hcmoe.Condition(c.axis, c.index, c.operator, c.target, self.weight)
+                for c in super().conditions(grid, data)
+            )
 
     one = losses.condition_loss(u, Weighted(), grid, data_for(grid))
     three = losses.condition_loss(u, Weighted(weight=3.0), grid, data_for(grid))
@@ -213,8 +240,10 @@ def test_mean_balance_solve_minimises_the_loss_functional(getkey, weight):
             return v["u_t"] - 0.5 * v["u_xx"] - 1.0
 
         def conditions(self, grid, data):
-            return (hcmoe.initial(data["u0"], weight=weight),
-                    hcmoe.dirichlet("x", "low", 0.0, weight=weight))
+            return (
+                hcmoe.initial(data["u0"], weight=weight),
+                hcmoe.dirichlet("x", "low", 0.0, weight=weight),
+            )
 
     grid = small_grid()
     basis = jr.normal(getkey(), grid.shape + (6,))
@@ -225,16 +254,19 @@ def test_mean_balance_solve_minimises_the_loss_functional(getkey, weight):
     def objective(w):
         u = basis @ w
         m = grid.size
-        return m * (losses.residual_loss(u, Heat(), grid, data)
-                    + losses.condition_loss(u, Heat(), grid, data)) + ridge**2 * jnp.sum(w**2)
+        return m * (
+            losses.residual_loss(u, Heat(), grid, data)
+            + losses.condition_loss(u, Heat(), grid, data)
+        ) + ridge**2 * jnp.sum(w**2)
 
     w = sol.weights[0]
     gradient = jax.grad(objective)(w)
     scale = jax.grad(objective)(jnp.zeros_like(w))
     assert float(jnp.max(jnp.abs(gradient))) < 1e-9 * float(jnp.max(jnp.abs(scale)))
     # With "sum" the minimiser is another one (fewer condition rows than PDE rows).
-    other = hcmoe.solve(basis, Heat(), None, grid, data,
-                        rows=hcmoe.Rows(ridge=ridge, balance="sum"))
+    other = hcmoe.solve(
+        basis, Heat(), None, grid, data, rows=hcmoe.Rows(ridge=ridge, balance="sum")
+    )
     assert float(jnp.max(jnp.abs(other.weights - sol.weights))) > 1e-6
 
 
@@ -255,10 +287,17 @@ def test_grid_fields_in_data_reach_the_residual_at_the_sampled_points(getkey):
     u_exact = exact_field(grid)
     forcing = ops.FiniteDifference("t")(u_exact, grid)
     basis = basis_with_exact(grid, getkey())
-    sol = hcmoe.solve(basis, Forced(), hcmoe.Partition(x=2), grid,
-                      {"f": forcing, "u0": u_exact[0]}, key=getkey(),
-                      solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12),
-                      rows=hcmoe.Rows(points_per_expert=40, ridge=0.0), max_steps=100)
+    sol = hcmoe.solve(
+        basis,
+        Forced(),
+        hcmoe.Partition(x=2),
+        grid,
+        {"f": forcing, "u0": u_exact[0]},
+        key=getkey(),
+        solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12),
+        rows=hcmoe.Rows(points_per_expert=40, ridge=0.0),
+        max_steps=100,
+    )
     np.testing.assert_allclose(sol.u, u_exact, atol=1e-8)
 
 
@@ -271,9 +310,15 @@ def test_sampled_points_are_reported_and_respect_the_residual_mask(getkey):
 
     grid = small_grid()
     partition = hcmoe.Partition(x=2, overlap=0.2)
-    sol = hcmoe.solve(basis_with_exact(grid, getkey()), Masked(), partition, grid,
-                      data_for(grid), key=getkey(),
-                      rows=hcmoe.Rows(points_per_expert=30, condition_scope="global"))
+    sol = hcmoe.solve(
+        basis_with_exact(grid, getkey()),
+        Masked(),
+        partition,
+        grid,
+        data_for(grid),
+        key=getkey(),
+        rows=hcmoe.Rows(points_per_expert=30, condition_scope="global"),
+    )
     points = np.asarray(sol.stats.points)
     assert points.shape == (2, 30)
     members = partition.members(grid).reshape(2, -1)
@@ -285,8 +330,9 @@ def test_sampled_points_are_reported_and_respect_the_residual_mask(getkey):
     # The loss leaves the masked levels out as well.
     bad = exact_field(grid).at[:3].add(1.0)
     assert float(losses.residual_loss(exact_field(grid), Masked(), grid, data_for(grid))) < 1e-20
-    masked = losses.residual_loss(bad.at[:2].set(exact_field(grid)[:2] + 5.0), Masked(), grid,
-                                  data_for(grid))
+    masked = losses.residual_loss(
+        bad.at[:2].set(exact_field(grid)[:2] + 5.0), Masked(), grid, data_for(grid)
+    )
     full = losses.residual_loss(bad, ForcedBurgers(), grid, data_for(grid))
     assert float(masked) < float(full)
 
@@ -300,8 +346,13 @@ def test_bad_overlap_is_a_clear_error():
     with pytest.raises(ValueError, match="not split by this partition"):
         hcmoe.Partition(x=4, overlap={"t": 0.1})
     with pytest.raises(ValueError, match="condition_scope"):
-        hcmoe.solve(jnp.ones(grid.shape + (2,)), Straight(), None, grid,
-                    rows=hcmoe.Rows(condition_scope="all"))
+        hcmoe.solve(
+            jnp.ones(grid.shape + (2,)),
+            Straight(),
+            None,
+            grid,
+            rows=hcmoe.Rows(condition_scope="all"),
+        )
 
 
 @pytest.mark.slow  # 16 s: keeps the default suite under 15 min on 2 cores
@@ -318,8 +369,9 @@ def test_warm_start_reaches_the_same_minimiser_with_the_same_gradient(getkey):
         return hcmoe.WarmStart(solver) if warm else solver
 
     def run(b, warm):
-        sol = hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid),
-                          solver=start(warm), **opts)
+        sol = hcmoe.solve(
+            b, ForcedBurgers(), partition, grid, data_for(grid), solver=start(warm), **opts
+        )
         return jnp.sum(sol.u * readout), sol
 
     (cold_value, cold), cold_grad = jax.value_and_grad(run, has_aux=True)(basis, False)
@@ -330,16 +382,27 @@ def test_warm_start_reaches_the_same_minimiser_with_the_same_gradient(getkey):
     # What the warm start is for: with few iterations it ends nearer the minimiser. (Step
     # counts to a 1e-12 tolerance are chaotic, so they are not compared.)
     capped = dict(opts, max_steps=3)
-    few = {warm: hcmoe.solve(basis, ForcedBurgers(), partition, grid, data_for(grid),
-                             solver=start(warm), **capped) for warm in (False, True)}
+    few = {
+        warm: hcmoe.solve(
+            basis, ForcedBurgers(), partition, grid, data_for(grid), solver=start(warm), **capped
+        )
+        for warm in (False, True)
+    }
     assert float(jnp.sum(few[True].stats.residual_norm)) < 0.7 * float(
-        jnp.sum(few[False].stats.residual_norm))
+        jnp.sum(few[False].stats.residual_norm)
+    )
 
 
-@pytest.mark.parametrize("partition", [hcmoe.Partition(x=4), hcmoe.Partition(x=2, t=2),
-                                       hcmoe.Partition(x=4, overlap=0.1),
-                                       hcmoe.Partition(x=20)],
-                         ids=["x4", "x2-t2", "blended", "20-experts"])
+@pytest.mark.parametrize(
+    "partition",
+    [
+        hcmoe.Partition(x=4),
+        hcmoe.Partition(x=2, t=2),
+        hcmoe.Partition(x=4, overlap=0.1),
+        hcmoe.Partition(x=20),
+    ],
+    ids=["x4", "x2-t2", "blended", "20-experts"],
+)
 def test_u_from_the_fields_equals_the_reference_assembly(getkey, partition):
     """`solve` takes `u` from the experts' fields `T w_k + u_p` (`assemble_from_fields`, per
     expert up to 16 experts, a gather past that); it equals `assemble`'s `u_p + T W[label]`
@@ -359,9 +422,14 @@ def test_u_from_the_fields_equals_the_reference_assembly(getkey, partition):
     assert float(jnp.max(jnp.abs(got - want))) < 1e-12
     # and so does its gradient in the basis and the weights
     readout = jr.normal(getkey(), grid.shape)
-    grads = jax.grad(lambda t, w: jnp.sum(readout * assemble_from_fields(
-        expert_fields(w, t, particular), labels, blend)), argnums=(0, 1))(transformed, weights)
-    wants = jax.grad(lambda t, w: jnp.sum(readout * assemble(t, particular, w, labels, blend)),
-                     argnums=(0, 1))(transformed, weights)
+    grads = jax.grad(
+        lambda t, w: jnp.sum(
+            readout * assemble_from_fields(expert_fields(w, t, particular), labels, blend)
+        ),
+        argnums=(0, 1),
+    )(transformed, weights)
+    wants = jax.grad(
+        lambda t, w: jnp.sum(readout * assemble(t, particular, w, labels, blend)), argnums=(0, 1)
+    )(transformed, weights)
     for g, w in zip(grads, wants):
         assert float(jnp.max(jnp.abs(g - w))) < 1e-11

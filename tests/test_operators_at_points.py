@@ -35,18 +35,22 @@ LOCAL = {
     "d_xxx": ops.FiniteDifference("x", order=3),
     "backward_t": ops.BackwardDifference("t", accuracy=2),
     "backward_t3": ops.BackwardDifference("t", accuracy=3),
-    "combination": 2.0 * ops.Identity() - 0.5 * ops.FiniteDifference("x")
+    "combination": 2.0 * ops.Identity()
+    - 0.5 * ops.FiniteDifference("x")
     + ops.FiniteDifference("y", order=2),
     "laplacian_fd": ops.Laplacian(("x", "y"), method="fd"),
     "compose": ops.Compose(ops.FiniteDifference("t"), ops.FiniteDifference("x")),
     "compose_xx": ops.Compose(ops.FiniteDifference("x"), ops.FiniteDifference("x")),
-    "compose_x_xx4": ops.Compose(ops.FiniteDifference("x", order=2, accuracy=4),
-                                 ops.FiniteDifference("x")),
+    "compose_x_xx4": ops.Compose(
+        ops.FiniteDifference("x", order=2, accuracy=4), ops.FiniteDifference("x")
+    ),
     "compose_t_backward": ops.Compose(ops.BackwardDifference("t"), ops.FiniteDifference("t")),
-    "compose_nested": ops.Compose(ops.FiniteDifference("y"), ops.Compose(
-        ops.FiniteDifference("y"), ops.FiniteDifference("x"))),
-    "compose_combination": ops.Compose(2.0 * ops.Identity() - ops.FiniteDifference("x"),
-                                       ops.FiniteDifference("y", order=2)),
+    "compose_nested": ops.Compose(
+        ops.FiniteDifference("y"), ops.Compose(ops.FiniteDifference("y"), ops.FiniteDifference("x"))
+    ),
+    "compose_combination": ops.Compose(
+        2.0 * ops.Identity() - ops.FiniteDifference("x"), ops.FiniteDifference("y", order=2)
+    ),
     "user": ops.Linear(lambda f, g: jnp.cumsum(f, axis=g.axis("x"))),
 }
 SPECTRAL = {
@@ -65,8 +69,14 @@ SPECTRAL = {
 def _points(grid, key, shape):
     # Random points, plus every edge and corner of the grid.
     edges = np.flatnonzero(
-        np.any([np.isin(np.indices(grid.shape)[a], [0, 1, n - 2, n - 1])
-                for a, n in enumerate(grid.shape)], axis=0))
+        np.any(
+            [
+                np.isin(np.indices(grid.shape)[a], [0, 1, n - 2, n - 1])
+                for a, n in enumerate(grid.shape)
+            ],
+            axis=0,
+        )
+    )
     rand = jr.randint(key, shape, 0, grid.size)
     return rand, jnp.asarray(edges)
 
@@ -108,8 +118,9 @@ def test_evaluate_at_points_mixed_requests_and_transpose(getkey, monkeypatch, ch
     field = jr.normal(getkey(), grid.shape + (3,))
     names = ["identity", "d_t", "d_y4", "combination", "backward_t3", "user"]
     shapes = [(2, 25), (2, 25), (4, 3), (11,), (2, 25), (5,)]
-    requests = [(LOCAL[n], jr.randint(getkey(), shape, 0, grid.size))
-                for n, shape in zip(names, shapes)]
+    requests = [
+        (LOCAL[n], jr.randint(getkey(), shape, 0, grid.size)) for n, shape in zip(names, shapes)
+    ]
     requests.append((ops.Spectral("x"), requests[0][1]))
 
     def fused(f):
@@ -138,17 +149,27 @@ def test_expert_points_equal_each_experts_own_field(getkey):
     fields = jr.normal(getkey(), grid.shape + (experts,))
     operators = [LOCAL[n] for n in ("identity", "d_t", "compose_xx", "combination", "user")]
     operators += [SPECTRAL["laplacian"], SPECTRAL["mixed"]]
-    shapes = [(experts, 25), (experts, 25), (experts, 4, 3), (experts, 11), (experts, 5),
-              (experts, 25), (experts, 7)]
-    requests = [(op, jr.randint(getkey(), shape, 0, grid.size))
-                for op, shape in zip(operators, shapes)]
+    shapes = [
+        (experts, 25),
+        (experts, 25),
+        (experts, 4, 3),
+        (experts, 11),
+        (experts, 5),
+        (experts, 25),
+        (experts, 7),
+    ]
+    requests = [
+        (op, jr.randint(getkey(), shape, 0, grid.size)) for op, shape in zip(operators, shapes)
+    ]
 
     def together(f):
         return evaluate_at_expert_points(requests, f, grid)
 
     def one_by_one(f):
-        per_expert = [evaluate_at_points([(op, points[k]) for op, points in requests],
-                                         f[..., k], grid) for k in range(experts)]
+        per_expert = [
+            evaluate_at_points([(op, points[k]) for op, points in requests], f[..., k], grid)
+            for k in range(experts)
+        ]
         return [jnp.stack([values[i] for values in per_expert]) for i in range(len(requests))]
 
     got, expected = together(fields), one_by_one(fields)
@@ -171,8 +192,9 @@ def _complex_fft_reference(op, field, grid):
 
 @pytest.mark.parametrize("sizes", [(10, 6), (9, 7)], ids=["even", "odd"])
 def test_real_fft_equals_complex_fft(getkey, sizes):
-    grid = hcmoe.uniform_grid(t=(0.0, 1.0, 3), x=(0.0, 1.0, sizes[0]), y=(0.0, 1.0, sizes[1]),
-                              periodic=("x", "y"))
+    grid = hcmoe.uniform_grid(
+        t=(0.0, 1.0, 3), x=(0.0, 1.0, sizes[0]), y=(0.0, 1.0, sizes[1]), periodic=("x", "y")
+    )
     field = jr.normal(getkey(), grid.shape + (2,))
     for name, op in SPECTRAL.items():
         if op.fourier_symbol(grid) is None:
@@ -187,6 +209,7 @@ def test_gradients_through_points_equal_full_grid(getkey):
     points = jr.randint(getkey(), (40,), 0, grid.size)
     cotangent = jr.normal(getkey(), (40, 3))
     for name, op in (LOCAL | {"spectral_x": ops.Spectral("x")}).items():
+
         def full(f, op=op):
             return jnp.sum(flat_field(op(f, grid), grid)[points] * cotangent)
 
@@ -206,8 +229,9 @@ def test_compose_of_stencils_is_a_stencil():
     assert neighbours.shape == (grid.size, 4)  # 3 inside, 4 next to the (one-sided) ends
     inside = np.asarray(weights)[np.asarray(neighbours)[:, 0] // 6 % 10 == 3]
     h = grid.spacing("x")
-    assert np.allclose(np.sort(np.abs(inside[:, :3]), axis=1)[0],
-                       np.array([0.25, 0.25, 0.5]) / h**2, rtol=1e-14)
+    assert np.allclose(
+        np.sort(np.abs(inside[:, :3]), axis=1)[0], np.array([0.25, 0.25, 0.5]) / h**2, rtol=1e-14
+    )
     for index in np.asarray(neighbours):
         assert len(set(index.tolist())) >= 3
     assert LOCAL["compose"].point_stencil(grid, points)[0].shape == (grid.size, 9)
@@ -239,11 +263,17 @@ def _full_grid_rows(pde, basis, grid, data, partition, scope, problems):
 
     transformed, particular, conditions = ansatz(pde, basis, grid, data)
     rows = jnp.maximum(problems.points, 0)
-    stacks = {name: flat_field(op(transformed, grid), grid)[rows]
-              for name, op in pde.operators().items()}
-    offsets = {name: (jnp.zeros(rows.shape) if particular is None
-                      else flat_field(op(particular, grid), grid)[rows])
-               for name, op in pde.operators().items()}
+    stacks = {
+        name: flat_field(op(transformed, grid), grid)[rows] for name, op in pde.operators().items()
+    }
+    offsets = {
+        name: (
+            jnp.zeros(rows.shape)
+            if particular is None
+            else flat_field(op(particular, grid), grid)[rows]
+        )
+        for name, op in pde.operators().items()
+    }
     members = partition.members(grid)
     matrices = []
     for cond in (c for c in conditions if not c.exact):
@@ -267,10 +297,20 @@ def _shipped_problems(key):
     w0 = {"w0": ns.sample_initial_conditions(key, 1, ns_grid)[0]}
     return [
         (ds.formulation("hcmoe"), ds_grid, u0, hcmoe.Partition(x=3), None),
-        (ds.formulation("paper", time_derivative="backward"), ds_grid, u0,
-         hcmoe.Partition(t=2, x=2, overlap=0.1), "owned"),
-        (heat.Heat(), heat_grid, {"u0": jnp.sin(np.pi * jnp.asarray(heat_grid.coords("x")))},
-         hcmoe.Partition(x=2), None),
+        (
+            ds.formulation("paper", time_derivative="backward"),
+            ds_grid,
+            u0,
+            hcmoe.Partition(t=2, x=2, overlap=0.1),
+            "owned",
+        ),
+        (
+            heat.Heat(),
+            heat_grid,
+            {"u0": jnp.sin(np.pi * jnp.asarray(heat_grid.coords("x")))},
+            hcmoe.Partition(x=2),
+            None,
+        ),
         (ns.NavierStokes(), ns_grid, w0, hcmoe.Partition(x=2, y=2), None),
     ]
 
@@ -282,15 +322,18 @@ def test_shipped_problems_rows_equal_full_grid(getkey, case):
 
     pde, grid, data, partition, scope = _shipped_problems(getkey())[case]
     basis = jr.normal(getkey(), grid.shape + (4,))
-    problems, _, _ = build_problems(basis, pde, grid, data, partition, 20, getkey(),
-                                    condition_scope=scope)
-    stacks, offsets, matrix = _full_grid_rows(pde, basis, grid, data, partition, scope,
-                                              problems)
+    problems, _, _ = build_problems(
+        basis, pde, grid, data, partition, 20, getkey(), condition_scope=scope
+    )
+    stacks, offsets, matrix = _full_grid_rows(pde, basis, grid, data, partition, scope, problems)
     valid = problems.pde_valid[..., None]
     for name in stacks:
-        assert _close(jnp.where(valid, problems.stacks[name], 0.0),
-                      jnp.where(valid, stacks[name], 0.0)), name
-        assert _close(jnp.where(valid[..., 0], problems.offsets[name], 0.0),
-                      jnp.where(valid[..., 0], offsets[name], 0.0)), name
+        assert _close(
+            jnp.where(valid, problems.stacks[name], 0.0), jnp.where(valid, stacks[name], 0.0)
+        ), name
+        assert _close(
+            jnp.where(valid[..., 0], problems.offsets[name], 0.0),
+            jnp.where(valid[..., 0], offsets[name], 0.0),
+        ), name
     if matrix is not None:
         assert _close(problems.cond_matrix, matrix)

@@ -65,8 +65,12 @@ def test_couplings_and_solver_options_validated():
 
 def test_old_option_names_say_where_they_went():
     backbone = eqx.nn.Linear(3, 4, key=jr.key(0))
-    for name, home in [("points_per_expert", "rows=hcmoe.Rows"), ("rtol", "solver="),
-                       ("schedule", "coupling=hcmoe.Independent"), ("warm_start", "WarmStart")]:
+    for name, home in [
+        ("points_per_expert", "rows=hcmoe.Rows"),
+        ("rtol", "solver="),
+        ("schedule", "coupling=hcmoe.Independent"),
+        ("warm_start", "WarmStart"),
+    ]:
         with pytest.raises(ValueError, match=f"option '{name}' moved in hcmoe 0.2.*{home}"):
             hcmoe.constrain(backbone, ForcedBurgers(), None, grid=small_grid(), **{name: 1})
 
@@ -85,8 +89,15 @@ def test_results_say_why_an_expert_did_not_converge(getkey):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey()) + 0.2 * jr.normal(getkey(), grid.shape + (5,))
     solver = hcmoe.LevenbergMarquardt(rtol=1e-14, atol=1e-14)
-    sol = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
-                      solver=solver, max_steps=1)
+    sol = hcmoe.solve(
+        basis,
+        ForcedBurgers(),
+        hcmoe.Partition(x=2),
+        grid,
+        data_for(grid),
+        solver=solver,
+        max_steps=1,
+    )
     assert not bool(jnp.any(sol.stats.converged))
     messages = sol.stats.messages()
     assert messages.shape == (2,)
@@ -103,8 +114,9 @@ def test_warm_start_reaches_the_cold_start_minimiser(getkey):
     tight = hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12)
     args = (basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid))
     cold = hcmoe.solve(*args, solver=tight, max_steps=100, rows=hcmoe.Rows(ridge=0.0))
-    warm = hcmoe.solve(*args, solver=hcmoe.WarmStart(tight), max_steps=100,
-                       rows=hcmoe.Rows(ridge=0.0))
+    warm = hcmoe.solve(
+        *args, solver=hcmoe.WarmStart(tight), max_steps=100, rows=hcmoe.Rows(ridge=0.0)
+    )
     assert bool(jnp.all(warm.stats.converged))
     assert float(jnp.max(jnp.abs(warm.u - cold.u))) < 1e-8
 
@@ -115,8 +127,7 @@ def test_diffusion_sorption_default_meets_its_initial_condition_exactly(seed):
     grid = ds.make_grid(nt=11, nx=32)
     basis = jr.normal(jr.key(seed), grid.shape + (16,))
     u0 = jnp.full((32,), 0.1)
-    sol = hcmoe.solve(basis, ds.DiffusionSorption(), hcmoe.Partition(t=1, x=4), grid,
-                      {"u0": u0})
+    sol = hcmoe.solve(basis, ds.DiffusionSorption(), hcmoe.Partition(t=1, x=4), grid, {"u0": u0})
     assert float(jnp.max(jnp.abs(sol.u[0] - u0))) < 1e-12
 
 
@@ -124,8 +135,12 @@ class _ViscousBurgers(hcmoe.AbstractPDE):
     """Burgers with a viscosity field `nu(t, x)` in the data (a held-out user's PDE)."""
 
     def operators(self):
-        return {"u": ops.Identity(), "u_t": ops.FiniteDifference("t"),
-                "u_x": ops.FiniteDifference("x"), "u_xx": ops.FiniteDifference("x", order=2)}
+        return {
+            "u": ops.Identity(),
+            "u_t": ops.FiniteDifference("t"),
+            "u_x": ops.FiniteDifference("x"),
+            "u_xx": ops.FiniteDifference("x", order=2),
+        }
 
     def residual(self, v, coords, data):
         return v["u_t"] + v["u"] * v["u_x"] - data["nu"] * v["u_xx"]
@@ -149,17 +164,29 @@ def test_data_field_over_some_axes_is_a_clear_error(bad, points):
     value = {"x-only": nu[0], "t-only": nu[:, 0], "first-row": nu[0]}[bad]
     axes = "'t'" if bad == "t-only" else "'x'"
     with pytest.raises(ValueError, match=rf"data\['nu'\].*residual reads it.*\[{axes}\]"):
-        hcmoe.solve(basis, _ViscousBurgers(), hcmoe.Partition(x=2), grid,
-                    {"u0": u0, "nu": value}, key=jr.key(0),
-                    rows=hcmoe.Rows(points_per_expert=points))
+        hcmoe.solve(
+            basis,
+            _ViscousBurgers(),
+            hcmoe.Partition(x=2),
+            grid,
+            {"u0": u0, "nu": value},
+            key=jr.key(0),
+            rows=hcmoe.Rows(points_per_expert=points),
+        )
 
 
 def test_grid_and_scalar_data_fields_still_solve():
     grid, basis, u0 = _burgers_case()
-    field = hcmoe.solve(basis, _ViscousBurgers(), hcmoe.Partition(x=2), grid,
-                        {"u0": u0, "nu": jnp.full(grid.shape, 0.01)})
-    scalar = hcmoe.solve(basis, _ViscousBurgers(), hcmoe.Partition(x=2), grid,
-                         {"u0": u0, "nu": 0.01})
+    field = hcmoe.solve(
+        basis,
+        _ViscousBurgers(),
+        hcmoe.Partition(x=2),
+        grid,
+        {"u0": u0, "nu": jnp.full(grid.shape, 0.01)},
+    )
+    scalar = hcmoe.solve(
+        basis, _ViscousBurgers(), hcmoe.Partition(x=2), grid, {"u0": u0, "nu": 0.01}
+    )
     assert bool(jnp.all(field.stats.converged))
     assert float(jnp.max(jnp.abs(field.u - scalar.u))) < 1e-12
 
@@ -179,8 +206,9 @@ def test_non_finite_data_is_an_error():
     grid, basis, u0 = _burgers_case()
     nu = jnp.full(grid.shape, 0.01).at[3, 5].set(jnp.nan)
     with pytest.raises(Exception, match=r"data\['nu'\] contains NaN or inf"):
-        sol = hcmoe.solve(basis, _ViscousBurgers(), hcmoe.Partition(x=2), grid,
-                          {"u0": u0, "nu": nu})
+        sol = hcmoe.solve(
+            basis, _ViscousBurgers(), hcmoe.Partition(x=2), grid, {"u0": u0, "nu": nu}
+        )
         jax.block_until_ready(sol.u)
 
 
@@ -198,16 +226,20 @@ def test_float32_fallback_warns_once():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             hcmoe.solve(jnp.asarray(basis), ForcedBurgers(), None, grid, data)  # once only
-            hcmoe.solve(jnp.asarray(basis), ForcedBurgers(), None, grid, data,
-                        precision="float32")  # chosen: no warning
+            hcmoe.solve(
+                jnp.asarray(basis), ForcedBurgers(), None, grid, data, precision="float32"
+            )  # chosen: no warning
     finally:
         jax.config.update("jax_enable_x64", True)
 
 
 @pytest.mark.parametrize("side", ["right", "left", 1.5, None])
 def test_unknown_face_names_are_errors(side):
-    for make in (lambda: hcmoe.dirichlet("x", side, 0.0), lambda: hcmoe.neumann("x", side, 0.0),
-                 lambda: hcmoe.robin("x", side, 1.0, 1.0, 0.0)):
+    for make in (
+        lambda: hcmoe.dirichlet("x", side, 0.0),
+        lambda: hcmoe.neumann("x", side, 0.0),
+        lambda: hcmoe.robin("x", side, 1.0, 1.0, 0.0),
+    ):
         with pytest.raises(ValueError, match="side: expected 'low', 'high' or an int index"):
             make()
     assert hcmoe.dirichlet("x", "high", 0.0).index == -1
@@ -241,10 +273,16 @@ _JOINT_BATCH_MESH = textwrap.dedent("""
 
 def test_joint_coupling_splits_a_batch_over_a_batch_mesh():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-c", _JOINT_BATCH_MESH], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _JOINT_BATCH_MESH],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
 
 
@@ -270,9 +308,15 @@ def test_sharded_solve_compiles_without_rematerialization_warning():
     # The finiteness and convergence checks used to route the sharded weights through a
     # one-device conditional: XLA's "[SPMD] Involuntary full rematerialization" at every compile.
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_SOLVE], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SOLVE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
     assert "rematerialization" not in proc.stderr, proc.stderr[-4000:]

@@ -28,8 +28,12 @@ def test_plot_prediction(tmp_path):
     prediction, reference = _fields(grid.shape)
     path = tmp_path / "figs" / "prediction.png"
     figure = plotting.plot_prediction(
-        prediction, reference, grid=grid, labels=_block_labels(grid.shape, (1, 4)),
-        title="PI-HC-MoE", path=path,
+        prediction,
+        reference,
+        grid=grid,
+        labels=_block_labels(grid.shape, (1, 4)),
+        title="PI-HC-MoE",
+        path=path,
     )
     assert _is_png(path)
     assert "relative L2 error" in figure.get_suptitle()
@@ -53,8 +57,12 @@ def test_plot_snapshots(tmp_path):
     prediction, reference = _fields(grid.shape)
     path = tmp_path / "snapshots.png"
     figure = plotting.plot_snapshots(
-        prediction, reference, grid=grid, times=(0, 2, -1),
-        labels=_block_labels(grid.shape, (1, 2, 2)), path=path,
+        prediction,
+        reference,
+        grid=grid,
+        times=(0, 2, -1),
+        labels=_block_labels(grid.shape, (1, 2, 2)),
+        path=path,
     )
     assert _is_png(path)
     assert len([ax for ax in figure.axes if ax.get_title()]) == 9
@@ -72,8 +80,10 @@ def test_plot_training_curves(tmp_path):
     records = [
         {"kind": "train", "step": s, "loss": 1.0 / s**2, "solver_steps": 5.0, "time": s}
         for s in range(1, 11)
-    ] + [{"kind": "eval", "step": 5, "relative_l2": 0.3}, {"kind": "eval", "step": 10,
-                                                            "relative_l2": 0.2}]
+    ] + [
+        {"kind": "eval", "step": 5, "relative_l2": 0.3},
+        {"kind": "eval", "step": 10, "relative_l2": 0.2},
+    ]
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     figure = plotting.plot_training_curves(metrics, path=tmp_path / "curves.png")

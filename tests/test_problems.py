@@ -147,8 +147,8 @@ def test_diffusion_sorption_boundaries_and_robustness():
     # "cell": u = 1 on the first centre, half a cell inside the ghost value 1: there the
     # residual is about one cell's difference u[0] - u[1], O(dx).
     _, inflow_cell, outflow_cell = ds.DiffusionSorption(
-        exact_initial=False, boundary_weight=1.0, boundary="cell").conditions(
-        grid, {"u0": single[0]})
+        exact_initial=False, boundary_weight=1.0, boundary="cell"
+    ).conditions(grid, {"u0": single[0]})
     inflow_gap = -condition_residual(inflow_cell, single, grid)[late]
     np.testing.assert_allclose(inflow_gap, (single[:, 0] - single[:, 1])[late], rtol=0.2)
     outflow_residual = condition_residual(outflow_cell, single, grid)[late]

@@ -44,8 +44,15 @@ def test_readme_forcing_field_example_runs(capsys):
     np.testing.assert_allclose(forced.u[0], 0.0, atol=1e-12)
     pde, f, basis = namespace["ForcedHeat"](), namespace["f"], namespace["basis"]
     data = {"f": f, "u0": jnp.zeros(32)}
-    unforced = hcmoe.solve(basis, pde, hcmoe.Partition(x=2), grid,
-                           {"f": jnp.zeros_like(f), "u0": jnp.zeros(32)},
-                           key=jr.key(1), rows=hcmoe.Rows(points_per_expert=100))
+    unforced = hcmoe.solve(
+        basis,
+        pde,
+        hcmoe.Partition(x=2),
+        grid,
+        {"f": jnp.zeros_like(f), "u0": jnp.zeros(32)},
+        key=jr.key(1),
+        rows=hcmoe.Rows(points_per_expert=100),
+    )
     assert float(losses.residual_loss(forced.u, pde, grid, data)) < 0.5 * float(
-        losses.residual_loss(unforced.u, pde, grid, data))
+        losses.residual_loss(unforced.u, pde, grid, data)
+    )

@@ -37,14 +37,28 @@ def _data(n=6, seed=0):
 
 
 def _method(seed):
-    return methods.make_method("moe", PointwiseBasis(key=jr.key(seed)), PDE, GRID, PARTITION,
-                               rows=hcmoe.Rows(points_per_expert=20))
+    return methods.make_method(
+        "moe",
+        PointwiseBasis(key=jr.key(seed)),
+        PDE,
+        GRID,
+        PARTITION,
+        rows=hcmoe.Rows(points_per_expert=20),
+    )
 
 
 def test_load_returns_the_trained_method(tmp_path):
     data = _data()
-    result = methods.train(_method(0), data, steps=3, batch_size=2, key=jr.key(1),
-                           optimizer=OPTIMIZER, run_dir=tmp_path, progress=False)
+    result = methods.train(
+        _method(0),
+        data,
+        steps=3,
+        batch_size=2,
+        key=jr.key(1),
+        optimizer=OPTIMIZER,
+        run_dir=tmp_path,
+        progress=False,
+    )
     loaded = methods.load(_method(7), tmp_path)  # fresh parameters, same architecture
     trained = methods.predict(result.model, data)
     again = methods.predict(loaded, data)
@@ -63,8 +77,9 @@ def test_load_without_a_checkpoint_is_a_clear_error(tmp_path):
 def test_evaluation_takes_solve_options_and_prints_briefly():
     method = _method(0)
     data = _data(4)
-    references = np.asarray(jax.vmap(lambda u0: heat.reference_solution(u0, GRID))(
-        jnp.asarray(data["u0"], jnp.float64)))
+    references = np.asarray(
+        jax.vmap(lambda u0: heat.reference_solution(u0, GRID))(jnp.asarray(data["u0"], jnp.float64))
+    )
     sampled = methods.evaluate(method, data, references)
     everything = methods.evaluate(method, data, references, rows=hcmoe.Rows())
     assert sampled.errors.shape == everything.errors.shape == (4,)
@@ -76,4 +91,5 @@ def test_evaluation_takes_solve_options_and_prints_briefly():
     assert len(text) < 200
     with pytest.raises(ValueError, match="PI-SC .* solves nothing"):
         methods.make_method("sc", PointwiseBasis(key=jr.key(0)), PDE, GRID)(
-            jax.tree.map(lambda x: x[0], data), rows=hcmoe.Rows())
+            jax.tree.map(lambda x: x[0], data), rows=hcmoe.Rows()
+        )

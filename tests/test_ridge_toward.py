@@ -32,12 +32,20 @@ def test_undetermined_direction_goes_to_zero_or_keeps_init(getkey, pde, blocks):
     grid = small_grid()
     basis = _duplicated_basis(grid, getkey())
     init = jnp.array([1.0, 3.0, 1.0, 1.0, 1.0])
-    options = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12), max_steps=400,
-                   init=init)
+    options = dict(
+        solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12), max_steps=400, init=init
+    )
     partition = hcmoe.Partition(**blocks)
     toward = {
-        name: hcmoe.solve(basis, pde, partition, grid, data_for(grid),
-                          rows=hcmoe.Rows(ridge=1e-3, ridge_toward=name), **options)
+        name: hcmoe.solve(
+            basis,
+            pde,
+            partition,
+            grid,
+            data_for(grid),
+            rows=hcmoe.Rows(ridge=1e-3, ridge_toward=name),
+            **options,
+        )
         for name in ("zero", "init")
     }
     # The determined part is the same: both recover the exact field to the ridge's bias.
@@ -55,15 +63,33 @@ def test_undetermined_direction_goes_to_zero_or_keeps_init(getkey, pde, blocks):
 def test_large_ridge_toward_init_returns_init(getkey):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey(), n_basis=4) + 0.1 * jr.normal(
-        getkey(), grid.shape + (4,))
+        getkey(), grid.shape + (4,)
+    )
     init = jr.normal(getkey(), (4,))
     tight = hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12)
-    sol = hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid), init=init,
-                      rows=hcmoe.Rows(ridge=1e6, ridge_toward="init"), solver=tight,
-                      max_steps=100)
+    sol = hcmoe.solve(
+        basis,
+        ForcedBurgers(),
+        None,
+        grid,
+        data_for(grid),
+        init=init,
+        rows=hcmoe.Rows(ridge=1e6, ridge_toward="init"),
+        solver=tight,
+        max_steps=100,
+    )
     np.testing.assert_allclose(sol.weights[0], init, atol=1e-6)
-    far = hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid), init=init,
-                      rows=hcmoe.Rows(ridge=1e6), solver=tight, max_steps=100)
+    far = hcmoe.solve(
+        basis,
+        ForcedBurgers(),
+        None,
+        grid,
+        data_for(grid),
+        init=init,
+        rows=hcmoe.Rows(ridge=1e6),
+        solver=tight,
+        max_steps=100,
+    )
     np.testing.assert_allclose(far.weights[0], 0.0, atol=1e-6)
 
 
@@ -71,16 +97,24 @@ def test_large_ridge_toward_init_returns_init(getkey):
 def test_gradient_toward_init_matches_finite_differences(getkey, coupling):
     grid = small_grid(nt=7, nx=9)
     basis = basis_with_exact(grid, getkey(), n_basis=4) + 0.05 * jr.normal(
-        getkey(), grid.shape + (4,))
+        getkey(), grid.shape + (4,)
+    )
     readout = jr.normal(getkey(), grid.shape)
     init = 1.0 + 0.5 * jr.normal(getkey(), (4,))
 
     def loss(b):
-        sol = hcmoe.solve(b, ForcedBurgers(), hcmoe.Partition(x=2, overlap=0.2), grid,
-                          data_for(grid), init=init,
-                          rows=hcmoe.Rows(ridge=1e-3, ridge_toward="init"), coupling=coupling,
-                          solver=hcmoe.LevenbergMarquardt(rtol=1e-13, atol=1e-13),
-                          max_steps=200)
+        sol = hcmoe.solve(
+            b,
+            ForcedBurgers(),
+            hcmoe.Partition(x=2, overlap=0.2),
+            grid,
+            data_for(grid),
+            init=init,
+            rows=hcmoe.Rows(ridge=1e-3, ridge_toward="init"),
+            coupling=coupling,
+            solver=hcmoe.LevenbergMarquardt(rtol=1e-13, atol=1e-13),
+            max_steps=200,
+        )
         return jnp.sum(sol.u * readout)
 
     direction = jr.normal(getkey(), basis.shape)
@@ -93,5 +127,6 @@ def test_unknown_ridge_toward_is_a_clear_error(getkey):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey(), n_basis=3)
     with pytest.raises(ValueError, match="ridge_toward: expected one of"):
-        hcmoe.solve(basis, ForcedHeat(), None, grid, data_for(grid),
-                    rows=hcmoe.Rows(ridge_toward="ones"))
+        hcmoe.solve(
+            basis, ForcedHeat(), None, grid, data_for(grid), rows=hcmoe.Rows(ridge_toward="ones")
+        )

@@ -21,8 +21,9 @@ def _reference(scores, count):
 @pytest.mark.parametrize("num, n, count", [(1, 5000, 700), (4, 1200, 1199), (3, 257, 1)])
 def test_lowest_is_top_k(getkey, dtype, num, n, count):
     scores = jr.uniform(getkey(), (num, n), dtype)
-    np.testing.assert_array_equal(np.asarray(jax.jit(_lowest, static_argnums=1)(scores, count)),
-                                  _reference(scores, count))
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(_lowest, static_argnums=1)(scores, count)), _reference(scores, count)
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
@@ -50,8 +51,8 @@ def test_lowest_float64_ties_in_the_high_word(getkey):
     high = jnp.uint64(0x3FE00000) << 32  # one high word for every score: [0.5, 0.5 + 2^-21)
     scores = jax.lax.bitcast_convert_type(high | bits, jnp.float64)
     scores = scores.at[1, 100:200].set(scores[1, 0])  # a hundred equal to one score
-    scores = scores.at[1, 300].set(jax.lax.bitcast_convert_type(high | jnp.uint64(2**32 - 1),
-                                                                jnp.float64))
+    scores = scores.at[1, 300].set(
+        jax.lax.bitcast_convert_type(high | jnp.uint64(2**32 - 1), jnp.float64)
+    )
     for count in (1, 150, 399):
-        np.testing.assert_array_equal(np.asarray(_lowest(scores, count)),
-                                      _reference(scores, count))
+        np.testing.assert_array_equal(np.asarray(_lowest(scores, count)), _reference(scores, count))

@@ -14,8 +14,11 @@ from .helpers import ForcedBurgers, ForcedHeat, basis_with_exact, data_for, smal
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::hcmoe.ConditionWarning")
-OPTIONS = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12), max_steps=100,
-               rows=hcmoe.Rows(ridge=1e-3))
+OPTIONS = dict(
+    solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12),
+    max_steps=100,
+    rows=hcmoe.Rows(ridge=1e-3),
+)
 # The same, with 15 sampled PDE points per expert.
 SAMPLED = OPTIONS | {"rows": hcmoe.Rows(points_per_expert=15, ridge=1e-3)}
 
@@ -31,9 +34,19 @@ def test_map_equals_vmap(getkey, pde):
     grid, basis = _problem(getkey)
     partition = hcmoe.Partition(t=2, x=2)
     key = getkey()
-    sols = {s: hcmoe.solve(basis, pde, partition, grid, data_for(grid), key=key,
-                           coupling=hcmoe.Independent(schedule=s), **SAMPLED)
-            for s in ("vmap", "map")}
+    sols = {
+        s: hcmoe.solve(
+            basis,
+            pde,
+            partition,
+            grid,
+            data_for(grid),
+            key=key,
+            coupling=hcmoe.Independent(schedule=s),
+            **SAMPLED,
+        )
+        for s in ("vmap", "map")
+    }
     vmapped, mapped = sols["vmap"], sols["map"]
     assert bool(jnp.all(vmapped.stats.converged)) and bool(jnp.all(mapped.stats.converged))
     # Batched and sequential programs round differently, and LM at rtol = atol = 1e-12 stops
@@ -41,8 +54,9 @@ def test_map_equals_vmap(getkey, pde):
     # one machine), the residual norms (the objective) much closer.
     np.testing.assert_allclose(mapped.weights, vmapped.weights, rtol=0, atol=1e-8)
     np.testing.assert_allclose(mapped.u, vmapped.u, rtol=0, atol=1e-8)
-    np.testing.assert_allclose(mapped.stats.residual_norm, vmapped.stats.residual_norm,
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        mapped.stats.residual_norm, vmapped.stats.residual_norm, rtol=1e-10, atol=1e-12
+    )
     np.testing.assert_array_equal(mapped.stats.points, vmapped.stats.points)
     assert jnp.array_equal(mapped.stats.converged, vmapped.stats.converged)
 
@@ -53,8 +67,15 @@ def test_map_gradient_equals_vmap_gradient(getkey):
     readout = jr.normal(getkey(), grid.shape)
 
     def loss(b, schedule):
-        sol = hcmoe.solve(b, ForcedBurgers(), partition, grid, data_for(grid),
-                          **OPTIONS, coupling=hcmoe.Independent(schedule=schedule))
+        sol = hcmoe.solve(
+            b,
+            ForcedBurgers(),
+            partition,
+            grid,
+            data_for(grid),
+            **OPTIONS,
+            coupling=hcmoe.Independent(schedule=schedule),
+        )
         return jnp.sum(sol.u * readout) + jnp.sum(sol.weights**2)
 
     grads = {s: jax.jit(jax.grad(loss), static_argnums=1)(basis, s) for s in ("vmap", "map")}
@@ -91,20 +112,37 @@ def test_schedule_option_and_errors(getkey):
     assert resolve_schedule("auto", linear=True) == "vmap"  # no loop to wait on
     assert resolve_schedule("vmap") == "vmap" and resolve_schedule("map") == "map"
     grid, basis = _problem(getkey)
-    with pytest.raises(ValueError, match=r"schedule: expected one of \('auto', 'vmap', 'map'\); "
-                                         r"got 'serial'"):
-        hcmoe.solve(basis, ForcedBurgers(), None, grid, data_for(grid),
-                    coupling=hcmoe.Independent(schedule="serial"))
-    with pytest.raises(ValueError, match=r"the option 'schedule' moved in hcmoe 0\.2: pass "
-                                         r"coupling=hcmoe\.Independent\(schedule=\.\.\.\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"schedule: expected one of \('auto', 'vmap', 'map'\); "
+        r"got 'serial'",
+    ):
+        hcmoe.solve(
+            basis,
+            ForcedBurgers(),
+            None,
+            grid,
+            data_for(grid),
+            coupling=hcmoe.Independent(schedule="serial"),
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"the option 'schedule' moved in hcmoe 0\.2: pass "
+        r"coupling=hcmoe\.Independent\(schedule=\.\.\.\)",
+    ):
         hcmoe.constrain(lambda p, x: x, ForcedBurgers(), None, grid=grid, schedule="map")
 
 
 def test_unknown_schedule_fails_at_wrap_time():
     grid = small_grid()
     with pytest.raises(ValueError, match="schedule: expected one of"):
-        hcmoe.constrain(lambda p, x: x, ForcedBurgers(), None, grid=grid,
-                        coupling=hcmoe.Independent(schedule="loop"))
+        hcmoe.constrain(
+            lambda p, x: x,
+            ForcedBurgers(),
+            None,
+            grid=grid,
+            coupling=hcmoe.Independent(schedule="loop"),
+        )
 
 
 def test_auto_batches_small_problems(getkey):
@@ -114,9 +152,22 @@ def test_auto_batches_small_problems(getkey):
     key = getkey()
 
     def program(schedule):
-        return str(jax.make_jaxpr(lambda b: hcmoe.solve(
-            b, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid), key=key,
-            coupling=hcmoe.Independent(schedule=schedule), **SAMPLED).u)(basis))
+        return str(
+            jax.make_jaxpr(
+                lambda b: (
+                    hcmoe.solve(
+                        b,
+                        ForcedBurgers(),
+                        hcmoe.Partition(x=2),
+                        grid,
+                        data_for(grid),
+                        key=key,
+                        coupling=hcmoe.Independent(schedule=schedule),
+                        **SAMPLED,
+                    ).u
+                )
+            )(basis)
+        )
 
     batched, sequential = program("vmap"), program("map")
     assert sequential.count(" scan[") == batched.count(" scan[") + 1

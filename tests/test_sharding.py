@@ -50,9 +50,7 @@ def test_expert_mesh_shapes():
     assert mesh.axis_names == ("batch", "experts")
     assert dict(mesh.shape) == {"batch": 1, "experts": jax.device_count()}
     devices = [jax.devices()[0]] * 4  # any device list works; repeats are only for the shape
-    assert dict(hcmoe.expert_mesh(4, batch=2, devices=devices).shape) == {
-        "batch": 2, "experts": 2
-    }
+    assert dict(hcmoe.expert_mesh(4, batch=2, devices=devices).shape) == {"batch": 2, "experts": 2}
 
 
 @pytest.mark.parametrize(
@@ -77,16 +75,21 @@ def test_mesh_without_experts_axis_is_a_clear_error():
     basis = basis_with_exact(grid, jax.random.key(0))
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     match = r"needs an axis named 'experts'.*has axes \('data',\)"
-    solve = jax.jit(lambda b: hcmoe.solve(b, ForcedHeat(), None, grid, data_for(grid),
-                                          coupling=hcmoe.Independent(mesh=mesh)))
+    solve = jax.jit(
+        lambda b: hcmoe.solve(
+            b, ForcedHeat(), None, grid, data_for(grid), coupling=hcmoe.Independent(mesh=mesh)
+        )
+    )
     with pytest.raises(ValueError, match=match):
         solve(basis)
     with pytest.raises(ValueError, match=match):  # at construction, before any call
-        hcmoe.constrain(lambda p, x: x, ForcedHeat(), grid=grid,
-                        coupling=hcmoe.Independent(mesh=mesh))
+        hcmoe.constrain(
+            lambda p, x: x, ForcedHeat(), grid=grid, coupling=hcmoe.Independent(mesh=mesh)
+        )
     with pytest.raises(ValueError, match="expected a jax.sharding.Mesh"):
-        hcmoe.constrain(lambda p, x: x, ForcedHeat(), grid=grid,
-                        coupling=hcmoe.Independent(mesh="experts"))
+        hcmoe.constrain(
+            lambda p, x: x, ForcedHeat(), grid=grid, coupling=hcmoe.Independent(mesh="experts")
+        )
     # a Joint mesh splits only a batch: it needs a "batch" axis (an "experts" one is not enough)
     with pytest.raises(ValueError, match=r"needs an axis named 'batch'.*has axes \('data',\)"):
         hcmoe.Joint(mesh=mesh)
@@ -96,8 +99,11 @@ def test_mesh_without_experts_axis_is_a_clear_error():
         hcmoe.Joint(mesh="batch")
     assert hcmoe.Joint(mesh=hcmoe.expert_mesh(1)).mesh is not None
     # hcmoe 0.1's mesh= option names its new home
-    with pytest.raises(ValueError, match=r"the option 'mesh' moved in hcmoe 0\.2: pass "
-                                         r"coupling=hcmoe\.Independent\(mesh=\.\.\.\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the option 'mesh' moved in hcmoe 0\.2: pass "
+        r"coupling=hcmoe\.Independent\(mesh=\.\.\.\)",
+    ):
         hcmoe.constrain(lambda p, x: x, ForcedHeat(), grid=grid, mesh=hcmoe.expert_mesh(1))
 
 
@@ -118,20 +124,33 @@ def test_one_device_mesh_equals_no_mesh(getkey):
     grid = small_grid(nt=6, nx=7)
     basis = basis_with_exact(grid, getkey())
     partition, data = hcmoe.Partition(x=3), data_for(grid)
-    run = jax.jit(lambda b, mesh: hcmoe.solve(b, ForcedHeat(), partition, grid, data,
-                                              coupling=hcmoe.Independent(mesh=mesh)),
-                  static_argnums=1)
+    run = jax.jit(
+        lambda b, mesh: hcmoe.solve(
+            b, ForcedHeat(), partition, grid, data, coupling=hcmoe.Independent(mesh=mesh)
+        ),
+        static_argnums=1,
+    )
     ref, sol = run(basis, None), run(basis, hcmoe.expert_mesh(1))
     assert np.allclose(sol.u, ref.u, rtol=1e-12, atol=1e-12)
     assert np.allclose(sol.weights, ref.weights, rtol=1e-12, atol=1e-12)
 
 
 def test_sharded_cases_on_eight_devices():
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
-           str(ROOT / "tests" / "sharded_cases.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-n",
+        "0",
+        str(ROOT / "tests" / "sharded_cases.py"),
+    ]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(8), capture_output=True, text=True,
-                              timeout=480)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=480
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"tests/sharded_cases.py timed out after {e.timeout} s:\n{e.stdout}")
     text = proc.stdout + proc.stderr
@@ -161,9 +180,20 @@ def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.multiprocess_worker", str(i), str(num_processes),
-             str(port), str(out)],
-            cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tests.multiprocess_worker",
+                str(i),
+                str(num_processes),
+                str(port),
+                str(out),
+            ],
+            cwd=ROOT,
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(num_processes)
     ]

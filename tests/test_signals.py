@@ -45,8 +45,13 @@ _TRAIN = textwrap.dedent("""
 
 
 def _start(*args):
-    return subprocess.Popen([sys.executable, "-c", _TRAIN, *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _TRAIN, *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_step(proc, at_least: int) -> None:
@@ -99,15 +104,24 @@ def test_resume_is_announced_whatever_progress_is(tmp_path, capsys, progress):
         return jnp.mean((jax.vmap(model)(batch["x"]) - batch["y"]) ** 2), {}
 
     def run(steps):
-        return training.fit(eqx.nn.MLP(2, 1, width_size=4, depth=1, key=jr.key(1)), loss,
-                            data, optimizer=optax.adam(1e-2), steps=steps, batch_size=4,
-                            key=jr.key(2), checkpoint_dir=tmp_path, progress=progress)
+        return training.fit(
+            eqx.nn.MLP(2, 1, width_size=4, depth=1, key=jr.key(1)),
+            loss,
+            data,
+            optimizer=optax.adam(1e-2),
+            steps=steps,
+            batch_size=4,
+            key=jr.key(2),
+            checkpoint_dir=tmp_path,
+            progress=progress,
+        )
 
     run(3)
     assert "resumed" not in capsys.readouterr().err
     run(3)
     assert f"fit: resumed from step 3 of 3, {tmp_path} (nothing left to train)" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     assert run(5).step == 5
     assert f"fit: resumed from step 3 of 5, {tmp_path}" in capsys.readouterr().err
 

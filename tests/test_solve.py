@@ -23,8 +23,11 @@ from .helpers import (
 pytestmark = pytest.mark.filterwarnings("ignore::hcmoe.ConditionWarning")
 
 
-TIGHT = dict(solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12), max_steps=100,
-             rows=hcmoe.Rows(ridge=0.0))
+TIGHT = dict(
+    solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12),
+    max_steps=100,
+    rows=hcmoe.Rows(ridge=0.0),
+)
 
 
 @pytest.mark.parametrize("boundary", ["neumann", "robin"])
@@ -45,8 +48,14 @@ def test_nonlinear_exact_solution_recovered(getkey, boundary, blocks):
 def test_linear_fast_path_recovers_exact_solution(getkey, blocks):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey())
-    sol = hcmoe.solve(basis, ForcedHeat(), hcmoe.Partition(**blocks), grid, data_for(grid),
-                      rows=hcmoe.Rows(ridge=0.0))
+    sol = hcmoe.solve(
+        basis,
+        ForcedHeat(),
+        hcmoe.Partition(**blocks),
+        grid,
+        data_for(grid),
+        rows=hcmoe.Rows(ridge=0.0),
+    )
     assert bool(jnp.all(sol.stats.converged))
     assert bool(jnp.all(sol.stats.num_steps == 0))  # no iterations: one least-squares solve
     assert jnp.max(jnp.abs(sol.u - exact_field(grid))) < 1e-8
@@ -61,9 +70,15 @@ def test_linear_fast_path_matches_levenberg_marquardt(getkey):
     class NotFlaggedLinear(ForcedHeat):
         linear = False
 
-    iterative = hcmoe.solve(basis, NotFlaggedLinear(), hcmoe.Partition(x=2), grid,
-                            data_for(grid), max_steps=100,
-                            solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12))
+    iterative = hcmoe.solve(
+        basis,
+        NotFlaggedLinear(),
+        hcmoe.Partition(x=2),
+        grid,
+        data_for(grid),
+        max_steps=100,
+        solver=hcmoe.LevenbergMarquardt(rtol=1e-12, atol=1e-12),
+    )
     assert jnp.max(jnp.abs(direct.weights - iterative.weights)) < 1e-7
 
 
@@ -98,9 +113,15 @@ def test_gradient_matches_finite_differences(getkey, pde, blocks):
     grid = small_grid(nt=7, nx=9)
     noise = 0.1 * jr.normal(getkey(), grid.shape + (4,))
     basis = basis_with_exact(grid, getkey(), n_basis=4) + noise
-    loss = _loss_through_solve(pde, grid, hcmoe.Partition(**blocks), getkey(),
-                               solver=hcmoe.LevenbergMarquardt(rtol=1e-13, atol=1e-13),
-                               max_steps=200, rows=hcmoe.Rows(ridge=1e-3))
+    loss = _loss_through_solve(
+        pde,
+        grid,
+        hcmoe.Partition(**blocks),
+        getkey(),
+        solver=hcmoe.LevenbergMarquardt(rtol=1e-13, atol=1e-13),
+        max_steps=200,
+        rows=hcmoe.Rows(ridge=1e-3),
+    )
     direction = jr.normal(getkey(), basis.shape)
     grad = jax.grad(loss)(basis)
     analytic = jnp.sum(grad * direction)
@@ -124,8 +145,9 @@ def test_experts_equal_independent_per_block_solves(getkey):
     # accepts or rejects steps at random: over random problems like this one, 5% of the
     # experts stop more than 1e-9 from the optimum (with QR or normal-equation steps alike).
     for k in range(4):
-        alone = hcmoe.solve(basis, pde, (labels != k).astype(np.int32), grid, data_for(grid),
-                            **opts)
+        alone = hcmoe.solve(
+            basis, pde, (labels != k).astype(np.int32), grid, data_for(grid), **opts
+        )
         assert jnp.max(jnp.abs(alone.weights[0] - moe.weights[k])) < 1e-8
         block = labels == k
         assert jnp.max(jnp.abs(jnp.where(block, alone.u - moe.u, 0.0))) < 1e-8
@@ -168,8 +190,9 @@ def test_jit_vmap_grad_compose_and_keys(getkey):
     def batched(bases, data, key):
         keys = jr.split(key, bases.shape[0])
         return jax.vmap(
-            lambda b, d, k: hcmoe.solve(b, pde, partition, grid, d, key=k,
-                                        rows=hcmoe.Rows(points_per_expert=40))
+            lambda b, d, k: hcmoe.solve(
+                b, pde, partition, grid, d, key=k, rows=hcmoe.Rows(points_per_expert=40)
+            )
         )(bases, data, keys)
 
     key = getkey()
@@ -191,8 +214,15 @@ def test_points_per_expert_clipped_to_expert_size(getkey):
     grid = small_grid()
     basis = basis_with_exact(grid, getkey())
     everything = hcmoe.solve(basis, ForcedHeat(), hcmoe.Partition(x=2), grid, data_for(grid))
-    clipped = hcmoe.solve(basis, ForcedHeat(), hcmoe.Partition(x=2), grid, data_for(grid),
-                          key=getkey(), rows=hcmoe.Rows(points_per_expert=10_000))
+    clipped = hcmoe.solve(
+        basis,
+        ForcedHeat(),
+        hcmoe.Partition(x=2),
+        grid,
+        data_for(grid),
+        key=getkey(),
+        rows=hcmoe.Rows(points_per_expert=10_000),
+    )
     assert jnp.max(jnp.abs(everything.u - clipped.u)) < 1e-12
 
 
@@ -211,8 +241,16 @@ def test_other_optimistix_solvers(getkey):
     # rtol = atol = 1e-10: at 1e-12 the Cauchy test sits at rounding level (residual ~6e-14),
     # where Dogleg's termination flips with the compiler's fusion choices.
     for solver in (optx.GaussNewton(rtol=1e-10, atol=1e-10), optx.Dogleg(rtol=1e-10, atol=1e-10)):
-        sol = hcmoe.solve(basis, ForcedBurgers(), hcmoe.Partition(x=2), grid, data_for(grid),
-                          solver=solver, max_steps=100, rows=hcmoe.Rows(ridge=0.0))
+        sol = hcmoe.solve(
+            basis,
+            ForcedBurgers(),
+            hcmoe.Partition(x=2),
+            grid,
+            data_for(grid),
+            solver=solver,
+            max_steps=100,
+            rows=hcmoe.Rows(ridge=0.0),
+        )
         assert bool(jnp.all(sol.stats.converged))
         assert jnp.max(jnp.abs(sol.u - exact_field(grid))) < 1e-8
 

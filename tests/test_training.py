@@ -40,9 +40,7 @@ _PAPER = training.paper_optimizer(decay_every=3)
 
 
 def _fit(**kwargs):
-    options = dict(
-        optimizer=_ADAM, steps=12, batch_size=8, key=jr.key(2), progress=False
-    )
+    options = dict(optimizer=_ADAM, steps=12, batch_size=8, key=jr.key(2), progress=False)
     return training.fit(_model(), _loss, _data(), **(options | kwargs))
 
 
@@ -130,8 +128,9 @@ def test_resume_with_other_key_is_refused(tmp_path):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     _fit(steps=2, checkpoint_dir=tmp_path, settings={"points": 100, "weight": 0.5})
-    with pytest.raises(training.RunMismatchError,
-                       match=r"settings: .* written with points=100; got points=200"):
+    with pytest.raises(
+        training.RunMismatchError, match=r"settings: .* written with points=100; got points=200"
+    ):
         _fit(steps=4, checkpoint_dir=tmp_path, settings={"points": 200, "weight": 0.5})
     # Same settings (any order), more steps: resumed, not retrained.
     resumed = _fit(steps=4, checkpoint_dir=tmp_path, settings={"weight": 0.5, "points": 100})
@@ -246,8 +245,14 @@ def test_callable_train_data():
         return jax.tree.map(lambda leaf: leaf[np.asarray(index)], data)
 
     result = training.fit(
-        _model(), _loss, batch, optimizer=optax.sgd(1e-2), steps=3, batch_size=4,
-        key=jr.key(0), progress=False,
+        _model(),
+        _loss,
+        batch,
+        optimizer=optax.sgd(1e-2),
+        steps=3,
+        batch_size=4,
+        key=jr.key(0),
+        progress=False,
     )
     assert calls == [0, 1, 2] and result.step == 3
 
@@ -291,20 +296,38 @@ def test_solver_metrics():
 def test_errors():
     with pytest.raises(TypeError, match=r"loss_fn: expected to return `\(loss, aux\)`"):
         training.fit(
-            _model(), lambda m, b, k: jnp.sum(m(b["x"][0])), _data(),
-            optimizer=optax.sgd(1e-2), steps=1, batch_size=4, key=jr.key(0), progress=False,
+            _model(),
+            lambda m, b, k: jnp.sum(m(b["x"][0])),
+            _data(),
+            optimizer=optax.sgd(1e-2),
+            steps=1,
+            batch_size=4,
+            key=jr.key(0),
+            progress=False,
         )
     with pytest.raises(ValueError, match="'loss' must be a scalar"):
         training.fit(
-            _model(), lambda m, b, k: (jax.vmap(m)(b["x"]), {}), _data(),
-            optimizer=optax.sgd(1e-2), steps=1, batch_size=4, key=jr.key(0), progress=False,
+            _model(),
+            lambda m, b, k: (jax.vmap(m)(b["x"]), {}),
+            _data(),
+            optimizer=optax.sgd(1e-2),
+            steps=1,
+            batch_size=4,
+            key=jr.key(0),
+            progress=False,
         )
     with pytest.raises(ValueError, match="batch_size: expected between 1 and the dataset size 48"):
         _fit(batch_size=49)
     with pytest.raises(ValueError, match="train_data: expected a pytree of arrays sharing"):
         training.fit(
-            _model(), _loss, {"x": np.ones((4, 2)), "y": np.ones((5, 1))},
-            optimizer=optax.sgd(1e-2), steps=1, batch_size=4, key=jr.key(0), progress=False,
+            _model(),
+            _loss,
+            {"x": np.ones((4, 2)), "y": np.ones((5, 1))},
+            optimizer=optax.sgd(1e-2),
+            steps=1,
+            batch_size=4,
+            key=jr.key(0),
+            progress=False,
         )
     with pytest.raises(ValueError, match="steps: expected a non-negative integer"):
         _fit(steps=-1)
@@ -367,8 +390,15 @@ def test_one_loop_for_soft_hard_and_moe(method, tmp_path):
         return loss, (training.solver_metrics(stats) if method != "PI-SC" else {})
 
     result = training.fit(
-        model, loss_fn, {"u0": u0}, optimizer=training.paper_optimizer(), steps=2,
-        batch_size=2, key=jr.key(1), metrics_path=tmp_path / "m.jsonl", log_every=1,
+        model,
+        loss_fn,
+        {"u0": u0},
+        optimizer=training.paper_optimizer(),
+        steps=2,
+        batch_size=2,
+        key=jr.key(1),
+        metrics_path=tmp_path / "m.jsonl",
+        log_every=1,
         progress=False,
     )
     records = training.read_metrics(tmp_path / "m.jsonl")
@@ -391,8 +421,15 @@ def test_trainable_filter_freezes_leaves():
     first_layer = lambda m: (m.layers[0].weight, m.layers[0].bias)
     trainable = eqx.tree_at(first_layer, trainable, (False, False))
     result = training.fit(
-        model, _loss, _data(), optimizer=_ADAM, steps=3, batch_size=8, key=jr.key(0),
-        progress=False, trainable=trainable,
+        model,
+        _loss,
+        _data(),
+        optimizer=_ADAM,
+        steps=3,
+        batch_size=8,
+        key=jr.key(0),
+        progress=False,
+        trainable=trainable,
     )
     np.testing.assert_array_equal(result.model.layers[0].weight, model.layers[0].weight)
     assert not np.array_equal(result.model.layers[1].weight, model.layers[1].weight)
@@ -443,8 +480,11 @@ def test_damaged_record_with_nothing_to_rebuild_from_is_a_clear_error(tmp_path):
     for path in tmp_path.glob("step_*.json"):
         path.unlink()
     (tmp_path / "checkpoint.json").write_text('{"format": "hcmoe-checkpoint", "ver')
-    with pytest.raises(ValueError, match=r"checkpoint\.json: the checkpoint record is damaged "
-                       r"\(not valid JSON.*resume=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint\.json: the checkpoint record is damaged "
+        r"\(not valid JSON.*resume=False",
+    ):
         _fit(steps=8, checkpoint_dir=tmp_path)
 
 
@@ -453,8 +493,11 @@ def test_no_intact_checkpoint_is_an_error_naming_each_file(tmp_path):
     for path in tmp_path.glob("step_*.eqx"):
         path.write_bytes(b"")
     with pytest.warns(training.CheckpointWarning):
-        with pytest.raises(ValueError, match=r"no intact checkpoint .*step_00000008\.eqx.*"
-                           r"step_00000004\.eqx"):
+        with pytest.raises(
+            ValueError,
+            match=r"no intact checkpoint .*step_00000008\.eqx.*"
+            r"step_00000004\.eqx",
+        ):
             training.load_checkpoint(tmp_path, _model(), None)
 
 

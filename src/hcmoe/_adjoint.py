@@ -71,8 +71,10 @@ def per_expert_products(rows, grid: Grid) -> bool:
     num = rows.index.shape[0]
     if num > _UNROLL_MAX:
         return False
-    return all(op.fourier_symbol(grid) is not None or op.point_stencil(grid, points) is not None
-               for op, points in rows.requests())
+    return all(
+        op.fourier_symbol(grid) is not None or op.point_stencil(grid, points) is not None
+        for op, points in rows.requests()
+    )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -119,8 +121,7 @@ def expert_fields(weights, transformed, particular, per_expert: bool = False):
     return fields if particular is None else fields + particular[..., None]
 
 
-def rows_from_fields(fields, weights, rows, pde, data, grid: Grid, ridge: float,
-                     centers=None):
+def rows_from_fields(fields, weights, rows, pde, data, grid: Grid, ridge: float, centers=None):
     """Every expert's residual rows `r_k(w_k)` (as `_solve.residual`) and its unweighted
     condition residual `L u - g`, from the operators applied to its field `fields[..., k]`
     (`(*grid, K)`) at its rows (`rows`: the experts' `ProblemRows`), not from operator
@@ -131,19 +132,20 @@ def rows_from_fields(fields, weights, rows, pde, data, grid: Grid, ridge: float,
     names = rows.names
     num = weights.shape[0]
     if len(values) > len(names):
-        cond_values = jnp.concatenate([jnp.reshape(v, (num, -1)) for v in values[len(names):]],
-                                      axis=1)
+        cond_values = jnp.concatenate(
+            [jnp.reshape(v, (num, -1)) for v in values[len(names) :]], axis=1
+        )
     else:  # no conditions: the inert zero row
         cond_values = jnp.zeros_like(rows.cond_target)
 
     def one(pde_values, cond_values, w, rows, center):
-        r = residual_rows(dict(zip(names, pde_values)), cond_values, w, rows, pde, data, ridge,
-                          center)
+        r = residual_rows(
+            dict(zip(names, pde_values)), cond_values, w, rows, pde, data, ridge, center
+        )
         return r, cond_values - rows.cond_target
 
     axes = (0, 0, 0, _expert_axes(rows), None if centers is None else 0)
-    return jax.vmap(one, in_axes=axes)(values[: len(names)], cond_values, weights, rows,
-                                       centers)
+    return jax.vmap(one, in_axes=axes)(values[: len(names)], cond_values, weights, rows, centers)
 
 
 def _gradients(weights, transformed, particular, rows, pde, data, grid, ridge, centers):
@@ -159,16 +161,18 @@ def _gradients(weights, transformed, particular, rows, pde, data, grid, ridge, c
     field_part, weight_part = jax.grad(objective, argnums=(0, 1))(fields, weights)
     n, num = transformed.shape[-1], weights.shape[0]
     field_part = jnp.reshape(field_part, (-1, num))
-    return (_transpose_product(field_part, jnp.reshape(transformed, (-1, n)), per_expert)
-            + weight_part)
+    return (
+        _transpose_product(field_part, jnp.reshape(transformed, (-1, n)), per_expert) + weight_part
+    )
 
 
 def _float0_zeros(tree):
     return jax.tree.map(lambda x: np.zeros(np.shape(x), jax.dtypes.float0), tree)
 
 
-def implicit_solve(args: dict[str, Any], run: Callable, *, grid: Grid, ridge: float,
-                   ridge_toward: str):
+def implicit_solve(
+    args: dict[str, Any], run: Callable, *, grid: Grid, ridge: float, ridge_toward: str
+):
     """`run(args, hessian=False)` -> `(weights (K, N), steps, result, ok)`, differentiated
     by the implicit function theorem in field form (module docstring).
 
@@ -191,8 +195,10 @@ def implicit_solve(args: dict[str, Any], run: Callable, *, grid: Grid, ridge: fl
         leaves, treedef = jax.tree.flatten(dynamic, is_leaf=lambda x: x is None)
         tangent_leaves = treedef.flatten_up_to(tangent)
         live = [
-            i for i, t in enumerate(tangent_leaves)
-            if not isinstance(t, SymbolicZero) and t is not None
+            i
+            for i, t in enumerate(tangent_leaves)
+            if not isinstance(t, SymbolicZero)
+            and t is not None
             and jnp.result_type(t) != jax.dtypes.float0
         ]
         if live:
@@ -204,11 +210,21 @@ def implicit_solve(args: dict[str, Any], run: Callable, *, grid: Grid, ridge: fl
                     merged[i] = leaf
                 a = eqx.combine(jax.tree.unflatten(treedef, merged), static)
                 centers = a["init"] if ridge_toward == "init" else None
-                return _gradients(fixed, a["transformed"], a["particular"], a["rows"],
-                                  a["pde"], a["data"], grid, ridge, centers)
+                return _gradients(
+                    fixed,
+                    a["transformed"],
+                    a["particular"],
+                    a["rows"],
+                    a["pde"],
+                    a["data"],
+                    grid,
+                    ridge,
+                    centers,
+                )
 
-            _, rhs = jax.jvp(gradients, ([leaves[i] for i in live],),
-                             ([tangent_leaves[i] for i in live],))
+            _, rhs = jax.jvp(
+                gradients, ([leaves[i] for i in live],), ([tangent_leaves[i] for i in live],)
+            )
             d_weights = -jax.vmap(jnp.linalg.solve)(hessian, rhs.astype(weights.dtype))
         else:
             d_weights = jnp.zeros_like(weights)

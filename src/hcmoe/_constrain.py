@@ -36,9 +36,7 @@ class Constrained(eqx.Module):
     grid: Grid | None
     options: dict
 
-    def __call__(
-        self, x, data=None, *, key=None, grid: Grid | None = None, **options
-    ) -> Solution:
+    def __call__(self, x, data=None, *, key=None, grid: Grid | None = None, **options) -> Solution:
         grid = self.grid if grid is None else grid
         return _call_equinox(self, x, data, key, grid, call_options(self.options, options))
 

@@ -94,12 +94,39 @@ class Independent(AbstractCoupling):
     def shards_experts(self) -> bool:
         return self.mesh is not None
 
-    def solve(self, basis, pde, partition, grid, data, *, key, init, solver, rows, adjoint,
-              max_steps, dtype, throw) -> Solution:
+    def solve(
+        self,
+        basis,
+        pde,
+        partition,
+        grid,
+        data,
+        *,
+        key,
+        init,
+        solver,
+        rows,
+        adjoint,
+        max_steps,
+        dtype,
+        throw,
+    ) -> Solution:
         return solve_independent(
-            basis, pde, partition, grid, data, key=key, init=init, solver=solver, rows=rows,
-            adjoint=adjoint, max_steps=max_steps, dtype=dtype, throw=throw,
-            schedule=self.schedule, mesh=self.mesh,
+            basis,
+            pde,
+            partition,
+            grid,
+            data,
+            key=key,
+            init=init,
+            solver=solver,
+            rows=rows,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            dtype=dtype,
+            throw=throw,
+            schedule=self.schedule,
+            mesh=self.mesh,
         )
 
 
@@ -129,13 +156,39 @@ class Joint(AbstractCoupling):
 
             check_mesh(self.mesh, BATCH)
 
-    def solve(self, basis, pde, partition, grid, data, *, key, init, solver, rows, adjoint,
-              max_steps, dtype, throw) -> Solution:
+    def solve(
+        self,
+        basis,
+        pde,
+        partition,
+        grid,
+        data,
+        *,
+        key,
+        init,
+        solver,
+        rows,
+        adjoint,
+        max_steps,
+        dtype,
+        throw,
+    ) -> Solution:
         num_experts = partition.num_experts(grid)
         if num_experts == 1:
             return Independent().solve(
-                basis, pde, partition, grid, data, key=key, init=init, solver=solver,
-                rows=rows, adjoint=adjoint, max_steps=max_steps, dtype=dtype, throw=throw,
+                basis,
+                pde,
+                partition,
+                grid,
+                data,
+                key=key,
+                init=init,
+                solver=solver,
+                rows=rows,
+                adjoint=adjoint,
+                max_steps=max_steps,
+                dtype=dtype,
+                throw=throw,
             )
         points = rows.points_per_expert
         joint_rows = dataclasses.replace(
@@ -144,9 +197,19 @@ class Joint(AbstractCoupling):
         from ._partition import as_partition
 
         joint = solve_independent(
-            windowed_basis(basis, partition, grid), pde, as_partition(None), grid, data,
-            key=key, init=joint_init(init, num_experts, basis.shape[-1]), solver=solver,
-            rows=joint_rows, adjoint=adjoint, max_steps=max_steps, dtype=dtype, throw=throw,
+            windowed_basis(basis, partition, grid),
+            pde,
+            as_partition(None),
+            grid,
+            data,
+            key=key,
+            init=joint_init(init, num_experts, basis.shape[-1]),
+            solver=solver,
+            rows=joint_rows,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            dtype=dtype,
+            throw=throw,
         )
         return Solution(joint.u, joint.weights.reshape(num_experts, -1), joint.stats)
 

@@ -22,8 +22,9 @@ from ._operators import whole_grid_values
 from ._rows import ProblemRows, evaluate_rows
 
 
-def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, ridge, adjoint,
-                 ridge_toward) -> tuple[Any, ...]:
+def _run_experts(
+    a, hessian: bool = False, *, grid, mesh, schedule, max_steps, ridge, adjoint, ridge_toward
+) -> tuple[Any, ...]:
     """Every expert's solve on its schedule: `(weights, steps, result, ok)`, leading axis `K`,
     from `a`'s `rows`, `transformed`, `particular`, `init`, `pde`, `data` and `solver`.
     `hessian=True` also returns each expert's Hessian of `½‖r‖²` at its solution
@@ -39,17 +40,34 @@ def _run_experts(a, hessian: bool = False, *, grid, mesh, schedule, max_steps, r
 
     def one(problem, w0):
         if isinstance(problem, ProblemRows):
-            problem = evaluate_rows(dataclasses.replace(problem, operators=rows.operators),
-                                    transformed, particular, grid, whole)
+            problem = evaluate_rows(
+                dataclasses.replace(problem, operators=rows.operators),
+                transformed,
+                particular,
+                grid,
+                whole,
+            )
         w, steps, _, result, ok = solve_expert(
-            problem, w0, pde, data, solver=a["solver"], max_steps=max_steps, ridge=ridge,
-            adjoint=adjoint, ridge_toward=ridge_toward,
+            problem,
+            w0,
+            pde,
+            data,
+            solver=a["solver"],
+            max_steps=max_steps,
+            ridge=ridge,
+            adjoint=adjoint,
+            ridge_toward=ridge_toward,
         )
         if not hessian:
             return w, steps, result, ok
         center = w0 if ridge_toward == "init" else None
-        return w, steps, result, ok, _objective_hessian(w, problem, pde, data, ridge, center,
-                                                        batched)
+        return (
+            w,
+            steps,
+            result,
+            ok,
+            _objective_hessian(w, problem, pde, data, ridge, center, batched),
+        )
 
     if mesh is not None:
         from ._sharding import sharded_expert_map

@@ -71,16 +71,38 @@ def _on_valid_rows(problem, rows: Array) -> Array:
     return jnp.where(mask, rows, 0.0)
 
 
-def residual(w: Array, problem: ExpertProblem, pde: AbstractPDE, data: Any, ridge: float,
-             center: Array | None = None):
+def residual(
+    w: Array,
+    problem: ExpertProblem,
+    pde: AbstractPDE,
+    data: Any,
+    ridge: float,
+    center: Array | None = None,
+):
     """`r(w) = [F(A_j w + c_j) on PDE rows ; condition rows ; ridge * (w - center)]` for one
     expert (`center` None: zero)."""
-    return residual_rows(_values(problem, w), problem.cond_matrix @ w + problem.cond_offset, w,
-                         problem, pde, data, ridge, center)
+    return residual_rows(
+        _values(problem, w),
+        problem.cond_matrix @ w + problem.cond_offset,
+        w,
+        problem,
+        pde,
+        data,
+        ridge,
+        center,
+    )
 
 
-def residual_rows(values: dict[str, Array], cond_values: Array, w: Array, problem,
-                  pde: AbstractPDE, data: Any, ridge: float, center: Array | None = None):
+def residual_rows(
+    values: dict[str, Array],
+    cond_values: Array,
+    w: Array,
+    problem,
+    pde: AbstractPDE,
+    data: Any,
+    ridge: float,
+    center: Array | None = None,
+):
     """`residual` from the operators' values at the PDE rows (`{j: L_j u}`) and at the
     condition rows (`L_c u`, concatenated), however they were computed. `problem` supplies
     the rows' `coords`, `pde_valid`, `point_data`, `cond_target` and `cond_scale` (an
@@ -150,8 +172,9 @@ def _gauss_newton_start(w, problem, pde, data, ridge, center):
     gram = jac.T @ jac  # includes ridge^2 I from the ridge rows
     step = jax.scipy.linalg.solve(gram, r @ jac, assume_a="pos")
     candidate = w - step
-    better = (jnp.linalg.norm(residual(candidate, problem, pde, data, ridge, center))
-              < jnp.linalg.norm(r))
+    better = jnp.linalg.norm(
+        residual(candidate, problem, pde, data, ridge, center)
+    ) < jnp.linalg.norm(r)
     return jnp.where(better & jnp.all(jnp.isfinite(candidate)), candidate, w)
 
 
@@ -202,8 +225,9 @@ def _start(solver, init, problem, pde, data, ridge, center):
 @_start.register
 def _(solver: WarmStart, init, problem, pde, data, ridge, center):
     stop = jax.lax.stop_gradient
-    return _gauss_newton_start(stop(init), stop(problem), pde, stop(data), ridge,
-                               stop(center))  # None stays None
+    return _gauss_newton_start(
+        stop(init), stop(problem), pde, stop(data), ridge, stop(center)
+    )  # None stays None
 
 
 def solve_expert(
@@ -243,7 +267,10 @@ def solve_expert(
         matrix = jacobian(zeros, problem, pde, data, ridge)
         linear_solver = solver if isinstance(solver, lx.AbstractLinearSolver) else lx.QR()
         sol = lx.linear_solve(
-            lx.MatrixLinearOperator(matrix), -offset, solver=linear_solver, throw=False,
+            lx.MatrixLinearOperator(matrix),
+            -offset,
+            solver=linear_solver,
+            throw=False,
         )
         w = sol.value
         num_steps = jnp.array(0, dtype=jnp.int32)
@@ -261,7 +288,8 @@ def solve_expert(
         result = RESULTS.promote(sol.result)
         result = RESULTS.where(
             (result == RESULTS.successful) & ~_stationary(solver, sol.state),
-            RESULTS.not_stationary, result,
+            RESULTS.not_stationary,
+            result,
         )
     norm = jnp.linalg.norm(fn(w, None))
     result = RESULTS.where(

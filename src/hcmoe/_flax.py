@@ -28,9 +28,7 @@ class ConstrainedNNX(nnx.Module):
         self.grid = nnx.static(grid)
         self.options = nnx.static(options)
 
-    def __call__(
-        self, x, data=None, *, key=None, grid: Grid | None = None, **options
-    ) -> Solution:
+    def __call__(self, x, data=None, *, key=None, grid: Grid | None = None, **options) -> Solution:
         basis = self.model(x)
         grid = self.grid if grid is None else grid
         options = call_options(self.options, options)
@@ -52,9 +50,7 @@ class ConstrainedLinen(linen.Module):
     options: Any
 
     @linen.compact
-    def __call__(
-        self, x, data=None, *, key=None, grid: Grid | None = None, **options
-    ) -> Solution:
+    def __call__(self, x, data=None, *, key=None, grid: Grid | None = None, **options) -> Solution:
         basis = self.backbone(x)
         grid = self.grid if grid is None else grid
         options = call_options(self.options, options)

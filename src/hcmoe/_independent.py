@@ -93,8 +93,15 @@ def solve_independent(
     bad_data = nonfinite_data_entries(data)
     basis = basis.astype(dtype)
     problem, transformed, particular = problem_rows(
-        basis, pde, grid, data, partition, points_per_expert, key,
-        condition_scope=rows.condition_scope, balance=rows.balance,
+        basis,
+        pde,
+        grid,
+        data,
+        partition,
+        points_per_expert,
+        key,
+        condition_scope=rows.condition_scope,
+        balance=rows.balance,
     )
     check_residual_data(pde, problem, data, grid)
     n = basis.shape[-1]
@@ -109,45 +116,75 @@ def solve_independent(
     if adjoint is None:
         adjoint = optx.ImplicitAdjoint(lx.AutoLinearSolver(well_posed=None))
     run = functools.partial(
-        _run_experts, grid=grid, mesh=mesh, schedule=schedule, max_steps=max_steps,
-        ridge=ridge, adjoint=adjoint, ridge_toward=ridge_toward,
+        _run_experts,
+        grid=grid,
+        mesh=mesh,
+        schedule=schedule,
+        max_steps=max_steps,
+        ridge=ridge,
+        adjoint=adjoint,
+        ridge_toward=ridge_toward,
     )
-    args = dict(transformed=transformed, particular=particular, rows=problem, init=init, pde=pde,
-                data=data, solver=solver)
+    args = dict(
+        transformed=transformed,
+        particular=particular,
+        rows=problem,
+        init=init,
+        pde=pde,
+        data=data,
+        solver=solver,
+    )
     if field_adjoint:
-        weights, steps, result, ok = implicit_solve(args, run, grid=grid, ridge=ridge,
-                                                    ridge_toward=ridge_toward)
+        weights, steps, result, ok = implicit_solve(
+            args, run, grid=grid, ridge=ridge, ridge_toward=ridge_toward
+        )
     else:
         weights, steps, result, ok = run(args)
-    weights = _checked(weights, [
-        (~finite_basis, "hcmoe.solve: the basis contains NaN or inf; the backbone diverged "
-                        "or its input is not finite."),
-        *((~finite, f"hcmoe.solve: data[{name!r}] contains NaN or inf; the PDE's residual "
-                    "and conditions need finite data.") for name, finite in bad_data),
-    ])
+    weights = _checked(
+        weights,
+        [
+            (
+                ~finite_basis,
+                "hcmoe.solve: the basis contains NaN or inf; the backbone diverged "
+                "or its input is not finite.",
+            ),
+            *(
+                (
+                    ~finite,
+                    f"hcmoe.solve: data[{name!r}] contains NaN or inf; the PDE's residual "
+                    "and conditions need finite data.",
+                )
+                for name, finite in bad_data
+            ),
+        ],
+    )
     # Diagnostics from the operators applied to each expert's field `T w_k + u_p`, so that
     # they differentiate like `u`, without the stacks.
     centers = init if ridge_toward == "init" else None
-    fields = expert_fields(weights, transformed, particular,
-                           per_expert_products(problem, grid))
-    rows_r, cond_rows = rows_from_fields(fields, weights, problem, pde, data, grid, ridge,
-                                         centers)
+    fields = expert_fields(weights, transformed, particular, per_expert_products(problem, grid))
+    rows_r, cond_rows = rows_from_fields(fields, weights, problem, pde, data, grid, ridge, centers)
     norms = jnp.linalg.norm(rows_r, axis=-1)
     cond_error = jnp.max(jnp.where(problem.cond_valid, jnp.abs(cond_rows), 0.0), axis=-1)
     result = jax.vmap(lambda bad, r: RESULTS.where(bad, RESULTS.nonfinite_residual, r))(
-        ok & ~jnp.isfinite(norms), result)
+        ok & ~jnp.isfinite(norms), result
+    )
     ok = ok & jnp.isfinite(norms)
     u = assemble_from_fields(fields, labels, partition.blend(grid))
     if throw:
-        u = _checked(u, [(
-            ~jnp.all(ok),
+        message = (
             "hcmoe.solve: at least one expert's constraint solve did not converge (see "
-            "Solution.stats with throw=False; stats.messages() says why). Try more max_steps, "
-            "a solver with looser rtol/atol, a larger hcmoe.Rows(ridge=...), or "
-            "precision='float64'.",
-        )])
+            "Solution.stats with throw=False; stats.messages() says why). Try more "
+            "max_steps, a solver with looser rtol/atol, a larger hcmoe.Rows(ridge=...), or "
+            "precision='float64'."
+        )
+        u = _checked(u, [(~jnp.all(ok), message)])
     stats = SolveStats(
-        steps, norms.astype(out_dtype), ok, result, cond_error.astype(out_dtype), problem.points,
+        steps,
+        norms.astype(out_dtype),
+        ok,
+        result,
+        cond_error.astype(out_dtype),
+        problem.points,
     )
     return Solution(u.astype(out_dtype), weights.astype(out_dtype), stats)
 
@@ -168,8 +205,11 @@ def default_solver(dtype) -> optx.AbstractLeastSquaresSolver:
     # optimistix's solver with hcmoe's trust region from λ = 1 (its own), whose step size
     # keeps the weights' dtype: optimistix's is float64 under x64, and its QR descent then
     # fails on float32 weights ("Vector and operator structures do not match").
-    return eqx.tree_at(lambda s: s.search, optx.LevenbergMarquardt(rtol=1e-4, atol=1e-4),
-                       TrustRegion(initial_damping=1.0))
+    return eqx.tree_at(
+        lambda s: s.search,
+        optx.LevenbergMarquardt(rtol=1e-4, atol=1e-4),
+        TrustRegion(initial_damping=1.0),
+    )
 
 
 def _initial_weights(init, num_experts: int, n: int, dtype) -> Array:

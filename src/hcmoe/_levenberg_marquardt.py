@@ -131,8 +131,7 @@ class NormalDampedNewtonDescent(optx.AbstractDescent):
         rows = f_info_struct.residual.shape[0]
         zeros = jnp.zeros((rows, y.size), y.dtype)
         inf = jnp.array(jnp.inf, y.dtype)
-        return _NormalState(zeros, zeros[:, 0], zeros[: y.size], jnp.zeros_like(y), inf, inf,
-                            inf)
+        return _NormalState(zeros, zeros[:, 0], zeros[: y.size], jnp.zeros_like(y), inf, inf, inf)
 
     def query(self, y: Array, f_info, state: _NormalState) -> _NormalState:
         if self.jacobian is None:
@@ -143,8 +142,15 @@ class NormalDampedNewtonDescent(optx.AbstractDescent):
         gram = jac.T @ jac
         # `r @ J`, not `J.T @ r`: on CPU XLA copies a transposed J for the latter (3x slower).
         gradient = residual @ jac
-        return _NormalState(jac, residual, gram, gradient, 0.5 * residual @ residual,
-                            state.objective, gauss_newton_decrement(gram, gradient))
+        return _NormalState(
+            jac,
+            residual,
+            gram,
+            gradient,
+            0.5 * residual @ residual,
+            state.objective,
+            gauss_newton_decrement(gram, gradient),
+        )
 
     def step(self, step_size: Scalar, state: _NormalState) -> tuple[Array, optx.RESULTS]:
         # λ = 1 / step_size, as in optimistix's damped Newton descent.
@@ -177,8 +183,11 @@ class TrustRegion(optx.AbstractSearch):
 
     def init(self, y, f_info_struct):
         state = self.search.init(y, f_info_struct)
-        return eqx.tree_at(lambda s: s.step_size, state,
-                           jnp.asarray(1.0 / self.initial_damping, jnp.result_type(y)))
+        return eqx.tree_at(
+            lambda s: s.step_size,
+            state,
+            jnp.asarray(1.0 / self.initial_damping, jnp.result_type(y)),
+        )
 
     def step(self, first_step, y, y_eval, f_info, f_eval_info, state):
         return self.search.step(first_step, y, y_eval, f_info, f_eval_info, state)
@@ -254,8 +263,9 @@ class LevenbergMarquardt(optx.AbstractLeastSquaresSolver):
             search = TrustRegion(
                 initial_damping=INITIAL_DAMPING if initial_damping is None else initial_damping
             )
-        self.solver = _NormalGaussNewton(rtol, atol, norm, NormalDampedNewtonDescent(jacobian),
-                                         search, _silent)
+        self.solver = _NormalGaussNewton(
+            rtol, atol, norm, NormalDampedNewtonDescent(jacobian), search, _silent
+        )
         self.termination = termination
 
     @property
@@ -291,8 +301,14 @@ class LevenbergMarquardt(optx.AbstractLeastSquaresSolver):
 
     def with_jacobian(self, jacobian: Callable[[Array], Array]) -> LevenbergMarquardt:
         """The same solver, forming its steps from `jacobian(y)`."""
-        return LevenbergMarquardt(self.rtol, self.atol, self.norm, jacobian, search=self.search,
-                                  termination=self.termination)
+        return LevenbergMarquardt(
+            self.rtol,
+            self.atol,
+            self.norm,
+            jacobian,
+            search=self.search,
+            termination=self.termination,
+        )
 
     def stationary(self, state) -> Array:
         """Whether the weights at the end of a solve (`state`: the solution's `state`) are

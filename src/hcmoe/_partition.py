@@ -85,8 +85,10 @@ class Partition(AbstractPartition):
         else:
             items = {name: overlap for name, count in blocks.items()}
         for name, delta in items.items():
-            if isinstance(delta, bool) or not isinstance(delta, (int, float, np.floating)) or not (
-                np.isfinite(delta) and delta >= 0
+            if (
+                isinstance(delta, bool)
+                or not isinstance(delta, (int, float, np.floating))
+                or not (np.isfinite(delta) and delta >= 0)
             ):
                 raise ValueError(
                     f"overlap: expected a non-negative float (coordinate width) for axis "
@@ -153,8 +155,9 @@ class Partition(AbstractPartition):
                     f"overlap: {delta} along {name!r} is more than the axis' extent "
                     f"({high - low:g}); every expert would see the whole axis."
                 )
-            windows.append(_windows(grid.coords(name), low, high, count, delta,
-                                    grid.is_periodic(name)))
+            windows.append(
+                _windows(grid.coords(name), low, high, count, delta, grid.is_periodic(name))
+            )
         phi = np.ones(())
         for w in windows:  # outer product: axes (c_0, n_0, c_1, n_1, ...)
             phi = np.multiply.outer(phi, w)
@@ -256,9 +259,7 @@ def as_partition(partition) -> AbstractPartition:
 def random_labels(grid: Grid, num_experts: int, seed: int = 0) -> LabelPartition:
     """A random, balanced assignment of grid points to experts (the paper reviewers' ablation)."""
     if num_experts < 1 or num_experts > grid.size:
-        raise ValueError(
-            f"num_experts: expected 1..{grid.size} (grid points); got {num_experts}."
-        )
+        raise ValueError(f"num_experts: expected 1..{grid.size} (grid points); got {num_experts}.")
     rng = np.random.default_rng(seed)
     labels = np.arange(grid.size) % num_experts
     rng.shuffle(labels)

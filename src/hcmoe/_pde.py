@@ -101,31 +101,47 @@ def _side_index(side) -> int:
             )
         return {"low": 0, "high": -1}[side]
     if isinstance(side, bool) or not isinstance(side, (int, np.integer)):
-        raise ValueError(
-            f"side: expected 'low', 'high' or an int index of the axis; got {side!r}."
-        )
+        raise ValueError(f"side: expected 'low', 'high' or an int index of the axis; got {side!r}.")
     return int(side)
 
 
 def initial(
-    target: ArrayLike, *, axis: str = "t", weight: ArrayLike = 1.0, scope: str = "owned",
+    target: ArrayLike,
+    *,
+    axis: str = "t",
+    weight: ArrayLike = 1.0,
+    scope: str = "owned",
     exact: bool = False,
 ) -> Condition:
     """`u(t=t_0, ...) = target` (shape: the grid without its time axis, or broadcastable).
 
     `exact=True` builds it into the ansatz (satisfied by construction); see `Condition`."""
-    return Condition(axis, 0, Identity(), target, weight, name="initial condition",
-                     scope=scope, exact=exact)
+    return Condition(
+        axis, 0, Identity(), target, weight, name="initial condition", scope=scope, exact=exact
+    )
 
 
 def dirichlet(
-    axis: str, side, value: ArrayLike, *, weight: ArrayLike = 1.0, scope: str = "owned",
+    axis: str,
+    side,
+    value: ArrayLike,
+    *,
+    weight: ArrayLike = 1.0,
+    scope: str = "owned",
     exact: bool = False,
 ) -> Condition:
     """`u = value` on the `side` (`"low"`/`"high"`) face of `axis`; `exact=True`: by
     construction (see `Condition`)."""
-    return Condition(axis, _side_index(side), Identity(), value, weight,
-                     name="Dirichlet condition", scope=scope, exact=exact)
+    return Condition(
+        axis,
+        _side_index(side),
+        Identity(),
+        value,
+        weight,
+        name="Dirichlet condition",
+        scope=scope,
+        exact=exact,
+    )
 
 
 def neumann(
@@ -133,18 +149,26 @@ def neumann(
 ) -> Condition:
     """`du/d(axis) = value` on a face (one-sided differences at the edge)."""
     op = FiniteDifference(axis)
-    return Condition(axis, _side_index(side), op, value, weight, name="Neumann condition",
-                     scope=scope)
+    return Condition(
+        axis, _side_index(side), op, value, weight, name="Neumann condition", scope=scope
+    )
 
 
 def robin(
-    axis: str, side, a: float, b: float, value: ArrayLike, *, weight: ArrayLike = 1.0,
+    axis: str,
+    side,
+    a: float,
+    b: float,
+    value: ArrayLike,
+    *,
+    weight: ArrayLike = 1.0,
     scope: str = "owned",
 ) -> Condition:
     """`a u + b du/d(axis) = value` on a face."""
     op = a * Identity() + b * FiniteDifference(axis)
-    return Condition(axis, _side_index(side), op, value, weight, name="Robin condition",
-                     scope=scope)
+    return Condition(
+        axis, _side_index(side), op, value, weight, name="Robin condition", scope=scope
+    )
 
 
 class AbstractPDE(eqx.Module):

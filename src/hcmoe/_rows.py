@@ -71,11 +71,11 @@ class Rows(eqx.Module):
         if points is not None and (
             isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 1
         ):
-            raise ValueError(
-                f"points_per_expert: expected a positive int or None; got {points!r}."
-            )
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not (
-            self.ridge >= 0
+            raise ValueError(f"points_per_expert: expected a positive int or None; got {points!r}.")
+        if (
+            isinstance(self.ridge, bool)
+            or not isinstance(self.ridge, (int, float))
+            or not (self.ridge >= 0)
         ):
             raise ValueError(f"ridge: expected a non-negative number; got {self.ridge!r}.")
         if self.ridge_toward not in RIDGE_TOWARD:
@@ -89,7 +89,6 @@ class Rows(eqx.Module):
                 f"condition_scope: expected None, 'owned' or 'global'; got "
                 f"{self.condition_scope!r}."
             )
-
 
 
 def _sample_rows(rows: ExpertRows, points: int | None, key) -> tuple[Array, Array]:
@@ -176,8 +175,11 @@ def _lowest(scores: Array, count: int) -> Array:
     def keep(last):
         return below | (at_most & (position <= last[:, None]))
 
-    last = _bisect(lambda last: jnp.sum(keep(last), axis=1) >= count,
-                   jnp.where(excess, 0, end), jnp.full(excess.shape, end))
+    last = _bisect(
+        lambda last: jnp.sum(keep(last), axis=1) >= count,
+        jnp.where(excess, 0, end),
+        jnp.full(excess.shape, end),
+    )
     return jax.vmap(lambda row: jnp.nonzero(row, size=count)[0])(keep(last))
 
 
@@ -328,8 +330,9 @@ def check_residual_data(pde: AbstractPDE, rows: ProblemRows, data, grid: Grid) -
     point = jax.ShapeDtypeStruct((m,), dtype)
     values = {name: point for name in rows.names}
     coords = {name: point for name in grid.names}
-    gathered = {name: jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
-                for name, v in rows.point_data.items()}
+    gathered = {
+        name: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for name, v in rows.point_data.items()
+    }
 
     def residual(values, coords, entries, gathered):
         merged = _ReadsChecked({**entries, **gathered}, owner, grid, gathered)
@@ -389,7 +392,7 @@ class ProblemRows(eqx.Module):
 
     def requests(self) -> list:
         pde = [(op, self.index) for op in self.operators[: len(self.names)]]
-        return pde + list(zip(self.operators[len(self.names):], self.faces))
+        return pde + list(zip(self.operators[len(self.names) :], self.faces))
 
     @property
     def points(self) -> Array:
@@ -398,8 +401,15 @@ class ProblemRows(eqx.Module):
 
 
 def problem_rows(
-    basis, pde: AbstractPDE, grid: Grid, data, partition: AbstractPartition,
-    points_per_expert: int | None, key, *, condition_scope: str | None = None,
+    basis,
+    pde: AbstractPDE,
+    grid: Grid,
+    data,
+    partition: AbstractPartition,
+    points_per_expert: int | None,
+    key,
+    *,
+    condition_scope: str | None = None,
     balance: str = "mean",
 ) -> tuple[ProblemRows, Array, Array | None]:
     """The ansatz (`T(B)`, `u_p`, both with the exact conditions built in, in the dtype of
@@ -425,10 +435,12 @@ def problem_rows(
         )
     rows = ExpertRows.from_masks(pde_members)
     index, valid = _sample_rows(rows, points_per_expert, key)
-    points = rows.counts if points_per_expert is None else np.minimum(rows.counts,
-                                                                      points_per_expert)
-    face_points, cond = _condition_rows(conditions, grid, members, condition_scope, points,
-                                        dtype, balance, pde, warn=not any_exact)
+    points = (
+        rows.counts if points_per_expert is None else np.minimum(rows.counts, points_per_expert)
+    )
+    face_points, cond = _condition_rows(
+        conditions, grid, members, condition_scope, points, dtype, balance, pde, warn=not any_exact
+    )
     num_experts = index.shape[0]
     if cond is None:  # no conditions: one inert row keeps the shapes uniform
         zeros = jnp.zeros((num_experts, 1), dtype)
@@ -436,15 +448,25 @@ def problem_rows(
     names = tuple(operators)
     coords = {name: jnp.asarray(c.reshape(-1), dtype)[index] for name, c in grid.mesh().items()}
     problem = ProblemRows(
-        names, tuple(operators[name] for name in names) + tuple(c.operator for c in conditions),
-        index, tuple(jnp.asarray(f) for f in face_points), coords, valid, *cond,
+        names,
+        tuple(operators[name] for name in names) + tuple(c.operator for c in conditions),
+        index,
+        tuple(jnp.asarray(f) for f in face_points),
+        coords,
+        valid,
+        *cond,
         point_data=_point_data(data, grid, index),
     )
     return problem, transformed, particular
 
 
-def evaluate_rows(rows: ProblemRows, transformed: Array, particular: Array | None,
-                  grid: Grid, whole: dict[int, Array] | None = None) -> ExpertProblem:
+def evaluate_rows(
+    rows: ProblemRows,
+    transformed: Array,
+    particular: Array | None,
+    grid: Grid,
+    whole: dict[int, Array] | None = None,
+) -> ExpertProblem:
     """The `ExpertProblem` of `rows` (expert-stacked, or one expert's when `rows` has no
     leading `K` axis): every operator at every row in one pass (the PDE
     operators at the sampled points, the condition operators at their face points; one
@@ -461,21 +483,36 @@ def evaluate_rows(rows: ProblemRows, transformed: Array, particular: Array | Non
         offset_values = evaluate_at_points(requests, particular, grid)
     lead, n = rows.index.shape[:-1], transformed.shape[-1]  # lead: (K,) or () for one expert
     if len(requests) > len(names):
-        matrices = jnp.concatenate(values[len(names):], axis=-2)
-        cond_offsets = jnp.concatenate(offset_values[len(names):], axis=-1)
+        matrices = jnp.concatenate(values[len(names) :], axis=-2)
+        cond_offsets = jnp.concatenate(offset_values[len(names) :], axis=-1)
     else:
         matrices = jnp.zeros(lead + (1, n), dtype)
         cond_offsets = jnp.zeros(lead + (1,), dtype)
     return ExpertProblem(
-        dict(zip(names, values[: len(names)])), dict(zip(names, offset_values[: len(names)])),
-        rows.coords, rows.pde_valid, matrices, cond_offsets, rows.cond_target, rows.cond_scale,
-        rows.cond_valid, point_data=rows.point_data, points=rows.points,
+        dict(zip(names, values[: len(names)])),
+        dict(zip(names, offset_values[: len(names)])),
+        rows.coords,
+        rows.pde_valid,
+        matrices,
+        cond_offsets,
+        rows.cond_target,
+        rows.cond_scale,
+        rows.cond_valid,
+        point_data=rows.point_data,
+        points=rows.points,
     )
 
 
 def build_problems(
-    basis, pde: AbstractPDE, grid: Grid, data, partition: AbstractPartition,
-    points_per_expert: int | None, key, *, condition_scope: str | None = None,
+    basis,
+    pde: AbstractPDE,
+    grid: Grid,
+    data,
+    partition: AbstractPartition,
+    points_per_expert: int | None,
+    key,
+    *,
+    condition_scope: str | None = None,
     balance: str = "mean",
 ) -> tuple[ExpertProblem, Array, Array | None]:
     """Evaluate the operators at every expert's sampled points (and the conditions' at their
@@ -487,7 +524,14 @@ def build_problems(
     dtype of `basis`.
     """
     rows, transformed, particular = problem_rows(
-        basis, pde, grid, data, partition, points_per_expert, key,
-        condition_scope=condition_scope, balance=balance,
+        basis,
+        pde,
+        grid,
+        data,
+        partition,
+        points_per_expert,
+        key,
+        condition_scope=condition_scope,
+        balance=balance,
     )
     return evaluate_rows(rows, transformed, particular, grid), transformed, particular

@@ -38,30 +38,30 @@ from ._rows import Rows
 _PRECISIONS = (None, "float64", "float32", "input")
 
 # The keyword options of `solve` (besides `key`), which `constrain` and the methods pass on.
-SOLVE_OPTIONS = ("init", "solver", "rows", "coupling", "adjoint", "max_steps", "precision",
-                 "throw")
+SOLVE_OPTIONS = ("init", "solver", "rows", "coupling", "adjoint", "max_steps", "precision", "throw")
 
 # Options of hcmoe 0.1, and where they went (a clear error instead of "unknown option").
 MOVED_OPTIONS = {
-    **{name: f"solver=hcmoe.LevenbergMarquardt({name}=...)"
-       for name in ("rtol", "atol", "initial_damping", "termination")},
-    **{name: f"rows=hcmoe.Rows({name}=...)"
-       for name in ("points_per_expert", "ridge", "ridge_toward", "balance",
-                    "condition_scope")},
+    **{
+        name: f"solver=hcmoe.LevenbergMarquardt({name}=...)"
+        for name in ("rtol", "atol", "initial_damping", "termination")
+    },
+    **{
+        name: f"rows=hcmoe.Rows({name}=...)"
+        for name in ("points_per_expert", "ridge", "ridge_toward", "balance", "condition_scope")
+    },
     "schedule": "coupling=hcmoe.Independent(schedule=...)",
     "mesh": "coupling=hcmoe.Independent(mesh=...) (or hcmoe.Joint(mesh=...))",
     "warm_start": "solver=hcmoe.WarmStart(hcmoe.LevenbergMarquardt())",
     "linear_solver": "adjoint=optimistix.ImplicitAdjoint(linear_solver) (and, for a linear "
-                     "PDE's least-squares solve, solver=<a lineax solver>)",
+    "PDE's least-squares solve, solver=<a lineax solver>)",
 }
 
 
 def solve_dtype(precision: str | None, basis_dtype) -> jnp.dtype:
     """The dtype of the constraint solve (see `solve`'s `precision`)."""
     if precision not in _PRECISIONS:
-        raise ValueError(
-            f"precision: expected one of {_PRECISIONS}; got {precision!r}."
-        )
+        raise ValueError(f"precision: expected one of {_PRECISIONS}; got {precision!r}.")
     x64 = bool(getattr(jax.config, "jax_enable_x64"))
     if precision == "float64" and not x64:
         raise ValueError(
@@ -112,8 +112,10 @@ def _check_basis(basis, grid: Grid):
 def _check_options(pde: AbstractPDE, solver, rows, max_steps) -> None:
     if not isinstance(rows, Rows):
         raise ValueError(f"rows: expected an hcmoe.Rows(...); got {type(rows).__name__}.")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or (
-        max_steps < 1
+    if (
+        isinstance(max_steps, bool)
+        or not isinstance(max_steps, (int, np.integer))
+        or (max_steps < 1)
     ):
         raise ValueError(f"max_steps: expected a positive int; got {max_steps!r}.")
     if solver is None:
@@ -134,8 +136,21 @@ def _check_options(pde: AbstractPDE, solver, rows, max_steps) -> None:
 
 
 def _solve(
-    basis, pde, partition, grid, data, *, key, init, solver, rows, coupling, adjoint,
-    max_steps, precision, throw,
+    basis,
+    pde,
+    partition,
+    grid,
+    data,
+    *,
+    key,
+    init,
+    solver,
+    rows,
+    coupling,
+    adjoint,
+    max_steps,
+    precision,
+    throw,
 ) -> Solution:
     """`solve` without the jit: checks the arguments and dispatches on the coupling."""
     warn_if_hang_prone()
@@ -145,15 +160,25 @@ def _solve(
     _check_options(pde, solver, rows, max_steps)
     dtype = solve_dtype(precision, basis.dtype)
     return coupling.solve(
-        basis, pde, partition, grid, data, key=key, init=init, solver=solver, rows=rows,
-        adjoint=adjoint, max_steps=int(max_steps), dtype=dtype, throw=throw,
+        basis,
+        pde,
+        partition,
+        grid,
+        data,
+        key=key,
+        init=init,
+        solver=solver,
+        rows=rows,
+        adjoint=adjoint,
+        max_steps=int(max_steps),
+        dtype=dtype,
+        throw=throw,
     )
 
 
 @eqx.filter_jit
 def _solve_jit(basis, pde, partition, grid, data, key, init, options) -> Solution:
-    return _solve(basis, pde, partition, grid, wrap_data(data, pde), key=key, init=init,
-                  **options)
+    return _solve(basis, pde, partition, grid, wrap_data(data, pde), key=key, init=init, **options)
 
 
 def solve(
@@ -239,8 +264,15 @@ def solve(
     configuration (PDE constants, grid, partition, options, array shapes), so calling it
     eagerly in a loop compiles once. Under an outer `jit` / `vmap` / `grad` it is inlined.
     """
-    options = dict(solver=solver, rows=rows, coupling=as_coupling(coupling), adjoint=adjoint,
-                   max_steps=max_steps, precision=precision, throw=throw)
+    options = dict(
+        solver=solver,
+        rows=rows,
+        coupling=as_coupling(coupling),
+        adjoint=adjoint,
+        max_steps=max_steps,
+        precision=precision,
+        throw=throw,
+    )
     return _solve_jit(basis, pde, as_partition(partition), grid, data, key, init, options)
 
 
@@ -268,10 +300,17 @@ def check_options(options: dict, where: str, drop_defaults: bool = True) -> dict
         )
     if not drop_defaults:
         return checked
-    defaults = dict(init=None, solver=None, rows=Rows(), coupling=as_coupling("independent"),
-                    adjoint=None, max_steps=50, precision=None, throw=False)
-    return {name: value for name, value in checked.items()
-            if not _same(value, defaults[name])}
+    defaults = dict(
+        init=None,
+        solver=None,
+        rows=Rows(),
+        coupling=as_coupling("independent"),
+        adjoint=None,
+        max_steps=50,
+        precision=None,
+        throw=False,
+    )
+    return {name: value for name, value in checked.items() if not _same(value, defaults[name])}
 
 
 def _same(value, default) -> bool:
@@ -318,8 +357,15 @@ def constrained_solve(
         )
     options = {"init": None, **options}
     init = options.pop("init")
-    full = dict(solver=None, rows=Rows(), coupling="independent", adjoint=None, max_steps=50,
-                precision=None, throw=False)
+    full = dict(
+        solver=None,
+        rows=Rows(),
+        coupling="independent",
+        adjoint=None,
+        max_steps=50,
+        precision=None,
+        throw=False,
+    )
     full.update(options)
 
     def one(b, d, k):

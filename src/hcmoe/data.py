@@ -177,8 +177,12 @@ def cached(
         arrays = {name: np.asarray(value) for name, value in generate().items()}
     except KeyboardInterrupt:
         if any(parts.glob("*/chunk_*.npz")):
-            print(f"\nhcmoe: generation interrupted; the finished batches are kept in {parts} "
-                  "and a rerun continues from them.", file=sys.stderr, flush=True)
+            print(
+                f"\nhcmoe: generation interrupted; the finished batches are kept in {parts} "
+                "and a rerun continues from them.",
+                file=sys.stderr,
+                flush=True,
+            )
         raise
     finally:
         _GENERATION.reset(context)
@@ -306,7 +310,8 @@ def map_batched(
     restored = sum(batches[i][1] for i in done)
     message = "hcmoe: interrupted; finishing the batch in flight" + (
         f" and keeping the finished ones in {directory} (Ctrl-C again to stop at once)."
-        if directory is not None else " (Ctrl-C again to stop at once)."
+        if directory is not None
+        else " (Ctrl-C again to stop at once)."
     )
     with (
         InterruptGuard(message) as interrupt,
@@ -321,8 +326,11 @@ def map_batched(
             batch = treedef.unflatten([jnp.asarray(x) for x in batch_leaves])
             out = jtu.tree_map(lambda a: np.asarray(a)[:count], jax.device_get(batched_fn(batch)))
             if directory is not None:
-                _save_chunk(directory / f"chunk_{start:09d}.npz", jtu.tree_leaves(out),
-                            _fingerprint(batch_leaves, count))
+                _save_chunk(
+                    directory / f"chunk_{start:09d}.npz",
+                    jtu.tree_leaves(out),
+                    _fingerprint(batch_leaves, count),
+                )
             outputs[i] = out
             bar.update(count)
             interrupt.check()  # a Ctrl-C during this batch stops here, the batch saved
@@ -345,13 +353,17 @@ def _restore_chunks(directory, batches, batched_fn, treedef) -> dict[int, PyTree
     out_treedef = jtu.tree_structure(jax.eval_shape(batched_fn, example))
     done = {}
     for i, (start, count, batch_leaves) in enumerate(batches):
-        chunk = _load_chunk(directory / f"chunk_{start:09d}.npz",
-                            _fingerprint(batch_leaves, count), out_treedef.num_leaves)
+        chunk = _load_chunk(
+            directory / f"chunk_{start:09d}.npz",
+            _fingerprint(batch_leaves, count),
+            out_treedef.num_leaves,
+        )
         if chunk is not None:
             done[i] = out_treedef.unflatten(chunk)
     if done:
-        _logger.info("hcmoe: resuming from %d of %d batches in %s.", len(done), len(batches),
-                     directory)
+        _logger.info(
+            "hcmoe: resuming from %d of %d batches in %s.", len(done), len(batches), directory
+        )
     return done
 
 

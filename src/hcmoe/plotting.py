@@ -28,8 +28,8 @@ try:
 except ImportError as error:
     raise ImportError(
         "hcmoe.plotting needs matplotlib, which is not installed (or failed to import: "
-        f"{error}). Install it with the examples extra: pip install \"hcmoe[examples]\" "
-        "(or matplotlib alone: pip install \"hcmoe[plotting]\")."
+        f'{error}). Install it with the examples extra: pip install "hcmoe[examples]" '
+        '(or matplotlib alone: pip install "hcmoe[plotting]").'
     ) from error
 
 from ._grid import Grid
@@ -131,7 +131,9 @@ def _field_panel(figure, ax, field, vertical, horizontal, labels, title, **style
         # An (n, 2, 2) array is a documented `segments`; matplotlib's stub wants a Sequence.
         lines = LineCollection(
             segments,  # pyright: ignore[reportArgumentType]
-            colors="white", linewidths=0.9, path_effects=outline,
+            colors="white",
+            linewidths=0.9,
+            path_effects=outline,
         )
         ax.add_collection(lines)
     ax.set_title(title)
@@ -155,8 +157,18 @@ def _triptych(figure, axes, prediction, reference, vertical, horizontal, labels,
     # matplotlib's default -0.1 .. 0.1 for a constant field).
     top = float(error.max())
     top = top if top > 0 else 1.0
-    _field_panel(figure, axes[2], error, vertical, horizontal, labels, "|error|", cmap="magma",
-                 vmin=0.0, vmax=top)
+    _field_panel(
+        figure,
+        axes[2],
+        error,
+        vertical,
+        horizontal,
+        labels,
+        "|error|",
+        cmap="magma",
+        vmin=0.0,
+        vmax=top,
+    )
 
 
 def plot_prediction(
@@ -233,9 +245,7 @@ def plot_snapshots(
     axes = np.atleast_2d(figure.subplots(len(times), 3, sharex=True, sharey=True))
     for row, index in zip(axes, times):
         frame_labels = None if labels is None else labels[index].T
-        _triptych(
-            figure, row, prediction[index].T, reference[index].T, y, x, frame_labels, cmap
-        )
+        _triptych(figure, row, prediction[index].T, reference[index].T, y, x, frame_labels, cmap)
         row[0].set_ylabel(f"{names[2]}   ({names[0]} = {t[index]:.4g})")
     for ax in axes[-1]:
         ax.set_xlabel(names[1])
@@ -270,9 +280,7 @@ def plot_training_curves(
     - `title`: figure title.
     - `path`: where to save the figure (optional).
     """
-    records = (
-        read_metrics(metrics) if isinstance(metrics, (str, os.PathLike)) else list(metrics)
-    )
+    records = read_metrics(metrics) if isinstance(metrics, (str, os.PathLike)) else list(metrics)
     found: dict[str, None] = {}
     for record in records:
         found.update(dict.fromkeys(k for k in record if k not in _BOOKKEEPING))
@@ -369,8 +377,13 @@ def plot_method_comparison(
     ax.set_xticks(positions, list(summaries))
     for position, mean, std in zip(positions, means, stds):
         ax.annotate(
-            f"{mean:.2f} ± {std:.2f}", (position, mean + std), ha="center", va="bottom",
-            textcoords="offset points", xytext=(0, 2), fontsize=8,
+            f"{mean:.2f} ± {std:.2f}",
+            (position, mean + std),
+            ha="center",
+            va="bottom",
+            textcoords="offset points",
+            xytext=(0, 2),
+            fontsize=8,
         )
     ax.margins(y=0.12)
     ax.set_ylabel("relative L2 error" + (" (%)" if percent else ""))

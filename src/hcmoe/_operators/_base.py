@@ -172,8 +172,7 @@ class Combination(AbstractOperator):
             return None
         stencils = cast(list[tuple[Array, Array]], stencils)  # none is None (checked above)
         neighbours = jnp.concatenate([n for n, _ in stencils], axis=-1)
-        weights = jnp.concatenate([c * w for (c, _), (_, w) in zip(self.terms, stencils)],
-                                  axis=-1)
+        weights = jnp.concatenate([c * w for (c, _), (_, w) in zip(self.terms, stencils)], axis=-1)
         return neighbours, weights
 
     def fourier_symbol(self, grid):
@@ -291,8 +290,7 @@ class Linear(AbstractOperator):
         out = self.fn(field, grid)
         if out.shape != field.shape:
             raise ValueError(
-                f"ops.Linear: fn must return the shape of its input {field.shape}; "
-                f"got {out.shape}."
+                f"ops.Linear: fn must return the shape of its input {field.shape}; got {out.shape}."
             )
         return out
 

@@ -62,7 +62,9 @@ def whole_grid_values(
 
 
 def evaluate_at_points(
-    requests: Sequence[tuple[AbstractOperator, ArrayLike]], field: Array, grid: Grid,
+    requests: Sequence[tuple[AbstractOperator, ArrayLike]],
+    field: Array,
+    grid: Grid,
     whole: Mapping[int, Array] | None = None,
 ) -> list[Array]:
     """`[op.at_points(field, grid, points) for op, points in requests]`, computed together:

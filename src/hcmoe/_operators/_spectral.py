@@ -80,8 +80,9 @@ class Spectral(AbstractOperator):
 
     def fourier_symbol(self, grid):
         k = _zero_nyquist(_wavenumbers(grid, self.axis), self.order)
-        return (self.axis,), _symbol_on_grid(grid, {self.axis: k},
-                                             lambda kk: (1j * kk) ** self.order)
+        return (self.axis,), _symbol_on_grid(
+            grid, {self.axis: k}, lambda kk: (1j * kk) ** self.order
+        )
 
     def __call__(self, field, grid):
         return _apply_symbol(self, field, grid)
@@ -99,8 +100,10 @@ class Laplacian(AbstractOperator):
             raise ValueError(f"Laplacian: method must be 'spectral' or 'fd'; got {self.method!r}.")
 
     def _fd(self) -> AbstractOperator:
-        return sum((FiniteDifference(a, order=2) for a in self.axes[1:]),
-                   FiniteDifference(self.axes[0], order=2))
+        return sum(
+            (FiniteDifference(a, order=2) for a in self.axes[1:]),
+            FiniteDifference(self.axes[0], order=2),
+        )
 
     def fourier_symbol(self, grid):
         if self.method == "fd":
@@ -162,8 +165,10 @@ class VelocityFromVorticity(AbstractOperator):
 
     def fourier_symbol(self, grid):
         ax, ay = self.axes
-        ks = {ax: _zero_nyquist(_wavenumbers(grid, ax), 1),
-              ay: _zero_nyquist(_wavenumbers(grid, ay), 1)}
+        ks = {
+            ax: _zero_nyquist(_wavenumbers(grid, ax), 1),
+            ay: _zero_nyquist(_wavenumbers(grid, ay), 1),
+        }
 
         def symbol(kx_, ky_):
             k2 = kx_**2 + ky_**2

@@ -113,7 +113,12 @@ def evaluate(
         index = np.minimum(np.arange(start, start + batch_size), n - 1)
         batch = jtu.tree_map(lambda leaf: jnp.asarray(np.asarray(leaf)[index]), data)
         *out, u = _evaluate_batch(
-            method, batch, jnp.asarray(references[index]), jr.fold_in(key, start), grid, keep,
+            method,
+            batch,
+            jnp.asarray(references[index]),
+            jr.fold_in(key, start),
+            grid,
+            keep,
             options,
         )
         count = min(batch_size, n - start)

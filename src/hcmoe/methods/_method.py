@@ -46,8 +46,9 @@ class InitialConditionInput(eqx.Module):
 
     def __init__(self, name: str | None = None, extents=None):
         self.name = name
-        self.extents = tuple((str(k), (float(lo), float(hi)))
-                             for k, (lo, hi) in dict(extents or {}).items())
+        self.extents = tuple(
+            (str(k), (float(lo), float(hi))) for k, (lo, hi) in dict(extents or {}).items()
+        )
 
     def __call__(self, grid: Grid, data: Mapping[str, Array]) -> Array:
         name = self.name
@@ -123,7 +124,11 @@ class Method(eqx.Module):
     inputs: Callable[[Grid, Any], Array]
 
     def __call__(
-        self, data: Any, *, key: PRNGKeyArray | None = None, grid: Grid | None = None,
+        self,
+        data: Any,
+        *,
+        key: PRNGKeyArray | None = None,
+        grid: Grid | None = None,
         **options,
     ) -> Solution:
         """The prediction for one sample's `data` on `grid` (default: the training grid).
@@ -249,7 +254,11 @@ def _batch_size(data) -> int:
 
 
 def predict(
-    method: Method, data: Any, *, key: PRNGKeyArray | None = None, grid: Grid | None = None,
+    method: Method,
+    data: Any,
+    *,
+    key: PRNGKeyArray | None = None,
+    grid: Grid | None = None,
     **options,
 ) -> Solution:
     """`method` on a batch of PDE data (leading batch axis); the key is split per sample.

@@ -50,8 +50,11 @@ def _describe(value):
         return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)}
-        record = {name: v for name, v in fields.items()
-                  if v is None or isinstance(v, (bool, int, float, str))}
+        record = {
+            name: v
+            for name, v in fields.items()
+            if v is None or isinstance(v, (bool, int, float, str))
+        }
         return {"type": type(value).__name__, **record}
     return None
 
@@ -169,4 +172,3 @@ def load(method: Method, run_dir: str | os.PathLike) -> Method:
             "writes them."
         )
     return checkpoint.model
-

@@ -267,9 +267,7 @@ class FNO(eqx.Module):
         lkey, hkey, okey, *layer_keys = jr.split(key, 3 + n_layers)
         self.lift = Pointwise(in_channels, width, dtype=dtype, key=lkey)
         self.layers = tuple(
-            FourierLayer(
-                width, modes, ndim=ndim, activation=i < n_layers - 1, dtype=dtype, key=k
-            )
+            FourierLayer(width, modes, ndim=ndim, activation=i < n_layers - 1, dtype=dtype, key=k)
             for i, k in enumerate(layer_keys)
         )
         self.project_hidden = Pointwise(width, fc_width, dtype=dtype, key=hkey)

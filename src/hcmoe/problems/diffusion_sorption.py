@@ -57,7 +57,12 @@ AXES = ("t", "x")
 T_FINAL = 500.0
 _GAMMA = 1.0 - 1.0 / np.sqrt(2.0)
 _FORMULATION = (
-    "scope", "exact_initial", "initial_weight", "boundary_weight", "initial_layer", "boundary",
+    "scope",
+    "exact_initial",
+    "initial_weight",
+    "boundary_weight",
+    "initial_layer",
+    "boundary",
     "time_derivative",
 )
 SIZES: dict[str, dict[str, Any]] = {
@@ -160,8 +165,15 @@ class DiffusionSorption(AbstractPDE):
             return (
                 ic,
                 dirichlet("x", "low", 1.0, weight=self.boundary_weight, scope=self.scope),
-                robin("x", "high", a=1.0, b=-self.D, value=0.0, weight=self.boundary_weight,
-                      scope=self.scope),
+                robin(
+                    "x",
+                    "high",
+                    a=1.0,
+                    b=-self.D,
+                    value=0.0,
+                    weight=self.boundary_weight,
+                    scope=self.scope,
+                ),
             )
         # Boundary rows for t > t0 only: per-point weights, zero on the IC's time level.
         weight = np.full(grid.shape[grid.axis("t")], float(self.boundary_weight))

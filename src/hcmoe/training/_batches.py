@@ -50,5 +50,3 @@ class Batches:
         assert self._permutation is not None  # drawn above at the first call (epoch != None)
         indices = self._permutation[start : start + self.batch_size]
         return jax.tree.map(lambda leaf: leaf[indices], self.data)
-
-

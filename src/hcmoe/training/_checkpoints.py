@@ -134,8 +134,10 @@ def _read_record(path: Path) -> dict[str, Any]:
         record = json.loads(path.read_bytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"not valid JSON ({error})") from error
-    if not isinstance(record, dict) or not isinstance(record.get("file"), str) or not (
-        isinstance(record.get("step"), int)
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("file"), str)
+        or not (isinstance(record.get("step"), int))
     ):
         raise ValueError("not a checkpoint record (no 'file' and 'step')")
     return record
@@ -209,9 +211,7 @@ def _damage(path: Path, record: dict[str, Any]) -> str | None:
     return None
 
 
-def load_checkpoint(
-    directory: str | os.PathLike, model, opt_state=None
-) -> Checkpoint | None:
+def load_checkpoint(directory: str | os.PathLike, model, opt_state=None) -> Checkpoint | None:
     """Load the newest intact checkpoint of `directory`, or `None` if it holds none.
 
     A checkpoint file that is missing, truncated or corrupt (its size or SHA-256 differs from
@@ -242,7 +242,8 @@ def load_checkpoint(
             return _deserialise(path, record, model, opt_state)
         problems.append(f"{path}: {damage}")
         warnings.warn(
-            f"{path}: {damage}; trying the next older checkpoint.", CheckpointWarning,
+            f"{path}: {damage}; trying the next older checkpoint.",
+            CheckpointWarning,
             stacklevel=2,
         )
     raise ValueError(

@@ -111,8 +111,10 @@ def _check_run(checkpoint_dir, record, key, settings) -> None:
         names = sorted(n for n in saved.keys() | settings.keys() if saved.get(n) != settings.get(n))
         raise RunMismatchError(
             f"settings: the checkpoint in {checkpoint_dir} was written with "
-            + ", ".join(f"{n}={saved.get(n)!r}" for n in names) + "; got "
-            + ", ".join(f"{n}={settings.get(n)!r}" for n in names) + ". Resume with the same "
+            + ", ".join(f"{n}={saved.get(n)!r}" for n in names)
+            + "; got "
+            + ", ".join(f"{n}={settings.get(n)!r}" for n in names)
+            + ". Resume with the same "
             "settings (another run's checkpoint would be continued, or re-evaluated, as if it "
             "were this one), pass resume=False, or use a new checkpoint_dir."
         )
@@ -246,15 +248,23 @@ def fit(
         )
         if step:
             done = " (nothing left to train)" if step >= steps else ""
-            print(f"fit: resumed from step {step} of {steps}, {checkpoint_dir}{done}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"fit: resumed from step {step} of {steps}, {checkpoint_dir}{done}",
+                file=sys.stderr,
+                flush=True,
+            )
     if metrics_path is not None:
         atomic_write(Path(metrics_path), "".join(json.dumps(r) + "\n" for r in history).encode())
 
     def checkpoint():
         if checkpoint_dir is not None:
             save_checkpoint(
-                checkpoint_dir, step, model, opt_state, key=key, keep=keep_checkpoints,
+                checkpoint_dir,
+                step,
+                model,
+                opt_state,
+                key=key,
+                keep=keep_checkpoints,
                 extra=None if settings is None else {"settings": settings},
             )
             write_csv_beside(metrics_path, history)
@@ -308,4 +318,3 @@ def fit(
         interrupt.check()
     write_csv_beside(metrics_path, history)
     return FitResult(model, opt_state, step, history)
-
