@@ -61,6 +61,12 @@ class AbstractCoupling(eqx.Module):
         splits only the batch)."""
         return False
 
+    @property
+    def label(self) -> str:
+        """A short name for tables and figures, after the method's ("PI-HC-MoE (joint)");
+        empty for the paper's independent experts."""
+        return ""
+
 
 class Independent(AbstractCoupling):
     """Every expert fits its own weights to its own block's rows (the paper's PI-HC-MoE):
@@ -149,6 +155,10 @@ class Joint(AbstractCoupling):
     """
 
     mesh: Mesh | None = eqx.field(default=None, static=True)
+
+    @property
+    def label(self) -> str:
+        return "joint"
 
     def __check_init__(self):
         if self.mesh is not None:

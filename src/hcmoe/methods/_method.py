@@ -15,7 +15,6 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 from .._constrain import constrain
-from .._coupling import Joint
 from .._grid import Grid
 from .._partition import AbstractPartition, as_partition
 from .._pde import AbstractPDE, ansatz
@@ -160,9 +159,8 @@ class Method(eqx.Module):
         """The paper's name of the method: PI-SC, PI-HC or PI-HC-MoE; "PI-HC-MoE (joint)"
         when the experts' weights are fitted together (`coupling=hcmoe.Joint()`)."""
         options = getattr(self.model, "options", None) or {}
-        if self.kind == "moe" and isinstance(options.get("coupling"), Joint):
-            return NAMES[self.kind] + " (joint)"
-        return NAMES[self.kind]
+        label = getattr(options.get("coupling"), "label", "")
+        return NAMES[self.kind] + (f" ({label})" if self.kind == "moe" and label else "")
 
     @property
     def backbone(self):
