@@ -320,3 +320,25 @@ def test_sharded_solve_compiles_without_rematerialization_warning():
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
     assert "rematerialization" not in proc.stderr, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("layout", ["transposed", "flattened"])
+def test_data_field_in_another_layout_is_a_clear_error(layout):
+    grid, basis, u0 = _burgers_case()
+    nu = jnp.full(grid.shape, 0.01)
+    value = nu.T if layout == "transposed" else nu.reshape(-1)
+    with pytest.raises(ValueError, match=r"data\['nu'\].*looks like a field on the grid"):
+        hcmoe.solve(basis, _ViscousBurgers(), hcmoe.Partition(x=2), grid, {"u0": u0, "nu": value})
+
+
+def test_parameter_vector_in_data_is_left_alone():
+    class Weighted(_ViscousBurgers):
+        def residual(self, v, coords, data):
+            c = data["c"]  # three coefficients, not a field
+            return c[0] * v["u_t"] + c[1] * v["u"] * v["u_x"] - c[2] * v["u_xx"]
+
+    grid, basis, u0 = _burgers_case()
+    sol = hcmoe.solve(
+        basis, Weighted(), hcmoe.Partition(x=2), grid, {"u0": u0, "c": jnp.array([1.0, 1.0, 0.01])}
+    )
+    assert bool(jnp.all(sol.stats.converged))

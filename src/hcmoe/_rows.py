@@ -283,6 +283,14 @@ def _sub_grid_axes(shape: tuple[int, ...], grid: Grid) -> tuple[str, ...] | None
     return tuple(names)
 
 
+def _looks_like_a_field(shape: tuple[int, ...], grid: Grid) -> bool:
+    """Whether a non-grid-shaped `shape` has the grid's size or one of its axes' sizes in a
+    dimension (a field in another layout: `(nx, nt)`, `(nt * nx,)`), rather than that of
+    a small parameter vector."""
+    sizes = {n for n in grid.shape if n > 1}
+    return int(np.prod(shape)) == grid.size or any(n in sizes for n in shape)
+
+
 class _ReadsChecked(dict):
     """A data mapping that checks, as `residual` reads an entry, that it is not a field over
     only some of the grid's axes (see `check_residual_data`)."""
@@ -300,7 +308,18 @@ class _ReadsChecked(dict):
     def __getitem__(self, key):
         value = super().__getitem__(key)
         shape = tuple(getattr(value, "shape", ()))
-        axes = None if key in self.at_points else _sub_grid_axes(shape, self.grid)
+        if key in self.at_points or not shape:
+            return value
+        axes = _sub_grid_axes(shape, self.grid)
+        if axes is None and _looks_like_a_field(shape, self.grid):
+            raise ValueError(
+                f"data[{key!r}]: {self.owner}.residual reads it, and it has shape {shape}, "
+                f"which looks like a field on the grid {self.grid.shape} (axes "
+                f"{list(self.grid.names)}) in another layout (transposed or flattened?). "
+                "residual sees values at the sampled points: pass a field as a grid-shaped "
+                f"array {self.grid.shape} (it then reaches residual gathered at the points), "
+                "or a scalar."
+            )
         if axes is not None:
             raise ValueError(
                 f"data[{key!r}]: {self.owner}.residual reads it, and it has shape {shape}, a "
