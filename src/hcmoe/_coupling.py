@@ -17,7 +17,7 @@ from ._execution import SCHEDULES
 from ._grid import Grid
 from ._independent import solve_independent
 from ._joint import joint_init, windowed_basis
-from ._partition import AbstractPartition
+from ._partition import AbstractPartition, as_partition
 from ._pde import AbstractPDE
 from ._results import Solution
 from ._rows import Rows
@@ -56,12 +56,6 @@ class AbstractCoupling(eqx.Module):
         dtype."""
 
     @property
-    def shards_experts(self) -> bool:
-        """Whether a mesh splits each sample's experts over its `"experts"` axis (else it
-        splits only the batch)."""
-        return False
-
-    @property
     def label(self) -> str:
         """A short name for tables and figures, after the method's ("PI-HC-MoE (joint)");
         empty for the paper's independent experts."""
@@ -95,10 +89,6 @@ class Independent(AbstractCoupling):
             from ._sharding import check_mesh
 
             check_mesh(self.mesh)
-
-    @property
-    def shards_experts(self) -> bool:
-        return self.mesh is not None
 
     def solve(
         self,
@@ -204,8 +194,6 @@ class Joint(AbstractCoupling):
         joint_rows = dataclasses.replace(
             rows, points_per_expert=None if points is None else num_experts * int(points)
         )
-        from ._partition import as_partition
-
         joint = solve_independent(
             windowed_basis(basis, partition, grid),
             pde,

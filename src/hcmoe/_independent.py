@@ -20,10 +20,6 @@ from ._adjoint import (
     rows_from_fields,
 )
 from ._execution import _run_experts, assemble_from_fields, resolve_schedule
-from ._expert import (
-    ExpertProblem,
-    condition_residual,
-)
 from ._grid import Grid
 from ._levenberg_marquardt import LevenbergMarquardt, TrustRegion
 from ._partition import AbstractPartition
@@ -85,7 +81,6 @@ def solve_independent(
     labels = partition.labels(grid)
     num_experts = int(labels.max()) + 1
     points_per_expert, ridge, ridge_toward = rows.points_per_expert, rows.ridge, rows.ridge_toward
-    resolve_schedule(schedule, pde.linear)  # an unknown name fails here, before any work
     # Checked on the (small) weights, which `u` is assembled from, rather than on the basis:
     # `error_if` on the basis holds a grid-sized copy of it (its conditional's output) through
     # the solve (measured: 19 MiB of a 59 MiB forward peak at 101 x 1024 x 16).
@@ -187,12 +182,6 @@ def solve_independent(
         problem.points,
     )
     return Solution(u.astype(out_dtype), weights.astype(out_dtype), stats)
-
-
-def condition_error(problem: ExpertProblem, w: Array) -> Array:
-    """Largest unweighted condition residual `|L u - g|` over an expert's condition rows."""
-    rows = condition_residual(problem, w)
-    return jnp.max(jnp.where(problem.cond_valid, jnp.abs(rows), 0.0))
 
 
 def default_solver(dtype) -> optx.AbstractLeastSquaresSolver:

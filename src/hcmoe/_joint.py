@@ -1,6 +1,6 @@
-"""Experts fitted jointly: one least-squares problem for the weights of every expert.
+"""Experts fitted jointly: the windows and the windowed basis of the `Joint` coupling.
 
-With `coupling="joint"` the prediction keeps the mixture's form,
+With `coupling=hcmoe.Joint()` the prediction keeps the mixture's form,
 `u = u_p + sum_k T(phi_k B) w_k` (the experts' windows `phi_k` of the partition: its smooth
 partition of unity with `overlap`, else the indicator of each block), but the `K x N` weights
 minimise the residual of that blended field together, instead of each expert minimising the
@@ -9,8 +9,8 @@ windows overlap because the joint optimum makes them, not by luck of independent
 
 It is PI-HC on the windowed basis `[phi_1 B, ..., phi_K B]` (`K N` functions), with the
 experts' PDE points (`K x points_per_expert`, the paper's count) drawn over the whole domain.
-The cost is one `K N`-unknown solve (its Gauss–Newton matrix `(K N)^2`) that is not split over
-devices.
+The cost is one `K N`-unknown solve (its Gauss–Newton matrix `(K N)^2`) per sample, on one
+device (`Joint(mesh=...)` splits only a batch).
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from jaxtyping import Array
 
 from ._grid import Grid
 from ._partition import AbstractPartition
-
-
-COUPLINGS = ("independent", "joint")
 
 
 def windows(partition: AbstractPartition, grid: Grid) -> np.ndarray:

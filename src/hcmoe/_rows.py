@@ -20,7 +20,7 @@ from ._grid import Grid
 from ._operators import evaluate_at_points
 from ._partition import AbstractPartition, ExpertRows
 from ._pde import SCOPES, AbstractPDE, ansatz, residual_mask
-from ._pdedata import MissingDataError
+from ._pdedata import PDEData
 
 
 BALANCES = ("mean", "sum")
@@ -291,19 +291,16 @@ def _looks_like_a_field(shape: tuple[int, ...], grid: Grid) -> bool:
     return int(np.prod(shape)) == grid.size or any(n in sizes for n in shape)
 
 
-class _ReadsChecked(dict):
-    """A data mapping that checks, as `residual` reads an entry, that it is not a field over
-    only some of the grid's axes (see `check_residual_data`)."""
+class _ReadsChecked(PDEData):
+    """The data as `residual` sees it (a missing key: `PDEData`'s error), checking as each
+    entry is read that it is not a field in a layout `residual` cannot use (see
+    `check_residual_data`)."""
+
+    __slots__ = ("grid", "at_points")
 
     def __init__(self, entries, owner: str, grid: Grid, at_points):
-        super().__init__(entries)
-        self.owner, self.grid, self.at_points = owner, grid, frozenset(at_points)
-
-    def __missing__(self, key):
-        raise MissingDataError(
-            f"data: {self.owner} needs data[{key!r}]; got keys {sorted(map(str, self))}. Pass "
-            f"it in the data of the call, e.g. `data={{{key!r}: ...}}`."
-        )
+        super().__init__(entries, owner)
+        self.grid, self.at_points = grid, frozenset(at_points)
 
     def __getitem__(self, key):
         value = super().__getitem__(key)

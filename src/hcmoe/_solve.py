@@ -37,8 +37,19 @@ from ._rows import Rows
 
 _PRECISIONS = (None, "float64", "float32", "input")
 
-# The keyword options of `solve` (besides `key`), which `constrain` and the methods pass on.
-SOLVE_OPTIONS = ("init", "solver", "rows", "coupling", "adjoint", "max_steps", "precision", "throw")
+# The keyword options of `solve` (besides `key`) and their defaults, which `constrain` and the
+# methods pass on.
+_DEFAULTS = dict(
+    init=None,
+    solver=None,
+    rows=Rows(),
+    coupling=as_coupling("independent"),
+    adjoint=None,
+    max_steps=50,
+    precision=None,
+    throw=False,
+)
+SOLVE_OPTIONS = tuple(_DEFAULTS)
 
 # Options of hcmoe 0.1, and where they went (a clear error instead of "unknown option").
 MOVED_OPTIONS = {
@@ -300,17 +311,7 @@ def check_options(options: dict, where: str, drop_defaults: bool = True) -> dict
         )
     if not drop_defaults:
         return checked
-    defaults = dict(
-        init=None,
-        solver=None,
-        rows=Rows(),
-        coupling=as_coupling("independent"),
-        adjoint=None,
-        max_steps=50,
-        precision=None,
-        throw=False,
-    )
-    return {name: value for name, value in checked.items() if not _same(value, defaults[name])}
+    return {name: value for name, value in checked.items() if not _same(value, _DEFAULTS[name])}
 
 
 def _same(value, default) -> bool:
@@ -320,7 +321,7 @@ def _same(value, default) -> bool:
         return False
     try:
         return type(value) is type(default) and bool(value == default)
-    except Exception:  # an object whose == is not a plain bool (arrays inside)
+    except (TypeError, ValueError):  # an object whose == is not a plain bool (arrays inside)
         return False
 
 
@@ -332,11 +333,6 @@ def call_options(defaults: dict, overrides: dict) -> dict:
     # every point, over a wrap-time `Rows(points_per_expert=...)`).
     merged = {**defaults, **check_options(overrides, "call", drop_defaults=False)}
     return check_options(merged, "call")
-
-
-def _mesh(options: dict):
-    coupling = options.get("coupling")
-    return None if coupling is None else coupling.mesh
 
 
 @eqx.filter_jit
@@ -355,18 +351,8 @@ def constrained_solve(
             f"grid: expected an hcmoe.Grid (pass grid=... to constrain or to the call); "
             f"got {type(grid).__name__}."
         )
-    options = {"init": None, **options}
-    init = options.pop("init")
-    full = dict(
-        solver=None,
-        rows=Rows(),
-        coupling="independent",
-        adjoint=None,
-        max_steps=50,
-        precision=None,
-        throw=False,
-    )
-    full.update(options)
+    full = {**_DEFAULTS, **options}
+    init = full.pop("init")
 
     def one(b, d, k):
         return _solve(b, pde, partition, grid, d, key=k, init=init, **full)
@@ -387,7 +373,7 @@ def constrained_solve(
             )
     keys = None if key is None else jr.split(key, batch)
     data = wrap_data(data, pde)
-    mesh = _mesh(options)
+    mesh = full["coupling"].mesh
     if mesh is None:
         return jax.vmap(one)(basis, data, keys)
     from ._sharding import batch_map

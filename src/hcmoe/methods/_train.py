@@ -63,7 +63,8 @@ def _run_settings(method: Method, settings: dict[str, Any] | None) -> dict[str, 
     """What identifies a run besides its key: the method, its grid, its solve's scalar options
     (points per expert, ridge, coupling, ...) and the caller's `settings`."""
     options = getattr(method.model, "options", None) or {}
-    solve = {k: _describe(v) for k, v in sorted(options.items()) if _describe(v) is not None}
+    described = {k: _describe(v) for k, v in sorted(options.items())}
+    solve = {k: v for k, v in described.items() if v is not None}
     record: dict[str, Any] = {"method": method.name, "grid": list(method.grid.shape)}
     if method.kind != "sc":
         record["solve"] = solve
