@@ -39,7 +39,9 @@ class Batches:
         self.steps_per_epoch = size // batch_size
         self._epoch, self._permutation = None, None
 
-    def __call__(self, step: int):
+    def __call__(self, step: int, rows: np.ndarray | None = None):
+        """Batch `step`, or only its `rows` (positions in the batch: a process's part of it
+        on a mesh; a function's batch is its own business)."""
         if callable(self.data):
             return self.data(step, jr.fold_in(self.key, step))
         epoch, position = divmod(step, self.steps_per_epoch)
@@ -49,4 +51,6 @@ class Batches:
         start = position * self.batch_size
         assert self._permutation is not None  # drawn above at the first call (epoch != None)
         indices = self._permutation[start : start + self.batch_size]
+        if rows is not None:
+            indices = indices[rows]
         return jax.tree.map(lambda leaf: leaf[indices], self.data)

@@ -1,18 +1,22 @@
-"""Checkpoints that survive crashes, truncation and a damaged record.
+"""Checkpoints that survive crashes, truncation and a damaged record, on any device mesh.
 
-A checkpoint after step `s` is three files in the checkpoint directory:
+A checkpoint after step `s` is, in the checkpoint directory:
 
-- `step_<s>.eqx`: the model and optimizer state (`eqx.tree_serialise_leaves`: NumPy arrays,
-  never pickle);
-- `step_<s>.json`: its record (step, file name, size and SHA-256 of the `.eqx` file, the
-  run's key, the time, the hcmoe version);
+- `step_<s>/`: the array leaves of the model and the optimizer state, an Orbax checkpoint
+  (`_orbax.py`: written by every process in parallel, committed atomically by process 0,
+  restorable onto another mesh or device count);
+- `step_<s>.json`: its record (step, directory, the size and SHA-256 of every file in it, the
+  leaves' shapes and dtypes, the run's key, the time, the hcmoe version);
 - `checkpoint.json`: a copy of the newest record, written last: the commit point.
 
-Every file is written atomically (`os.replace`), so a crash at any moment leaves the previous
-checkpoint intact. Loading verifies the size and hash of the file the record names: a
-truncated or corrupt newest file gives a `CheckpointWarning` naming it, and the newest intact
-older checkpoint is used instead; a damaged `checkpoint.json` is rebuilt from the per-step
-records beside it (with a warning), or is an error that names the file and what to do.
+Records are written by process 0 only, each atomically (`os.replace`), so a crash at any
+moment leaves the previous checkpoint intact. Loading verifies the files the record names: a
+truncated or corrupt newest checkpoint gives a `CheckpointWarning` naming it, and the newest
+intact older checkpoint is used instead; a damaged `checkpoint.json` is rebuilt from the
+per-step records beside it (with a warning), or is an error that names the file and what to do.
+
+Checkpoints of hcmoe 0.1 (`step_<s>.eqx`, `eqx.tree_serialise_leaves`, record version 1) are
+still read, on one device or onto a mesh; new ones are always Orbax directories.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import importlib.metadata
-import io
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,11 +40,14 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from .._files import atomic_write
+from . import _orbax
+from ._distributed import is_main_process, placement, replicate
 
 
 RECORD = "checkpoint.json"
 FORMAT = "hcmoe-checkpoint"
-VERSION = 1
+VERSION = 2  # an Orbax directory; 1: an `.eqx` file (hcmoe 0.1), still read
+VERSIONS = (1, 2)
 
 
 class CheckpointWarning(UserWarning):
@@ -70,6 +77,21 @@ def _stem(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _split(tree):
+    """`tree`'s array leaves, and how to put new ones back in their place."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    leaves, treedef = jax.tree.flatten(arrays)
+    return leaves, lambda new: eqx.combine(jax.tree.unflatten(treedef, new), static)
+
+
+def _signature(leaves) -> list[list]:
+    return [[list(np.shape(x)), str(np.asarray(x).dtype if _host(x) else x.dtype)] for x in leaves]
+
+
+def _host(x) -> bool:
+    return isinstance(x, (np.ndarray, np.generic))
+
+
 def save_checkpoint(
     directory: str | os.PathLike,
     step: int,
@@ -82,13 +104,15 @@ def save_checkpoint(
 ) -> Path:
     """Save `(model, opt_state)` after `step` optimizer steps, atomically.
 
-    Writes `step_<step>.eqx` (via `eqx.tree_serialise_leaves`), its record `step_<step>.json`
-    (step, file, size, SHA-256, the run's key and `extra`), then `checkpoint.json` (the same
-    record), then deletes all but the `keep` newest checkpoints.
+    Writes the array leaves as the Orbax checkpoint `step_<step>/`, then (process 0) its
+    record `step_<step>.json` (step, the directory's files with their sizes and SHA-256, the
+    leaves' shapes and dtypes, the run's key and `extra`), then `checkpoint.json` (the same
+    record), then deletes all but the `keep` newest checkpoints. Under `jax.distributed` it
+    is a collective: every process calls it (as `fit` does), each writing the shards it owns.
 
     **Arguments:**
 
-    - `directory`: the checkpoint directory (created if needed).
+    - `directory`: the checkpoint directory (created if needed; shared by every process).
     - `step`: completed optimizer steps.
     - `model`, `opt_state`: the pytrees to save (array leaves are stored, static fields are
         not: loading needs a template of the same structure).
@@ -96,36 +120,55 @@ def save_checkpoint(
     - `keep`: how many checkpoints to keep (at least 1).
     - `extra`: JSON-serialisable metadata added to the record.
 
-    **Returns:** the path of the checkpoint file.
+    **Returns:** the path of the checkpoint directory.
+
+    **Raises:** `ImportError` saying how to install Orbax if it is missing.
     """
     if keep < 1:
         raise ValueError(f"keep: expected at least 1 checkpoint to keep; got {keep}.")
     directory = Path(directory)
-    buffer = io.BytesIO()
-    eqx.tree_serialise_leaves(buffer, (model, opt_state))
-    payload = buffer.getvalue()
-    name = f"{_stem(step)}.eqx"
-    atomic_write(directory / name, payload)
+    leaves, _ = _split((model, opt_state))
+    name = _stem(step)
+    _orbax.write(directory / name, leaves)
+    if not is_main_process():
+        return directory / name
     record = {
         "format": FORMAT,
         "version": VERSION,
         "step": int(step),
         "file": name,
-        "bytes": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "files": _orbax.digests(directory / name),
+        "leaves": _signature(leaves),
         "key": key_record(key),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "hcmoe_version": importlib.metadata.version("hcmoe"),
         **dict(extra or {}),
     }
     text = json.dumps(record, indent=2).encode()
-    atomic_write(directory / f"{_stem(step)}.json", text)
+    atomic_write(directory / f"{name}.json", text)
     atomic_write(directory / RECORD, text)
-    for old in sorted(directory.glob("step_*.eqx"))[:-keep]:
-        if old.name != name:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".json").unlink(missing_ok=True)
+    _prune(directory, int(step), keep)
     return directory / name
+
+
+def _entry_step(path: Path) -> int | None:
+    """The step of a checkpoint entry (`step_<s>`, `.eqx`, `.json`, Orbax's temporary)."""
+    digits = path.name.removeprefix("step_")[:8]
+    return int(digits) if path.name.startswith("step_") and digits.isdigit() else None
+
+
+def _prune(directory: Path, step: int, keep: int) -> None:
+    """Delete all but the `keep` newest checkpoints up to `step`; later ones (left by a run
+    that was resumed from an earlier step) and Orbax's uncommitted directories go too."""
+    entries = [(s, p) for p in directory.iterdir() if (s := _entry_step(p)) is not None]
+    kept = sorted({s for s, _ in entries if s <= step})[-keep:]
+    for entry_step, path in entries:
+        if entry_step in kept and not _orbax.is_temporary(path):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _read_record(path: Path) -> dict[str, Any]:
@@ -144,10 +187,10 @@ def _read_record(path: Path) -> dict[str, Any]:
 
 
 def _check_format(record: dict, path: Path) -> None:
-    if record.get("format") != FORMAT or record.get("version") != VERSION:
+    if record.get("format") != FORMAT or record.get("version") not in VERSIONS:
         raise ValueError(
-            f"{path}: expected an {FORMAT} record of version {VERSION}; got format "
-            f"{record.get('format')!r}, version {record.get('version')!r}."
+            f"{path}: expected an {FORMAT} record of version {' or '.join(map(str, VERSIONS))}; "
+            f"got format {record.get('format')!r}, version {record.get('version')!r}."
         )
 
 
@@ -159,7 +202,7 @@ def _step_records(directory: Path) -> list[dict[str, Any]]:
             record = _read_record(path)
         except (OSError, ValueError):
             continue
-        if record.get("format") == FORMAT and record.get("version") == VERSION:
+        if record.get("format") == FORMAT and record.get("version") in VERSIONS:
             records.append(record)
     return sorted(records, key=lambda r: r["step"], reverse=True)
 
@@ -200,7 +243,9 @@ def _candidates(directory: Path) -> list[dict[str, Any]] | None:
 
 
 def _damage(path: Path, record: dict[str, Any]) -> str | None:
-    """Why the file a record names cannot be its checkpoint, or None if it looks intact."""
+    """Why the checkpoint a record names cannot be it, or None if it looks intact."""
+    if record["version"] == VERSION:
+        return _orbax.damage(path, record.get("files", {}))
     if not path.is_file():
         return "the file is missing"
     size = path.stat().st_size
@@ -211,12 +256,16 @@ def _damage(path: Path, record: dict[str, Any]) -> str | None:
     return None
 
 
-def load_checkpoint(directory: str | os.PathLike, model, opt_state=None) -> Checkpoint | None:
+def load_checkpoint(
+    directory: str | os.PathLike, model, opt_state=None, *, mesh=None
+) -> Checkpoint | None:
     """Load the newest intact checkpoint of `directory`, or `None` if it holds none.
 
-    A checkpoint file that is missing, truncated or corrupt (its size or SHA-256 differs from
-    its record) is skipped with a `CheckpointWarning` naming it, and the next older one is
-    tried. A damaged `checkpoint.json` is rebuilt from the per-step records.
+    A checkpoint that is missing, truncated or corrupt (a file's size or SHA-256 differs from
+    its record, or Orbax cannot read it) is skipped with a `CheckpointWarning` naming it, and
+    the next older one is tried. A damaged `checkpoint.json` is rebuilt from the per-step
+    records. The arrays are placed on `mesh` (replicated), or on the default device: a
+    checkpoint written on any mesh or number of devices or processes loads onto any other.
 
     **Arguments:**
 
@@ -225,10 +274,12 @@ def load_checkpoint(directory: str | os.PathLike, model, opt_state=None) -> Chec
         initialised model and `optimizer.init(...)`); their array values are replaced.
         `opt_state=None` (default) loads the model alone (to evaluate or predict), and the
         `Checkpoint`'s `opt_state` is None; resuming training needs the optimizer's state.
+    - `mesh`: a `jax.sharding.Mesh` to replicate the arrays over (e.g. `fit`'s), or None.
 
     **Raises:** `ValueError` if the record is not an hcmoe checkpoint, if it is damaged with
-    nothing to rebuild it from, if no checkpoint is intact, or if an intact file does not fit
-    the templates (another architecture or optimizer).
+    nothing to rebuild it from, if no checkpoint is intact, or if an intact checkpoint does
+    not fit the templates (another architecture or optimizer); `ImportError` saying how to
+    install Orbax if it is missing.
     """
     directory = Path(directory)
     candidates = _candidates(directory)
@@ -239,7 +290,10 @@ def load_checkpoint(directory: str | os.PathLike, model, opt_state=None) -> Chec
         path = directory / record["file"]
         damage = _damage(path, record)
         if damage is None:
-            return _deserialise(path, record, model, opt_state)
+            try:
+                return _restore(path, record, model, opt_state, mesh)
+            except _Unreadable as error:
+                damage = str(error)
         problems.append(f"{path}: {damage}")
         warnings.warn(
             f"{path}: {damage}; trying the next older checkpoint.",
@@ -252,14 +306,60 @@ def load_checkpoint(directory: str | os.PathLike, model, opt_state=None) -> Chec
     )
 
 
-def _deserialise(path: Path, record, model, opt_state) -> Checkpoint:
-    try:
-        model, opt_state = eqx.tree_deserialise_leaves(path, (model, opt_state))
-    except (RuntimeError, ValueError, TypeError, OSError, EOFError) as error:
-        hint = "" if "sha256" in record else " (or the file is truncated)"
-        what = "model" if opt_state is None else "model and optimizer state"
-        raise ValueError(
-            f"{path}: the checkpoint does not fit the given {what} (was it "
-            f"written by a different architecture or optimizer?{hint}): {error}"
-        ) from error
+class _Unreadable(Exception):
+    """An intact-looking checkpoint that its reader still cannot read."""
+
+
+def _misfit(path: Path, record, opt_state, error) -> ValueError:
+    hint = "" if "sha256" in record or "files" in record else " (or the file is truncated)"
+    what = "model" if opt_state is None else "model and optimizer state"
+    return ValueError(
+        f"{path}: the checkpoint does not fit the given {what} (was it "
+        f"written by a different architecture or optimizer?{hint}): {error}"
+    )
+
+
+def _restore(path: Path, record, model, opt_state, mesh) -> Checkpoint:
+    if record["version"] == VERSION:
+        model, opt_state = _restore_orbax(path, record, model, opt_state, mesh)
+    else:
+        model, opt_state = replicate(_deserialise(path, record, model, opt_state), mesh)
     return Checkpoint(int(record["step"]), model, opt_state, record)
+
+
+def _restore_orbax(path: Path, record, model, opt_state, mesh):
+    leaves, rebuild = _split((model, opt_state))
+    saved, expected = record.get("leaves", []), _signature(leaves)
+    if opt_state is None and len(saved) > len(expected):
+        saved = saved[: len(expected)]  # the model's leaves come first: read those alone
+    if saved != expected:
+        raise _misfit(path, record, opt_state, _first_difference(saved, expected))
+    sharding = placement(mesh)
+    # A model alone is read with the optimizer state's arrays (Orbax reads whole trees); they
+    # are dropped.
+    targets = [
+        jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding)
+        for shape, dtype in record["leaves"]
+    ]
+    try:
+        restored = _orbax.read(path, targets)[: len(leaves)]
+    except (ValueError, OSError, RuntimeError, KeyError) as error:
+        raise _Unreadable(f"Orbax could not read it ({type(error).__name__}: {error})") from error
+    restored = [np.asarray(new) if _host(old) else new for old, new in zip(leaves, restored)]
+    return rebuild(restored)
+
+
+def _first_difference(saved: list, expected: list) -> str:
+    if len(saved) != len(expected):
+        return f"it holds {len(saved)} arrays, the templates {len(expected)}"
+    for i, (a, b) in enumerate(zip(saved, expected)):
+        if a != b:
+            return f"array {i} is {a[1]}{tuple(a[0])} in it, {b[1]}{tuple(b[0])} in the templates"
+    return ""
+
+
+def _deserialise(path: Path, record, model, opt_state):
+    try:
+        return eqx.tree_deserialise_leaves(path, (model, opt_state))
+    except (RuntimeError, ValueError, TypeError, OSError, EOFError) as error:
+        raise _misfit(path, record, opt_state, error) from error

@@ -5,6 +5,11 @@ finishes, its metrics are logged, a checkpoint is written and `KeyboardInterrupt
 no interrupt is lost (an interrupt delivered while Python runs a garbage-collection callback
 would otherwise be printed as "Exception ignored" and swallowed) and no step is half done. A
 second Ctrl-C stops at once, abandoning the step in flight (the last checkpoint is kept).
+
+On a device mesh (`mesh=`, see `_distributed.py`) the same loop is data parallel: the state is
+replicated, each step's batch split over the mesh's `"batch"` axis, and under
+`jax.distributed` every process runs the loop, loads its own rows, and stops at the same step
+on a signal that any of them received; process 0 alone writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ from .._interrupt import InterruptGuard, Terminated
 from ..data import normalise_params
 from ._batches import Batches
 from ._checkpoints import RECORD, _read_record, key_record, load_checkpoint, save_checkpoint
+from ._distributed import (
+    agreed_signal,
+    check_fit_mesh,
+    constrain_replicated,
+    global_batch,
+    is_main_process,
+    local_rows,
+    replicate,
+)
 from ._metrics import Logger, read_metrics, write_csv_beside
 
 
@@ -54,7 +68,7 @@ def _loss_and_aux(model, batch, key, loss_fn):
 
 
 @eqx.filter_jit
-def _train_step(model, opt_state, batch, key, loss_fn, optimizer, trainable):
+def _train_step(model, opt_state, batch, key, loss_fn, optimizer, trainable, mesh):
     params, frozen = eqx.partition(model, trainable)
 
     def loss_of_params(params):
@@ -64,6 +78,8 @@ def _train_step(model, opt_state, batch, key, loss_fn, optimizer, trainable):
     updates, opt_state = optimizer.update(grads, opt_state, params)
     model = eqx.apply_updates(model, updates)
     metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
+    if mesh is not None:  # the state stays replicated over the mesh, as it came in
+        return constrain_replicated((model, opt_state, metrics), mesh)
     return model, opt_state, metrics
 
 
@@ -120,14 +136,14 @@ def _check_run(checkpoint_dir, record, key, settings) -> None:
         )
 
 
-def _resume(checkpoint_dir, model, opt_state, key, metrics_path, settings):
+def _resume(checkpoint_dir, model, opt_state, key, metrics_path, settings, mesh):
     try:  # before loading: another run's model may not even fit this one's template
         committed = _read_record(Path(checkpoint_dir) / RECORD)
     except (OSError, ValueError):
         committed = None  # absent or damaged: load_checkpoint decides
     if committed is not None:
         _check_run(checkpoint_dir, committed, key, settings)
-    checkpoint = load_checkpoint(checkpoint_dir, model, opt_state)
+    checkpoint = load_checkpoint(checkpoint_dir, model, opt_state, mesh=mesh)
     if checkpoint is None:
         return 0, model, opt_state, []
     if checkpoint.record != committed:  # an older or rebuilt record was loaded instead
@@ -158,6 +174,7 @@ def fit(
     progress: bool = True,
     trainable=eqx.is_inexact_array,
     settings: Mapping[str, Any] | None = None,
+    mesh=None,
 ) -> FitResult:
     """Train `model` for `steps` optimizer steps of `loss_fn` on batches of `train_data`.
 
@@ -186,7 +203,19 @@ def fit(
     newest intact one is resumed. With `resume=True`
     a run starts from the directory's latest checkpoint and continues to `steps`; metric
     records after that checkpoint are dropped, and the result is identical to an
-    uninterrupted run.
+    uninterrupted run. Checkpoints are Orbax directories (see `save_checkpoint`); a resumed
+    run may use another mesh, device count or number of processes than the one that wrote
+    them.
+
+    With `mesh` (a `jax.sharding.Mesh` with a `"batch"` axis, e.g. `hcmoe.expert_mesh(batch=
+    2)`), each step's batch is split over `"batch"` and the model and optimizer state are
+    replicated over the mesh; the step is the same program, partitioned by XLA, so the result
+    equals the one-device run's to rounding. Under `jax.distributed` (several processes, one
+    global mesh) every process calls `fit` with the same arguments: each loads only the rows
+    of the batch its devices hold, a signal received by any process stops all of them after
+    the same step, and only process 0 writes the metrics and checkpoint records and shows
+    the progress bar (every process writes its part of a checkpoint through Orbax, in the
+    shared `checkpoint_dir`). See the scaling guide.
 
     **Arguments:**
 
@@ -194,7 +223,9 @@ def fit(
     - `loss_fn`: `loss_fn(model, batch, key) -> (loss, aux)`, `loss` a scalar and `aux` a
         dict of scalar metrics (may be empty). It handles the batch axis itself (`jax.vmap`).
     - `train_data`: a pytree of arrays with a shared leading sample axis (NumPy arrays stay
-        on the host until batched), or a pure function `(step, key) -> batch`.
+        on the host until batched), or a pure function `(step, key) -> batch`. On a mesh,
+        such a function returns this process's part of the batch: its rows in order, every
+        process as many (with one process: the whole batch).
     - `optimizer`: an optax transformation, e.g. `paper_optimizer()`.
     - `steps`: total optimizer steps (a resumed run counts the steps it already has).
     - `batch_size`: samples per step (ignored when `train_data` is a function).
@@ -216,6 +247,8 @@ def fit(
         what the model and loss do not show), stored in every checkpoint; resuming a
         checkpoint written with other settings is refused. `steps` is not a setting: a resumed
         run may be extended.
+    - `mesh`: a device mesh to train on, data parallel (see above); `None`: the default
+        device. Required when several processes run (`jax.distributed`).
 
     **Returns:** a `FitResult(model, opt_state, step, history)`.
 
@@ -237,24 +270,34 @@ def fit(
     if eval_every is not None and eval_fn is None:
         raise ValueError("eval_every: given without an eval_fn.")
     settings = _settings_record(settings)
+    mesh = check_fit_mesh(mesh, batch_size, callable(train_data))
+    main = is_main_process()
     data_key, loss_key = jr.split(key)
     batches = Batches(train_data, batch_size, data_key)
     opt_state = optimizer.init(eqx.filter(model, trainable))
 
+    def batch_at(step):
+        if mesh is None:
+            return batches(step)
+        if callable(train_data):  # the function returns this process's rows
+            return global_batch(batches(step), mesh, None)
+        return global_batch(batches(step, local_rows(mesh, batch_size)), mesh, batch_size)
+
     step, history = 0, []
     if checkpoint_dir is not None and resume:
         step, model, opt_state, history = _resume(
-            checkpoint_dir, model, opt_state, key, metrics_path, settings
+            checkpoint_dir, model, opt_state, key, metrics_path, settings, mesh
         )
-        if step:
+        if step and main:
             done = " (nothing left to train)" if step >= steps else ""
             print(
                 f"fit: resumed from step {step} of {steps}, {checkpoint_dir}{done}",
                 file=sys.stderr,
                 flush=True,
             )
-    if metrics_path is not None:
+    if metrics_path is not None and main:
         atomic_write(Path(metrics_path), "".join(json.dumps(r) + "\n" for r in history).encode())
+    model, opt_state = replicate((model, opt_state), mesh)
 
     def checkpoint():
         if checkpoint_dir is not None:
@@ -267,7 +310,8 @@ def fit(
                 keep=keep_checkpoints,
                 extra=None if settings is None else {"settings": settings},
             )
-            write_csv_beside(metrics_path, history)
+            if main:
+                write_csv_beside(metrics_path, history)
 
     start_time = time.perf_counter()
     last_checkpoint = last_eval = step
@@ -276,20 +320,27 @@ def fit(
             "fit: interrupted; finishing the current step and writing a checkpoint (the same "
             "signal again stops at once)."
         ) as interrupt,
-        tqdm(total=steps, initial=min(step, steps), disable=not progress, unit="step") as bar,
+        tqdm(
+            total=steps, initial=min(step, steps), disable=not (progress and main), unit="step"
+        ) as bar,
     ):
-        logger = Logger(metrics_path, history, bar, start_time)
+        logger = Logger(metrics_path if main else None, history, bar, start_time)
+
+        def check_interrupt():  # every process stops after the same step
+            interrupt.received = agreed_signal(interrupt.received)
+            interrupt.check()
+
         try:
             while step < steps:
-                batch = batches(step)
                 model, opt_state, metrics = _train_step(
                     model,
                     opt_state,
-                    batch,
-                    jr.fold_in(loss_key, step),
+                    batch_at(step),
+                    replicate(jr.fold_in(loss_key, step), mesh),
                     loss_fn,
                     optimizer,
                     trainable,
+                    mesh,
                 )
                 step += 1
                 bar.update()
@@ -305,7 +356,7 @@ def fit(
                 if do_checkpoint:
                     checkpoint()
                     last_checkpoint = step
-                interrupt.check()  # a Ctrl-C during this step stops here, the step complete
+                check_interrupt()  # a Ctrl-C during this step stops here, the step complete
         except (KeyboardInterrupt, Terminated):
             logger.flush(step, opt_state)
             if step != last_checkpoint:
@@ -315,6 +366,7 @@ def fit(
             logger.evaluation(step, eval_fn(model))
         if step != last_checkpoint:
             checkpoint()
-        interrupt.check()
-    write_csv_beside(metrics_path, history)
+        check_interrupt()
+    if main:
+        write_csv_beside(metrics_path, history)
     return FitResult(model, opt_state, step, history)
