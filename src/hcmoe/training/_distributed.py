@@ -12,6 +12,8 @@ are process 0's business (`is_main_process`).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 from jax.experimental import multihost_utils
@@ -58,7 +60,16 @@ def replicate(tree, mesh: Mesh | None):
     if mesh is None:
         return tree
     sharding = placement(mesh)
-    return jtu.tree_map(lambda x: jax.device_put(x, sharding) if _is_array(x) else x, tree)
+
+    def one(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jr.wrap_key_data(one(jr.key_data(x)), impl=jr.key_impl(x))
+        value = np.asarray(x)  # a host copy: `device_put` cannot reach other processes
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jtu.tree_map(lambda x: one(x) if _is_array(x) else x, tree)
 
 
 def _is_array(x) -> bool:

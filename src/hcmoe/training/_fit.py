@@ -68,8 +68,9 @@ def _loss_and_aux(model, batch, key, loss_fn):
 
 
 @eqx.filter_jit
-def _train_step(model, opt_state, batch, key, loss_fn, optimizer, trainable, mesh):
+def _train_step(model, opt_state, batch, loss_key, step, loss_fn, optimizer, trainable, mesh):
     params, frozen = eqx.partition(model, trainable)
+    key = jr.fold_in(loss_key, step)
 
     def loss_of_params(params):
         return _loss_and_aux(eqx.combine(params, frozen), batch, key, loss_fn)
@@ -297,7 +298,7 @@ def fit(
             )
     if metrics_path is not None and main:
         atomic_write(Path(metrics_path), "".join(json.dumps(r) + "\n" for r in history).encode())
-    model, opt_state = replicate((model, opt_state), mesh)
+    model, opt_state, loss_key = replicate((model, opt_state, loss_key), mesh)
 
     def checkpoint():
         if checkpoint_dir is not None:
@@ -336,7 +337,8 @@ def fit(
                     model,
                     opt_state,
                     batch_at(step),
-                    replicate(jr.fold_in(loss_key, step), mesh),
+                    loss_key,
+                    replicate(np.asarray(step, np.int32), mesh),
                     loss_fn,
                     optimizer,
                     trainable,
