@@ -91,6 +91,7 @@ def train(
     log_every: int = 10,
     progress: bool = True,
     settings: dict[str, Any] | None = None,
+    mesh=None,
 ) -> FitResult:
     """Train a method with `loss_fn` through `hcmoe.training.fit`.
 
@@ -114,6 +115,10 @@ def train(
     - `settings`: see `fit`: a resume under other settings is refused. The method's name, its
       grid and, for PI-HC(-MoE), its number of experts and scalar solve options (points per
       expert, ridge, coupling, ...) are always part of them.
+    - `mesh`: train data parallel on a `("batch", "experts")` mesh, e.g.
+      `hcmoe.expert_mesh(batch=jax.process_count())`, on one or several processes (see
+      `fit` and the scaling guide). The held-out evaluation then runs in every process on a
+      host copy of the model (`jax.device_get`), on that process's default device.
 
     **Returns:** `fit`'s `FitResult` (the trained method in `.model`).
     """
@@ -122,6 +127,8 @@ def train(
         test_data, references = eval_data
 
         def held_out(model) -> dict[str, float]:
+            if mesh is not None:  # the state spans processes; each evaluates its own copy
+                model = jax.device_get(model)
             result = evaluate(model, test_data, references, batch_size=eval_batch_size)
             return {"rel_l2": result.mean, "rel_l2_std": result.std}
 
@@ -145,6 +152,7 @@ def train(
         log_every=log_every,
         progress=progress,
         settings=_run_settings(method, settings),
+        mesh=mesh,
     )
 
 

@@ -79,8 +79,8 @@ def _is_array(x) -> bool:
 def local_rows(mesh: Mesh, batch_size: int) -> np.ndarray:
     """The rows of a global batch of `batch_size` that this process's devices hold."""
     sharding = NamedSharding(mesh, P(BATCH))
-    slices = sharding.addressable_devices_indices_map((batch_size,)).values()
-    rows = {row for (s,) in slices for row in range(*s.indices(batch_size))}
+    indices = sharding.addressable_devices_indices_map((batch_size,)).values()
+    rows = {row for index in indices if index for row in range(*index[0].indices(batch_size))}
     return np.asarray(sorted(rows), dtype=np.int64)
 
 
