@@ -464,9 +464,7 @@ def test_truncated_newest_checkpoint_resumes_from_the_older_one(tmp_path):
     newest = tmp_path / "step_00000008"
     file = _largest_file(newest)
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-    with pytest.warns(
-        training.CheckpointWarning, match=r"step_00000008: .* the file is truncated"
-    ):
+    with pytest.warns(training.CheckpointWarning, match=r"step_00000008: .* the file is truncated"):
         loaded = training.load_checkpoint(tmp_path, _model(), _ADAM.init(_params_of(_model())))
     assert loaded.step == 4
     with pytest.warns(training.CheckpointWarning, match=str(newest)):

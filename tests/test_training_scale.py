@@ -183,3 +183,23 @@ def test_a_killed_process_is_resumed_by_restarting_both(tmp_path):
     logs = _finish(_launch(tmp_path, 8))
     assert "fit: resumed from step " in logs[0]
     _assert_matches(dict(np.load(tmp_path / "result.npz")), _reference(8))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
+    procs = _launch(tmp_path, 8, pace=0.3)
+    try:
+        _wait_for_step(procs[1], 3)
+        procs[1].send_signal(signal.SIGTERM)  # as a scheduler would, to one process only
+        logs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
+    finally:
+        _kill(procs)
+    assert [proc.returncode for proc in procs] == [143, 143], logs[0][-3000:]
+    assert "[SIGTERM]" in logs[1] and "another process received SIGTERM" in logs[0]
+    stopped = json.loads((tmp_path / "checkpoints" / "checkpoint.json").read_text())["step"]
+    assert 3 <= stopped < 8  # the step in flight was finished and checkpointed, by both
+
+    logs = _finish(_launch(tmp_path, 8))
+    assert f"fit: resumed from step {stopped} of 8" in logs[0]
+    _assert_matches(dict(np.load(tmp_path / "result.npz")), _reference(8))

@@ -25,7 +25,10 @@ bit for bit.
 One concept per module:
 
 - `_fit.py`: `fit`, the jitted step, Ctrl-C and SIGTERM handling (`Terminated`);
-- `_checkpoints.py`: `save_checkpoint` / `load_checkpoint` (atomic, verified, with fallback);
+- `_distributed.py`: where the state and the batches go on a device mesh, across processes;
+- `_checkpoints.py`: `save_checkpoint` / `load_checkpoint` (atomic, verified, with fallback,
+  onto any mesh);
+- `_orbax.py`: the checkpoints' arrays, written and read by Orbax;
 - `_metrics.py`: `solver_metrics`, the JSON-lines / CSV metrics files;
 - `_optimizer.py`: `paper_optimizer`, `paper_schedule`;
 - `_batches.py`: deterministic minibatches.

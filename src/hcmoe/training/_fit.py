@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -328,7 +329,14 @@ def fit(
         logger = Logger(metrics_path if main else None, history, bar, start_time)
 
         def check_interrupt():  # every process stops after the same step
-            interrupt.received = agreed_signal(interrupt.received)
+            received, interrupt.received = interrupt.received, agreed_signal(interrupt.received)
+            if received is None and interrupt.received is not None and main:
+                print(
+                    f"fit: another process received {signal.Signals(interrupt.received).name}; "
+                    "finishing this step and writing a checkpoint.",
+                    file=sys.stderr,
+                    flush=True,
+                )
             interrupt.check()
 
         try:
