@@ -214,6 +214,17 @@ def test_checkpoint_keeps_latest(tmp_path):
     assert training.load_checkpoint(tmp_path / "missing", model, None) is None
 
 
+def test_checkpoint_keeps_keys_and_host_arrays(tmp_path):
+    tree = {"key": jr.key(3), "host": np.arange(3.0), "device": jnp.ones(2, jnp.float32)}
+    training.save_checkpoint(tmp_path, 1, tree, None, key=jr.key(0))
+    loaded = training.load_checkpoint(tmp_path, tree).model
+    assert jnp.issubdtype(loaded["key"].dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jr.key_data(loaded["key"]), jr.key_data(tree["key"]))
+    assert isinstance(loaded["host"], np.ndarray) and loaded["host"].dtype == np.float64
+    np.testing.assert_array_equal(loaded["host"], tree["host"])
+    assert isinstance(loaded["device"], jax.Array) and loaded["device"].dtype == jnp.float32
+
+
 def test_checkpoint_of_other_model_is_a_clear_error(tmp_path):
     training.save_checkpoint(tmp_path, 1, _model(), None, key=jr.key(0))
     other = eqx.nn.MLP(2, 1, width_size=4, depth=1, key=jr.key(0))

@@ -85,11 +85,20 @@ def _split(tree):
 
 
 def _signature(leaves) -> list[list]:
-    return [[list(np.shape(x)), str(np.asarray(x).dtype if _host(x) else x.dtype)] for x in leaves]
+    return [[list(np.shape(x)), str(x.dtype)] for x in leaves]
 
 
 def _host(x) -> bool:
     return isinstance(x, (np.ndarray, np.generic))
+
+
+def _is_key(x) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _stored(x):
+    """What is written for a leaf: typed PRNG keys as their raw data."""
+    return jr.key_data(x) if _is_key(x) else x
 
 
 def save_checkpoint(
@@ -128,8 +137,9 @@ def save_checkpoint(
         raise ValueError(f"keep: expected at least 1 checkpoint to keep; got {keep}.")
     directory = Path(directory)
     leaves, _ = _split((model, opt_state))
+    stored = [_stored(x) for x in leaves]
     name = _stem(step)
-    _orbax.write(directory / name, leaves)
+    _orbax.write(directory / name, stored)
     if not is_main_process():
         return directory / name
     record = {
@@ -139,6 +149,7 @@ def save_checkpoint(
         "file": name,
         "files": _orbax.digests(directory / name),
         "leaves": _signature(leaves),
+        "stored": _signature(stored),
         "key": key_record(key),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "hcmoe_version": importlib.metadata.version("hcmoe"),
@@ -339,14 +350,20 @@ def _restore_orbax(path: Path, record, model, opt_state, mesh):
     # are dropped.
     targets = [
         jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding)
-        for shape, dtype in record["leaves"]
+        for shape, dtype in record.get("stored", record["leaves"])
     ]
     try:
         restored = _orbax.read(path, targets)[: len(leaves)]
     except (ValueError, OSError, RuntimeError, KeyError) as error:
         raise _Unreadable(f"Orbax could not read it ({type(error).__name__}: {error})") from error
-    restored = [np.asarray(new) if _host(old) else new for old, new in zip(leaves, restored)]
-    return rebuild(restored)
+    return rebuild([_as_template(new, old) for new, old in zip(restored, leaves)])
+
+
+def _as_template(new, old):
+    """A restored array as the template's leaf was: a typed key, a NumPy array, or as read."""
+    if _is_key(old):
+        return jr.wrap_key_data(new, impl=jr.key_impl(old))
+    return np.asarray(new).astype(old.dtype) if _host(old) else new
 
 
 def _first_difference(saved: list, expected: list) -> str:

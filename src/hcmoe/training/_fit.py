@@ -217,7 +217,9 @@ def fit(
     of the batch its devices hold, a signal received by any process stops all of them after
     the same step, and only process 0 writes the metrics and checkpoint records and shows
     the progress bar (every process writes its part of a checkpoint through Orbax, in the
-    shared `checkpoint_dir`). See the scaling guide.
+    shared `checkpoint_dir`). `eval_fn` runs in every process on the replicated model, and
+    the returned model is replicated too (`jax.device_get` gives a host copy). See the
+    scaling guide.
 
     **Arguments:**
 
