@@ -4,7 +4,7 @@ The multi-process tests launch `tests/training_worker.py` as 2 processes x 2 fak
 joined on 127.0.0.1 with gloo (a `("batch", "experts")` mesh of 2 x 2, the batch split over
 the processes), or as 1 process x 2 devices, and compare with the same steps run here on one
 device. Each launch is bounded by a timeout and every process is killed past it. Together they
-take about a minute on 2 cores, so they are opt-in (`slow`):
+take about 3 minutes on 2 cores, so they are opt-in (`slow`):
 
     pytest -m slow tests/test_training_scale.py
 """
@@ -72,6 +72,39 @@ def test_checkpoint_loads_onto_a_mesh(tmp_path):
     leaf = jax.tree.leaves(loaded.model)[0]
     assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, jax.sharding.PartitionSpec()), 2)
     np.testing.assert_array_equal(worker.flat_params(loaded.model), worker.flat_params(model))
+
+
+@pytest.mark.parametrize("mesh", [None, "mesh"])
+def test_the_step_is_traced_once(mesh):
+    traces = []
+
+    def counted(model, batch, key):
+        traces.append(1)  # Python runs this only while tracing
+        return worker._loss(model, batch, key)
+
+    mesh = None if mesh is None else hcmoe.expert_mesh(1)
+    model = worker.eqx.nn.MLP(2, 1, width_size=8, depth=1, key=jax.random.key(1))
+    options = dict(optimizer=worker.OPTIMIZER, batch_size=8, key=jax.random.key(2))
+    training.fit(model, counted, worker._data(), steps=5, progress=False, mesh=mesh, **options)
+    assert len(traces) == 1
+
+
+def test_a_batch_function_on_a_mesh_returns_this_process_rows():
+    data = worker._data()
+
+    def rows(step, key):  # one process: its rows are the whole batch
+        index = jax.random.choice(key, 32, (8,), replace=False)
+        return jax.tree.map(lambda leaf: leaf[np.asarray(index)], data)
+
+    model = worker.eqx.nn.MLP(2, 1, width_size=8, depth=1, key=jax.random.key(1))
+    options = dict(optimizer=worker.OPTIMIZER, steps=3, batch_size=8, key=jax.random.key(2))
+    plain = training.fit(model, worker._loss, rows, progress=False, **options)
+    meshed = training.fit(
+        model, worker._loss, rows, progress=False, mesh=hcmoe.expert_mesh(1), **options
+    )
+    np.testing.assert_allclose(
+        worker.flat_params(meshed.model), worker.flat_params(plain.model), rtol=1e-12
+    )
 
 
 # -- several processes ------------------------------------------------------------------------
@@ -203,3 +236,29 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path):
     logs = _finish(_launch(tmp_path, 8))
     assert f"fit: resumed from step {stopped} of 8" in logs[0]
     _assert_matches(dict(np.load(tmp_path / "result.npz")), _reference(8))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_the_documented_loopback_command_trains_the_quickstart(tmp_path):
+    """docs/scaling.md's command, with --tiny (2 steps): 2 processes x 2 CPU devices."""
+    port = _free_port()
+    script = ROOT / "examples" / "quickstart_distributed.py"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), "--tiny", "--steps", "2", "--out", str(tmp_path)]
+            + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+            + ["--process-id", str(i)],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = _finish(procs)
+    assert "PI-HC-MoE (joint) on 4 devices, 2 processes:" in logs[0]
+    assert "Evaluation(n=4" in logs[0]
+    record = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint.json").read_text())
+    assert record["step"] == 2

@@ -62,7 +62,9 @@ def replicate(tree, mesh: Mesh | None):
     sharding = placement(mesh)
 
     def one(x):
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        # The same sharding, not an equivalent one (on one device, a SingleDeviceSharding):
+        # the step's compilation cache tells them apart, and its outputs are NamedShardings.
+        if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
         if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             return jr.wrap_key_data(one(jr.key_data(x)), impl=jr.key_impl(x))
