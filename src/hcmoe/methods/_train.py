@@ -156,13 +156,14 @@ def train(
     )
 
 
-def load(method: Method, run_dir: str | os.PathLike) -> Method:
+def load(method: Method, run_dir: str | os.PathLike, *, mesh=None) -> Method:
     """The method trained in `run_dir`, ready to evaluate or predict.
 
     `method` is built as it was for training (`make_method` with the same kind, backbone
     architecture, PDE, grid and options; its parameters may be fresh); the result is that
     method with the parameters of the newest intact checkpoint in `run_dir/checkpoints`
-    (written by `train(..., run_dir=run_dir)`; the optimizer's state is not needed).
+    (written by `train(..., run_dir=run_dir)`; the optimizer's state is not needed), on the
+    default device or, with `mesh`, replicated over it (whatever mesh trained it).
 
     ```python
     method = hcmoe.methods.make_method("moe", backbone, pde, grid, partition, ...)
@@ -174,7 +175,7 @@ def load(method: Method, run_dir: str | os.PathLike) -> Method:
     checkpoint does not fit `method` (another architecture), naming the file.
     """
     directory = Path(run_dir) / "checkpoints"
-    checkpoint = load_checkpoint(directory, method)
+    checkpoint = load_checkpoint(directory, method, mesh=mesh)
     if checkpoint is None:
         raise FileNotFoundError(
             f"run_dir: no checkpoint in {directory}; hcmoe.methods.train(..., run_dir=...) "

@@ -280,12 +280,14 @@ def fit(
     batches = Batches(train_data, batch_size, data_key)
     opt_state = optimizer.init(eqx.filter(model, trainable))
 
+    rows = None if mesh is None or callable(train_data) else local_rows(mesh, batch_size)
+
     def batch_at(step):
         if mesh is None:
             return batches(step)
-        if callable(train_data):  # the function returns this process's rows
+        if rows is None:  # a function returns this process's rows itself
             return global_batch(batches(step), mesh, None)
-        return global_batch(batches(step, local_rows(mesh, batch_size)), mesh, batch_size)
+        return global_batch(batches(step, rows), mesh, batch_size)
 
     step, history = 0, []
     if checkpoint_dir is not None and resume:
