@@ -15,6 +15,7 @@ from ._constrain import Constrained as Constrained, constrain as constrain
 from ._coupling import (
     AbstractCoupling as AbstractCoupling,
     Independent as Independent,
+    Coupled as Coupled,
     Joint as Joint,
 )
 from ._grid import Grid as Grid, uniform_grid as uniform_grid

@@ -170,8 +170,31 @@ def _float0_zeros(tree):
     return jax.tree.map(lambda x: np.zeros(np.shape(x), jax.dtypes.float0), tree)
 
 
+def _expert_solves(hessian, rhs, mesh):
+    """`-H_k^{-1} rhs_k` for every expert. On a mesh, split over its `"experts"` axis like
+    the forward solves (padded with copies of expert 0 when the axis size does not divide
+    `K`), so that each device factorises only its own experts' Hessians; left to XLA, the
+    replicated Hessians were factorised for all `K` experts on every device."""
+    solve = jax.vmap(jnp.linalg.solve)
+    if mesh is None:
+        return -solve(hessian, rhs)
+    from ._sharding import EXPERTS, P, axis_size, constrain_to, pad_leading, padded_size
+
+    num = hessian.shape[0]
+    total = padded_size(num, axis_size(mesh, EXPERTS))
+    padded = constrain_to(pad_leading((hessian, rhs), total), mesh, P(EXPERTS))
+    out = constrain_to(-solve(*padded), mesh, P(EXPERTS))
+    return out if total == num else constrain_to(out[:num], mesh, P())
+
+
 def implicit_solve(
-    args: dict[str, Any], run: Callable, *, grid: Grid, ridge: float, ridge_toward: str
+    args: dict[str, Any],
+    run: Callable,
+    *,
+    grid: Grid,
+    ridge: float,
+    ridge_toward: str,
+    mesh=None,
 ):
     """`run(args, hessian=False)` -> `(weights (K, N), steps, result, ok)`, differentiated
     by the implicit function theorem in field form (module docstring).
@@ -179,7 +202,8 @@ def implicit_solve(
     `args` holds `transformed`, `particular`, `rows` (a `ProblemRows`), `init`, `pde`,
     `data` and whatever else `run` needs; its JAX arrays are the differentiable inputs, the
     rest is static. `run(args, hessian=True)` must also return each expert's Hessian of
-    `½‖r‖²` at its weights, `(K, N, N)`.
+    `½‖r‖²` at its weights, `(K, N, N)`. `mesh`: the experts' mesh, if any (the adjoint's
+    solves are split over it as the forward's are).
     """
     dynamic, static = eqx.partition(args, _is_jax_array)
 
@@ -225,7 +249,7 @@ def implicit_solve(
             _, rhs = jax.jvp(
                 gradients, ([leaves[i] for i in live],), ([tangent_leaves[i] for i in live],)
             )
-            d_weights = -jax.vmap(jnp.linalg.solve)(hessian, rhs.astype(weights.dtype))
+            d_weights = _expert_solves(hessian, rhs.astype(weights.dtype), mesh)
         else:
             d_weights = jnp.zeros_like(weights)
         out = (weights, steps, result, ok)

@@ -212,7 +212,132 @@ class Joint(AbstractCoupling):
         return Solution(joint.u, joint.weights.reshape(num_experts, -1), joint.stats)
 
 
-COUPLINGS = {"independent": Independent, "joint": Joint}
+class Coupled(AbstractCoupling):
+    r"""The joint optimum of `Joint` (all `K x N` weights minimise the residual of the
+    blended field together) from per-expert work, shardable over devices.
+
+    Every PDE and condition row belongs to the expert whose block holds it
+    (`points_per_expert` points sampled in each block, as `Independent` does); its row sees
+    only the weights of the experts whose windows reach it (its neighbours). Each
+    Levenberg–Marquardt step solves its Gauss–Newton system by conjugate gradients on the
+    experts' local blocks, preconditioned by each expert's own factorised block and a coarse
+    correction in the shared-weight subspace (PI-HC's problem); gradients solve the implicit
+    function theorem's system the same way. The dense `(K N)^2` matrix is never formed. With
+    every grid point (`points_per_expert=None`) it is the same problem as `Joint`'s and
+    reaches its minimiser to solver tolerance; with sampled points the points are drawn per
+    block instead of over the whole domain.
+
+    Operators without a local stencil (Fourier multipliers, e.g. Navier–Stokes' velocity),
+    an exact condition along a split axis, or a PDE that overrides `transform_basis` couple
+    every expert to every other: still the joint optimum, at the dense joint's cost.
+    Needs `hcmoe.LevenbergMarquardt` (the default solver in float64).
+
+    **Arguments:**
+
+    - `mesh`: a `jax.sharding.Mesh` with an `"experts"` axis (`hcmoe.expert_mesh()`): each
+      device holds its experts' rows and blocks (`K` need not divide the axis size; row-less
+      experts pad it), a batch is split over `"batch"`; None runs on the default device.
+    - `preconditioner`: `"two-level"` (default: block Jacobi plus the coarse correction)
+      or `"block-jacobi"` (without it; iterations then grow about as `K^2`).
+    - `coarse_modes`: the coarse space's size in modes of `N` weights each: polynomials of
+      the experts' block centres up to that count (1: the shared-weight subspace, PI-HC's
+      problem). None (default): `ceil(K / 4)`, measured to keep the iterations growing
+      about as `K^0.6` (diffusion–sorption, 51 x 512, K = 8 to 64), where one mode grows as
+      `K^1.7`.
+    - `rtol`: relative residual at which each inner conjugate-gradient solve stops
+      (default 1e-10).
+    - `inner_max_steps`: the most conjugate-gradient iterations per inner solve (default 200).
+
+    `Solution.stats` are per expert (its own rows' residual and condition error); the solve's
+    steps and convergence are repeated for every expert, with `inner_steps` and
+    `coupling_residual` of the last Gauss–Newton system.
+    """
+
+    mesh: Mesh | None = eqx.field(default=None, static=True)
+    preconditioner: str = eqx.field(default="two-level", static=True)
+    rtol: float = eqx.field(default=1e-10, static=True)
+    inner_max_steps: int = eqx.field(default=200, static=True)
+    coarse_modes: int | None = eqx.field(default=None, static=True)
+
+    @property
+    def label(self) -> str:
+        return "coupled"
+
+    def __check_init__(self):
+        from ._coupled import PRECONDITIONERS
+
+        if self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(
+                f"preconditioner: expected one of {PRECONDITIONERS}; got {self.preconditioner!r}."
+            )
+        if (
+            isinstance(self.rtol, bool)
+            or not isinstance(self.rtol, (int, float))
+            or not (0 < self.rtol < 1)
+        ):
+            raise ValueError(f"rtol: expected a number in (0, 1); got {self.rtol!r}.")
+        steps = self.inner_max_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"inner_max_steps: expected a positive int; got {steps!r}.")
+        modes = self.coarse_modes
+        if modes is not None and (
+            isinstance(modes, bool) or not isinstance(modes, int) or modes < 1
+        ):
+            raise ValueError(f"coarse_modes: expected a positive int or None; got {modes!r}.")
+        if self.mesh is not None:
+            from ._sharding import check_mesh
+
+            check_mesh(self.mesh)
+
+    def solve(
+        self,
+        basis,
+        pde,
+        partition,
+        grid,
+        data,
+        *,
+        key,
+        init,
+        solver,
+        rows,
+        adjoint,
+        max_steps,
+        dtype,
+        throw,
+    ) -> Solution:
+        from ._coupled import solve_coupled
+
+        if adjoint is not None:
+            raise ValueError(
+                "adjoint: hcmoe.Coupled differentiates by its own implicit adjoint (the "
+                "block-preconditioned solve); got "
+                f"{type(adjoint).__name__}. Leave adjoint=None, or use hcmoe.Joint()."
+            )
+        if pde.linear and solver is not None and not isinstance(solver, eqx.Module):
+            solver = None
+        return solve_coupled(
+            basis,
+            pde,
+            partition,
+            grid,
+            data,
+            key=key,
+            init=init,
+            solver=solver,
+            rows=rows,
+            max_steps=max_steps,
+            dtype=dtype,
+            throw=throw,
+            preconditioner=self.preconditioner,
+            rtol=self.rtol,
+            inner_max_steps=self.inner_max_steps,
+            coarse=self.coarse_modes,
+            mesh=self.mesh,
+        )
+
+
+COUPLINGS = {"independent": Independent, "joint": Joint, "coupled": Coupled}
 
 
 def as_coupling(coupling) -> AbstractCoupling:
@@ -223,6 +348,6 @@ def as_coupling(coupling) -> AbstractCoupling:
     if isinstance(coupling, str) and coupling in COUPLINGS:
         return COUPLINGS[coupling]()
     raise ValueError(
-        "coupling: expected hcmoe.Independent(...), hcmoe.Joint(...) or one of "
+        "coupling: expected hcmoe.Independent(...), hcmoe.Joint(...), hcmoe.Coupled(...) or one of "
         f"{tuple(COUPLINGS)}; got {coupling!r}."
     )

@@ -131,7 +131,7 @@ def solve_independent(
     )
     if field_adjoint:
         weights, steps, result, ok = implicit_solve(
-            args, run, grid=grid, ridge=ridge, ridge_toward=ridge_toward
+            args, run, grid=grid, ridge=ridge, ridge_toward=ridge_toward, mesh=mesh
         )
     else:
         weights, steps, result, ok = run(args)

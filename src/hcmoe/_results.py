@@ -58,6 +58,11 @@ class SolveStats(eqx.Module):
       construction and are not counted).
     - `points`: the flat grid indices (`numpy.unravel_index(points, grid.shape)`) of the PDE
       points each expert used, shape `(*batch, experts, m)`, `-1` in padding slots.
+    - `inner_steps`, `coupling_residual` (`hcmoe.Coupled` only, else None): the conjugate
+      gradient iterations of the last Gauss–Newton system the coupled solve met (at its
+      final weights) and that system's relative residual `‖g - H d‖ / ‖g‖`. With
+      `Coupled`, `num_steps`, `converged` and `result` are the one coupled solve's,
+      repeated for every expert.
     """
 
     num_steps: Int[Array, "*batch experts"]
@@ -66,6 +71,8 @@ class SolveStats(eqx.Module):
     result: Any
     condition_error: Float[Array, "*batch experts"] | None = None
     points: Int[Array, "*batch experts m"] | None = None
+    inner_steps: Int[Array, "*batch experts"] | None = None
+    coupling_residual: Float[Array, "*batch experts"] | None = None
 
     @property
     def num_failed(self) -> Array:

@@ -183,7 +183,9 @@ def _lowest(scores: Array, count: int) -> Array:
     return jax.vmap(lambda row: jnp.nonzero(row, size=count)[0])(keep(last))
 
 
-def _condition_rows(conditions, grid, members, scope, points, dtype, balance, pde, warn=True):
+def _condition_rows(
+    conditions, grid, members, scope, points, dtype, balance, pde, warn=True, pooled=False
+):
     """Every least-squares condition's rows, per expert: face points (K, c) of each condition
     (their operator values are the caller's, evaluated together with the PDE operators), and
     target, scale, valid (K, c), concatenated over the conditions.
@@ -214,7 +216,9 @@ def _condition_rows(conditions, grid, members, scope, points, dtype, balance, pd
         face_points.append(np.take(flat_index, face, axis=axis).reshape(-1)[index])  # (K, c)
         target = cond.target_on_face(grid).reshape(-1).astype(dtype)
         weight = cond.weight_on_face(grid).reshape(-1).astype(dtype)
-        if balance == "mean":
+        if balance == "mean" and pooled:  # one problem over all experts' rows (`Coupled`)
+            factor = np.full((num_experts, 1), np.sqrt(np.sum(points) / max(rows.counts.sum(), 1)))
+        elif balance == "mean":
             factor = np.sqrt(points / np.maximum(rows.counts, 1))[:, None]
         else:
             factor = np.ones((num_experts, 1))
@@ -427,10 +431,13 @@ def problem_rows(
     *,
     condition_scope: str | None = None,
     balance: str = "mean",
+    pooled: bool = False,
 ) -> tuple[ProblemRows, Array, Array | None]:
     """The ansatz (`T(B)`, `u_p`, both with the exact conditions built in, in the dtype of
     `basis`) and every expert's rows (`ProblemRows`): sampled PDE points, condition faces,
-    their targets, scales and data, without evaluating any operator."""
+    their targets, scales and data, without evaluating any operator. `pooled`: the experts'
+    rows are one problem (`Coupled`): with `balance="mean"` every condition row is scaled by
+    the ratio of all experts' PDE points to all of that condition's rows."""
     dtype = basis.dtype
     transformed, particular, all_conditions = ansatz(pde, basis, grid, data)
     conditions = tuple(c for c in all_conditions if not c.exact)
@@ -455,7 +462,16 @@ def problem_rows(
         rows.counts if points_per_expert is None else np.minimum(rows.counts, points_per_expert)
     )
     face_points, cond = _condition_rows(
-        conditions, grid, members, condition_scope, points, dtype, balance, pde, warn=not any_exact
+        conditions,
+        grid,
+        members,
+        condition_scope,
+        points,
+        dtype,
+        balance,
+        pde,
+        warn=not any_exact,
+        pooled=pooled,
     )
     num_experts = index.shape[0]
     if cond is None:  # no conditions: one inert row keeps the shapes uniform
