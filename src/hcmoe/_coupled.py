@@ -242,7 +242,7 @@ class BlockOperator(eqx.Module):
         blocks = self.local.reshape(num, width, n, width, n)
         diag = jnp.einsum("kaiaj->kaij", blocks) * s.mask[..., None, None]
         out = jnp.zeros((num, n, n), self.local.dtype).at[s.index].add(diag)
-        return out + self.shift[:, None, None] * jnp.eye(n, dtype=self.local.dtype)
+        return out + self.shift[:, None, None] * jnp.eye(n, dtype=self.local.dtype)[None]
 
     def coarse(self, n: int) -> Float[Array, "LN LN"]:
         """`Z^T A Z` for the coarse space `Z = modes ⊗ I_N` (`modes` `(K, L)`, zero on
@@ -321,32 +321,52 @@ def _monomials(dims: int, degree: int) -> list[tuple[int, ...]]:
 
 
 def pcg(
-    mv, b, precondition, *, rtol: float, max_steps: int
+    mv, b, precondition, *, rtol: float, max_steps: int, restarts: int = 3
 ) -> tuple[Array, Int[Array, ""], Scalar]:
     """Preconditioned conjugate gradients for `A x = b` (`A` symmetric positive definite):
-    returns `x`, the iterations taken and the relative residual `‖b - A x‖ / ‖b‖`."""
+    returns `x`, the iterations taken and the relative residual `‖b - A x‖ / ‖b‖`.
+
+    CG's recursively updated residual drifts from the true one on ill-conditioned systems
+    (measured: 1e-10 recursive against 4e-7 true, condition number 1e9), so when the true
+    residual misses `rtol` the iteration restarts from `x` with the true residual, up to
+    `restarts` times, within `max_steps` iterations in all."""
     norm_b = jnp.linalg.norm(b)
     tol = rtol * norm_b
-    x = jnp.zeros_like(b)
-    z = precondition(b)
-    init = (x, b, z, z, jnp.vdot(b, z), jnp.array(0, jnp.int32))
 
-    def cond(carry):
-        _, r, _, _, _, steps = carry
-        return (jnp.linalg.norm(r) > tol) & (steps < max_steps)
-
-    def body(carry):
-        x, r, z, p, rz, steps = carry
-        ap = mv(p)
-        alpha = rz / jnp.vdot(p, ap)
-        x = x + alpha * p
-        r = r - alpha * ap
+    def inner(x, steps):
+        r = b - mv(x)
         z = precondition(r)
-        rz_new = jnp.vdot(r, z)
-        p = z + (rz_new / rz) * p
-        return x, r, z, p, rz_new, steps + 1
 
-    x, r, _, _, _, steps = jax.lax.while_loop(cond, body, init)
+        def cond(carry):
+            _, r, _, _, _, k = carry
+            return (jnp.linalg.norm(r) > tol) & (k < max_steps)
+
+        def body(carry):
+            x, r, z, p, rz, k = carry
+            ap = mv(p)
+            alpha = rz / jnp.vdot(p, ap)
+            x = x + alpha * p
+            r = r - alpha * ap
+            z = precondition(r)
+            rz_new = jnp.vdot(r, z)
+            p = z + (rz_new / rz) * p
+            return x, r, z, p, rz_new, k + 1
+
+        x, _, _, _, _, steps = jax.lax.while_loop(cond, body, (x, r, z, z, jnp.vdot(r, z), steps))
+        return x, steps
+
+    def outer_cond(carry):
+        x, steps, rounds = carry
+        missed = jnp.linalg.norm(b - mv(x)) > tol
+        return missed & (steps < max_steps) & (rounds <= restarts)
+
+    def outer_body(carry):
+        x, steps, rounds = carry
+        x, steps = inner(x, steps)
+        return x, steps, rounds + 1
+
+    start = (jnp.zeros_like(b), jnp.array(0, jnp.int32), jnp.array(0, jnp.int32))
+    x, steps, _ = jax.lax.while_loop(outer_cond, outer_body, start)
     relative = jnp.linalg.norm(b - mv(x)) / jnp.where(norm_b > 0, norm_b, 1.0)
     return x, steps, relative
 
