@@ -31,6 +31,7 @@ from .helpers import (
     small_grid,
 )
 
+
 ROOT = Path(__file__).resolve().parent.parent
 # No termination test (rtol = atol = 0): both solves run to the cap and reach the minimiser
 # whatever path rounding sends them on.
