@@ -14,8 +14,8 @@ from . import (
 from ._constrain import Constrained as Constrained, constrain as constrain
 from ._coupling import (
     AbstractCoupling as AbstractCoupling,
-    Independent as Independent,
     Coupled as Coupled,
+    Independent as Independent,
     Joint as Joint,
 )
 from ._grid import Grid as Grid, uniform_grid as uniform_grid
