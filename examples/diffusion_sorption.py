@@ -35,7 +35,8 @@ settings: `--balance` (default: mean for the hcmoe formulation, sum for the pape
 
 PI-HC-MoE blends overlapping experts (`--overlap`, 0 for the paper's piecewise prediction)
 and fits their weights together (`--coupling joint`: the weights minimise the residual of the
-blended field; `--coupling independent`: each expert solves alone, as in the paper).
+blended field; `--coupling coupled`: the same optimum from per-expert blocks, `hcmoe.Coupled`;
+`--coupling independent`: each expert solves alone, as in the paper).
 `--total-points` gives PI-HC the points of all experts (equal total points); by default each
 method gets `--points-per-expert` per expert, the paper's semantics.
 
@@ -180,9 +181,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--coupling",
-        choices=("joint", "independent"),
+        choices=("joint", "coupled", "independent"),
         default="joint",
-        help="PI-HC-MoE experts' weights fitted together (default) or each "
+        help="PI-HC-MoE experts' weights fitted together (default: one dense problem; "
+        "coupled: the same optimum from per-expert blocks, hcmoe.Coupled) or each "
         "expert on its own (the paper)",
     )
     parser.add_argument(
