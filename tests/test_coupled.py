@@ -289,3 +289,39 @@ def test_coupling_string_and_method_name(getkey):
     assert bool(jnp.all(sol.stats.converged))
     replaced = dataclasses.replace(hcmoe.Coupled(), preconditioner="block-jacobi")
     assert replaced.preconditioner == "block-jacobi"
+
+
+@pytest.mark.slow  # 40-80 s: opt-in (`pytest -m slow`), the default suite keeps its budget
+@pytest.mark.multiprocess
+def test_coupled_two_processes_equal_one(tmp_path):
+    # 2 processes x 2 fake CPU devices on loopback, K = 3 padded to 4 over both processes.
+    from . import coupled_multiprocess_worker as worker
+    from .test_sharding import _env, _free_port, _report, _stop
+
+    num_processes, out, port = 2, tmp_path / "results.npz", _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.coupled_multiprocess_worker", str(i), "2", str(port)]
+            + [str(out)],
+            cwd=ROOT,
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(num_processes)
+    ]
+    try:
+        expected = worker.results(None)  # one process, while they run
+        logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the processes ran past {e.timeout} s:\n" + "\n".join(_stop(procs)))
+    finally:
+        _stop(procs)
+    for i, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, _report(f"process {i}", proc, log)
+    got = dict(np.load(out))
+    assert got.keys() == expected.keys()
+    for name in expected:
+        scale = float(np.max(np.abs(expected[name])))
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-9 * scale)
