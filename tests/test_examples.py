@@ -42,7 +42,7 @@ def test_quickstart_tiny(tmp_path):
     ):
         assert (tmp_path / name).exists(), name
     record = json.loads((tmp_path / "results.json").read_text())
-    assert record["grid"] == [6, 16] and len(record["results"]) == 2
+    assert record["grid"] == [26, 64] and len(record["results"]) == 2
     assert "PI-HC-MoE" in (tmp_path / "results.md").read_text()
 
 

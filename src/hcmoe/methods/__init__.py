@@ -32,7 +32,11 @@ assembled prediction over the whole grid plus the mean squared IC/BC residuals
 (`hcmoe.losses.residual_loss + hcmoe.losses.condition_loss`), no solution data.
 """
 
-from ._evaluate import Evaluation as Evaluation, evaluate as evaluate
+from ._evaluate import (
+    Evaluation as Evaluation,
+    evaluate as evaluate,
+    physics_loss as physics_loss,
+)
 from ._method import (
     KINDS as KINDS,
     NAMES as NAMES,
@@ -42,6 +46,7 @@ from ._method import (
     make_method as make_method,
     predict as predict,
 )
+from ._report import write_results as write_results
 from ._tables import (
     result_row as result_row,
     results_table as results_table,
@@ -61,9 +66,11 @@ __all__ = [
     "load",
     "loss_fn",
     "make_method",
+    "physics_loss",
     "predict",
     "result_row",
     "results_table",
     "seconds_per_step",
     "train",
+    "write_results",
 ]

@@ -1,4 +1,4 @@
-"""Per-sample relative L2 errors of a method on a test set."""
+"""Per-sample relative L2 errors of a method on a test set, and the physics loss of fields."""
 
 from __future__ import annotations
 
@@ -133,3 +133,32 @@ def evaluate(
         non_converged=int(np.sum(failed)),
         predictions=np.concatenate(predictions),
     )
+
+
+def physics_loss(method: Method, data: Any, u, *, grid: Grid | None = None) -> float:
+    """The mean physics loss (the training loss of every method: `residual_loss +
+    condition_loss` of `method.pde`) of fields `u`, e.g. predictions or reference solutions.
+
+    **Arguments:**
+
+    - `method`: a `Method` (its PDE, with its residual weight).
+    - `data`: PDE data of the samples, leading axis `n` (e.g. `{"u0": (n, nx)}`).
+    - `u`: fields of shape `(n, *grid.shape)`; the loss is computed in the default float
+      precision (float64 under `jax_enable_x64`) whatever their dtype.
+    - `grid`: the grid of `u` (default: the training grid).
+
+    **Returns:** the mean over the samples, a Python float.
+    """
+    grid = method.grid if grid is None else grid
+    n = _batch_size(data)
+    if np.shape(u) != (n, *grid.shape):
+        raise ValueError(
+            f"u: expected shape {(n, *grid.shape)} (samples, *grid.shape); got {np.shape(u)}."
+        )
+    pde = method.pde
+
+    def one(d, v):  # closed over, so the PDE and grid are constants of the program
+        v = jnp.asarray(v, float)
+        return losses.residual_loss(v, pde, grid, d) + losses.condition_loss(v, pde, grid, d)
+
+    return float(jnp.mean(jax.jit(jax.vmap(one))(data, u)))
