@@ -7,7 +7,8 @@ and coupling: the time of one forward + gradient (a fixed random read-out of `u`
 differentiated with respect to the basis; the three couplings timed interleaved), XLA's
 memory estimate of that program, the physics loss of the blended prediction over the whole
 grid (`hcmoe.losses.residual_loss`), LM iterations, and for the coupled mode its inner
-(conjugate-gradient) iterations.
+(conjugate-gradient) iterations. `coupled` is `hcmoe.Coupled()` (its default inner solve:
+the assembled blocks factorised, up to K N = 512), `coupled_cg` `hcmoe.Coupled(inner="cg")`.
 
     python benchmarks/coupling.py                  # K = 2, 4, 8, 16 (about 10 min, 2 cores)
     python benchmarks/coupling.py --experts 2 4 8 16 32 --repeats 5
@@ -18,7 +19,16 @@ Writes `results/coupling[_quick|_smoke].json` and a plot (time and physics loss 
 
 from __future__ import annotations
 
-import jax
+import os
+
+
+# One OpenBLAS thread (before NumPy loads it): on this 2-core machine under load, OpenBLAS's
+# threads made one 256 x 256 Cholesky (the dense joint's, every LM step) take 105-260 ms
+# instead of 1.1 ms (measured; docs/notes/2026-12-08-coupled-experts.md). Every coupling
+# runs under the same setting; pass OPENBLAS_NUM_THREADS to override.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
 import jax.random as jr
 import numpy as np
 
@@ -27,7 +37,12 @@ import hcmoe
 from hcmoe import losses
 
 
-COUPLINGS = ("independent", "joint", "coupled")
+COUPLINGS = {
+    "independent": "independent",
+    "joint": "joint",
+    "coupled": hcmoe.Coupled(),  # inner="auto": the assembled blocks factorised up to K N = 512
+    "coupled_cg": hcmoe.Coupled(inner="cg"),  # preconditioned CG on the blocks
+}
 
 
 def _partition(experts: int) -> hcmoe.Partition:
@@ -47,7 +62,7 @@ def run(args) -> dict:
         partition = _partition(k)
         calls, info = {}, {}
         for name in args.couplings:
-            options = common.solve_kwargs(points, coupling=name)
+            options = common.solve_kwargs(points, coupling=COUPLINGS[name])
             forward, grad = common.solve_and_grad(problem, partition, **options)
             compiled = common.compile_fn(grad, basis, key)
             calls[name] = compiled.call
@@ -118,7 +133,7 @@ def plot(result: dict, path) -> None:
 def main():
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--experts", type=int, nargs="+", default=[2, 4, 8, 16])
-    p.add_argument("--couplings", nargs="+", default=list(COUPLINGS), choices=COUPLINGS)
+    p.add_argument("--couplings", nargs="+", default=list(COUPLINGS), choices=list(COUPLINGS))
     p.add_argument("--nt", type=int, default=51)
     p.add_argument("--nx", type=int, default=512)
     p.add_argument("--n-basis", type=int, default=16)

@@ -244,6 +244,11 @@ class Coupled(AbstractCoupling):
       problem). None (default): `ceil(K / 4)`, measured to keep the iterations growing
       about as `K^0.6` (diffusion–sorption, 51 x 512, K = 8 to 64), where one mode grows as
       `K^1.7`.
+    - `inner`: how each Gauss–Newton system is solved. `"cg"`: preconditioned conjugate
+      gradients on the experts' blocks (per expert and parallel, the `(K N)^2` matrix never
+      formed); `"direct"`: that matrix assembled from the experts' local blocks (the
+      Jacobian is still never formed) and factorised, exact, `O((K N)^3)`; `"auto"`
+      (default): `"direct"` up to `K N = 512` unknowns without a mesh, `"cg"` otherwise.
     - `rtol`: relative residual at which each inner conjugate-gradient solve stops
       (default 1e-10).
     - `inner_max_steps`: the most conjugate-gradient iterations per inner solve (default 200).
@@ -258,14 +263,17 @@ class Coupled(AbstractCoupling):
     rtol: float = eqx.field(default=1e-10, static=True)
     inner_max_steps: int = eqx.field(default=200, static=True)
     coarse_modes: int | None = eqx.field(default=None, static=True)
+    inner: str = eqx.field(default="auto", static=True)
 
     @property
     def label(self) -> str:
         return "coupled"
 
     def __check_init__(self):
-        from ._coupled import PRECONDITIONERS
+        from ._coupled import INNER, PRECONDITIONERS
 
+        if self.inner not in INNER:
+            raise ValueError(f"inner: expected one of {INNER}; got {self.inner!r}.")
         if self.preconditioner not in PRECONDITIONERS:
             raise ValueError(
                 f"preconditioner: expected one of {PRECONDITIONERS}; got {self.preconditioner!r}."
@@ -333,6 +341,7 @@ class Coupled(AbstractCoupling):
             rtol=self.rtol,
             inner_max_steps=self.inner_max_steps,
             coarse=self.coarse_modes,
+            inner=self.inner,
             mesh=self.mesh,
         )
 
