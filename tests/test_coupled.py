@@ -334,3 +334,21 @@ def test_coupled_two_processes_equal_one(tmp_path):
     for name in expected:
         scale = float(np.max(np.abs(expected[name])))
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-9 * scale)
+
+
+@pytest.mark.slow  # about 2 minutes: four couplings compiled at two K
+def test_coupling_benchmark_smoke_run(tmp_path):
+    import json
+
+    command = [sys.executable, str(ROOT / "benchmarks" / "coupling.py"), "--smoke", "--no-plot"]
+    done = subprocess.run(
+        command + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((tmp_path / "coupling_smoke.json").read_text())
+    for row in result["rows"]:
+        info = row["couplings"]
+        assert set(info) == {"independent", "joint", "coupled", "coupled_cg"}
+        joint = info["joint"]["physics_loss"]
+        for name in ("coupled", "coupled_cg"):
+            assert info[name]["physics_loss"] == pytest.approx(joint, rel=0.05)
