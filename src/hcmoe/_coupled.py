@@ -215,7 +215,7 @@ class CoupledProblem(eqx.Module):
 
     def ridge_rows(self, w, center) -> Float[Array, "K N"]:
         shift = w if center is None else w - center
-        return self.ridge * jnp.where(self.real[:, None], shift, 0.0)
+        return self.ridge * _where(self.real[:, None], shift, 0.0)
 
     def residual(self, w, pde, data, center) -> Float[Array, " rows"]:
         """The residual of the whole coupled problem: every expert's rows, then the ridge."""
@@ -232,6 +232,12 @@ class CoupledProblem(eqx.Module):
         """Every expert's local Hessian of `½‖rows_k‖²` (its second-order terms included)."""
         fn = lambda v, p: local_hessian(v, p, pde, data, 0.0)  # noqa: E731
         return jax.vmap(fn)(self.gather(w), self.problems)
+
+
+def _where(condition, x, y) -> Array:
+    """`jnp.where(condition, x, y)`, typed as one array (its one-argument overload returns a
+    tuple, which the type checker cannot rule out)."""
+    return cast(Array, jnp.where(condition, x, y))
 
 
 def _transpose_table(index: np.ndarray, mask: np.ndarray):
@@ -479,7 +485,7 @@ class CoupledDescent(optx.AbstractDescent):
 
     def _operator(self, gram, damping):
         s = self.structure
-        shift = jnp.where(s.real, s.ridge**2 + damping, 1.0)
+        shift = _where(s.real, s.ridge**2 + damping, 1.0)
         return BlockOperator(gram, shift, s)
 
     def _solve(self, operator, b):
@@ -919,7 +925,7 @@ def coupled_weights(
             gradient, ([leaves[i] for i in live],), ([tangent_leaves[i] for i in live],)
         )
         hess = structure.hessians(fixed, a["pde"], a["data"])
-        shift = jnp.where(structure.real, structure.ridge**2, 1.0)
+        shift = _where(structure.real, structure.ridge**2, 1.0)
         operator = BlockOperator(hess, shift, structure)
         # Preconditioned with the Gauss–Newton blocks `J_k^T J_k` (positive semi-definite
         # whatever the second-order terms; plus the ridge), not the Hessian's own blocks,
