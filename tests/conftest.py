@@ -1,6 +1,20 @@
-import jax
-import jax.random as jr
-import pytest
+import os
+
+
+# The suite compiles a few thousand small XLA programs and runs each a few times: LLVM's
+# optimisation of the generated CPU code is a quarter to a third of the suite's CPU time and
+# buys nothing at these sizes (docs/notes/2026-12-07-test-suite-time.md). XLA's own passes
+# (fusion, SPMD partitioning, algebraic simplification) still run. Set before JAX starts its
+# backend; subprocesses of the tests inherit it. HCMOE_TEST_XLA_OPT=1 keeps XLA's default.
+if os.environ.get("HCMOE_TEST_XLA_OPT") != "1" and "optimization_level" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
+import jax  # noqa: E402
+import jax.random as jr  # noqa: E402
+import pytest  # noqa: E402
 
 
 jax.config.update("jax_enable_x64", True)

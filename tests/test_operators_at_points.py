@@ -216,7 +216,8 @@ def test_gradients_through_points_equal_full_grid(getkey):
         def sampled(f, op=op):
             return jnp.sum(op.at_points(f, grid, points) * cotangent)
 
-        assert _close(jax.grad(sampled)(field), jax.grad(full)(field)), name
+        # jitted: one program per operator instead of one per eager op (same arithmetic)
+        assert _close(jax.jit(jax.grad(sampled))(field), jax.jit(jax.grad(full))(field)), name
 
 
 def test_compose_of_stencils_is_a_stencil():

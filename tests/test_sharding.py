@@ -135,7 +135,10 @@ def test_one_device_mesh_equals_no_mesh(getkey):
     assert np.allclose(sol.weights, ref.weights, rtol=1e-12, atol=1e-12)
 
 
-def test_sharded_cases_on_eight_devices():
+@pytest.mark.parametrize(
+    "markers", ["not slow", pytest.param("slow", marks=pytest.mark.slow)], ids=["default", "slow"]
+)
+def test_sharded_cases_on_eight_devices(markers):
     cmd = [
         sys.executable,
         "-m",
@@ -145,6 +148,8 @@ def test_sharded_cases_on_eight_devices():
         "no:cacheprovider",
         "-n",
         "0",
+        "-m",
+        markers,
         str(ROOT / "tests" / "sharded_cases.py"),
     ]
     try:
