@@ -173,6 +173,7 @@ def test_call_time_grid_override(getkey):
     assert jnp.max(jnp.abs(fine_sol.u - exact_field(fine))) < 1e-8
 
 
+@pytest.mark.ill_typed  # e.g. pde="heat": hcmoe's own ValueError
 def test_constrain_rejects_bad_configuration(getkey):
     with pytest.raises(ValueError, match="unknown option"):
         hcmoe.constrain(EqxBackbone(getkey()), ForcedHeat(), PARTITION, grid=GRID, tol=1e-3)

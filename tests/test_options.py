@@ -34,6 +34,7 @@ def test_solve_has_at_most_14_parameters_each_documented():
         assert f"`{name}`" in doc, name
 
 
+@pytest.mark.ill_typed  # e.g. points_per_expert=2.5: hcmoe's own ValueError
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -50,6 +51,7 @@ def test_rows_validated_at_construction(kwargs, match):
         hcmoe.Rows(**kwargs)
 
 
+@pytest.mark.ill_typed  # e.g. coupling=1: hcmoe's own ValueError
 def test_couplings_and_solver_options_validated():
     with pytest.raises(ValueError, match="schedule: expected one of"):
         hcmoe.Independent(schedule="parallel")

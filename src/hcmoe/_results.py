@@ -94,11 +94,12 @@ class Solution(eqx.Module):
     - `u`: the prediction on the grid, `u = u_p + T(B) w_k` on expert `k`'s block,
       shape `grid.shape`, in the basis dtype.
     - `weights`: the basis weights of each expert, shape `(K, n_basis)`.
-    - `stats`: a `SolveStats`.
+    - `stats`: a `SolveStats` (None from PI-SC, `hcmoe.methods`' soft constraint, which
+      solves nothing).
 
     Batched calls add a leading batch axis to every field.
     """
 
     u: Array
     weights: Array
-    stats: SolveStats
+    stats: SolveStats | None

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from .._constrain import constrain
 from .._grid import Grid
@@ -49,7 +49,7 @@ class InitialConditionInput(eqx.Module):
             (str(k), (float(lo), float(hi))) for k, (lo, hi) in dict(extents or {}).items()
         )
 
-    def __call__(self, grid: Grid, data: Mapping[str, Array]) -> Array:
+    def __call__(self, grid: Grid, data: Mapping[str, ArrayLike]) -> Array:
         name = self.name
         if name is None:
             if not isinstance(data, Mapping) or len(data) != 1:
@@ -152,7 +152,7 @@ class Method(eqx.Module):
         if particular is not None:
             u = u + jnp.asarray(particular, u.dtype)
         weights = jnp.ones((1, basis.shape[-1]), basis.dtype)
-        return Solution(u, weights, None)  # pyright: ignore[reportArgumentType]
+        return Solution(u, weights, None)
 
     @property
     def name(self) -> str:
