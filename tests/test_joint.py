@@ -132,8 +132,8 @@ def test_joint_init_and_bad_options(getkey):
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "coupling: expected hcmoe.Independent(...), hcmoe.Joint(...) or one of "
-            "('independent', 'joint'); got 'together'."
+            "coupling: expected hcmoe.Independent(...), hcmoe.Joint(...), hcmoe.Coupled(...) "
+            "or one of ('independent', 'joint', 'coupled'); got 'together'."
         ),
     ):
         hcmoe.solve(basis, pde, partition, grid, data, coupling="together")
