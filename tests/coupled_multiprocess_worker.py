@@ -14,20 +14,14 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jax.experimental import multihost_utils
 
 import hcmoe
 
 from .helpers import ForcedBurgers, basis_with_exact, data_for, small_grid
+from .multiprocess_worker import _fetch, join
 
 
 EXPERTS = 3  # padded to 4 on a 4-device "experts" axis (devices on both processes)
-
-
-def _fetch(x) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))  # a collective
 
 
 def results(mesh) -> dict[str, np.ndarray]:
@@ -49,17 +43,7 @@ def results(mesh) -> dict[str, np.ndarray]:
 
 
 def main(process_id: int, num_processes: int, port: int, path: str):
-    jax.config.update("jax_enable_x64", True)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        f"127.0.0.1:{port}",
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=60,
-        heartbeat_timeout_seconds=30,
-        shutdown_timeout_seconds=30,
-    )
-    assert jax.device_count() == num_processes * jax.local_device_count()
+    join(process_id, num_processes, port)
     out = results(hcmoe.expert_mesh())
     if process_id == 0:
         np.savez(path, **out)

@@ -1,8 +1,8 @@
 """Sharded coupled experts (and the independent experts' split adjoint) on 8 fake devices.
 
 Not collected by the default run;
-`tests/test_coupled.py::test_coupled_sharded_cases_on_eight_devices` runs it in a fresh interpreter with
-`XLA_FLAGS=--xla_force_host_platform_device_count=8`. Directly:
+`tests/test_coupled.py::test_coupled_sharded_cases_on_eight_devices` runs it in a fresh
+interpreter with `XLA_FLAGS=--xla_force_host_platform_device_count=8`. Directly:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 pytest tests/coupled_sharded_cases.py
 """

@@ -65,7 +65,9 @@ def results(mesh, batch_mesh) -> dict[str, np.ndarray]:
     return {name: _fetch(value) for name, value in out.items()}
 
 
-def main(process_id: int, num_processes: int, port: int, path: str):
+def join(process_id: int, num_processes: int, port: int) -> None:
+    """Float64 on, and this process joined to the others on 127.0.0.1:`port` (gloo CPU
+    collectives, bounded timeouts)."""
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -78,6 +80,10 @@ def main(process_id: int, num_processes: int, port: int, path: str):
     )
     assert jax.process_count() == num_processes
     assert jax.device_count() == num_processes * jax.local_device_count()
+
+
+def main(process_id: int, num_processes: int, port: int, path: str):
+    join(process_id, num_processes, port)
     mesh = hcmoe.expert_mesh()  # every device of every process on "experts"
     batch_mesh = hcmoe.expert_mesh(batch=num_processes)  # one "batch" row per process
     out = results(mesh, batch_mesh)

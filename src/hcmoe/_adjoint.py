@@ -166,8 +166,45 @@ def _gradients(weights, transformed, particular, rows, pde, data, grid, ridge, c
     )
 
 
-def _float0_zeros(tree):
-    return jax.tree.map(lambda x: np.zeros(np.shape(x), jax.dtypes.float0), tree)
+def no_tangents(tree):
+    """Zero tangents of a solve's diagnostics: float0 for integer and boolean leaves, zeros
+    for inexact ones."""
+
+    def zero(x):
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            return jnp.zeros_like(x)
+        return np.zeros(np.shape(x), jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
+def live_tangent(fn: Callable, dynamic, tangent, static):
+    """The tangent of `fn(eqx.combine(dynamic, static))` along `tangent` (a `custom_jvp`
+    rule's, `symbolic_zeros=True`), pushed through the leaves whose tangent is not zero only;
+    None when every tangent is zero."""
+    # `eqx.partition` leaves None where the static parts are; keep them as leaves so that
+    # the primal and tangent leaves line up.
+    leaves, treedef = jax.tree.flatten(dynamic, is_leaf=lambda x: x is None)
+    tangent_leaves = treedef.flatten_up_to(tangent)
+    live = [
+        i
+        for i, t in enumerate(tangent_leaves)
+        if not isinstance(t, SymbolicZero)
+        and t is not None
+        and jnp.result_type(t) != jax.dtypes.float0
+    ]
+    if not live:
+        return None
+
+    def restricted(live_leaves):
+        merged = list(leaves)
+        for i, leaf in zip(live, live_leaves):
+            merged[i] = leaf
+        return fn(eqx.combine(jax.tree.unflatten(treedef, merged), static))
+
+    return jax.jvp(restricted, ([leaves[i] for i in live],), ([tangent_leaves[i] for i in live],))[
+        1
+    ]
 
 
 def _expert_solves(hessian, rhs, mesh):
@@ -214,46 +251,29 @@ def implicit_solve(
     def solve_jvp(primals, tangents):
         (dynamic,), (tangent,) = primals, tangents
         weights, steps, result, ok, hessian = run(eqx.combine(dynamic, static), hessian=True)
-        # `eqx.partition` leaves None where the static parts are; keep them as leaves so
-        # that the primal and tangent leaves line up.
-        leaves, treedef = jax.tree.flatten(dynamic, is_leaf=lambda x: x is None)
-        tangent_leaves = treedef.flatten_up_to(tangent)
-        live = [
-            i
-            for i, t in enumerate(tangent_leaves)
-            if not isinstance(t, SymbolicZero)
-            and t is not None
-            and jnp.result_type(t) != jax.dtypes.float0
-        ]
-        if live:
-            fixed = jax.lax.stop_gradient(weights)
+        fixed = jax.lax.stop_gradient(weights)
 
-            def gradients(live_leaves):
-                merged = list(leaves)
-                for i, leaf in zip(live, live_leaves):
-                    merged[i] = leaf
-                a = eqx.combine(jax.tree.unflatten(treedef, merged), static)
-                centers = a["init"] if ridge_toward == "init" else None
-                return _gradients(
-                    fixed,
-                    a["transformed"],
-                    a["particular"],
-                    a["rows"],
-                    a["pde"],
-                    a["data"],
-                    grid,
-                    ridge,
-                    centers,
-                )
-
-            _, rhs = jax.jvp(
-                gradients, ([leaves[i] for i in live],), ([tangent_leaves[i] for i in live],)
+        def gradients(a):
+            centers = a["init"] if ridge_toward == "init" else None
+            return _gradients(
+                fixed,
+                a["transformed"],
+                a["particular"],
+                a["rows"],
+                a["pde"],
+                a["data"],
+                grid,
+                ridge,
+                centers,
             )
-            d_weights = _expert_solves(hessian, rhs.astype(weights.dtype), mesh)
-        else:
+
+        rhs = live_tangent(gradients, dynamic, tangent, static)
+        if rhs is None:
             d_weights = jnp.zeros_like(weights)
+        else:
+            d_weights = _expert_solves(hessian, rhs.astype(weights.dtype), mesh)
         out = (weights, steps, result, ok)
-        return out, (d_weights, *_float0_zeros((steps, result, ok)))
+        return out, (d_weights, *no_tangents((steps, result, ok)))
 
     solve.defjvp(solve_jvp, symbolic_zeros=True)
     return solve(dynamic)

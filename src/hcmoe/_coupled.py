@@ -40,9 +40,9 @@ import jax.numpy as jnp
 import jax.scipy as jsp
 import numpy as np
 import optimistix as optx
-from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
+from ._adjoint import live_tangent, no_tangents
 from ._expert import ExpertProblem, hessian as local_hessian, jacobian, residual
 from ._grid import Grid
 from ._joint import windowed_basis, windows
@@ -91,15 +91,14 @@ def _axis_reach(op, grid: Grid) -> dict[str, float] | None:
     return reach
 
 
-def _reach(pde: AbstractPDE, operators, exact_axes, grid: Grid) -> dict[str, float]:
-    """The largest reach along each axis of every operator, exact condition and basis map
-    (`inf` along every axis for an operator without a concrete stencil or a PDE with its
-    own `transform_basis`)."""
+def _reach(pde: AbstractPDE, reaches, exact_axes, grid: Grid) -> dict[str, float]:
+    """The largest reach along each axis of the operators (`reaches`: `_axis_reach` of each),
+    the exact conditions and the basis map (`inf` along every axis for an operator without a
+    concrete stencil or a PDE with its own `transform_basis`)."""
     reach = dict.fromkeys(grid.names, 0.0)
     if type(pde).transform_basis is not AbstractPDE.transform_basis:
         return dict.fromkeys(grid.names, np.inf)
-    for op in operators:
-        op_reach = _axis_reach(op, grid)
+    for op_reach in reaches:
         if op_reach is None:
             return dict.fromkeys(grid.names, np.inf)
         for name, value in op_reach.items():
@@ -706,7 +705,8 @@ def build_coupled(
     )
     check_residual_data(pde, problem, data, grid)
     exact_axes = _exact_axes(pde, grid, data)
-    reach = _reach(pde, problem.operators, exact_axes, grid)
+    reaches = [_axis_reach(op, grid) for op in problem.operators]  # probes every point
+    reach = _reach(pde, reaches, exact_axes, grid)
     index, mask = neighbours(partition, grid, reach)
     real = np.arange(total_experts) < num
     if total_experts > num:
@@ -730,7 +730,7 @@ def build_coupled(
         )
         mask = np.concatenate([mask, np.zeros((total_experts - num, mask.shape[1]), bool)])
     phi = windows(partition, grid)
-    stencils = all(_axis_reach(op, grid) is not None for op in problem.operators)
+    stencils = all(r is not None for r in reaches)
     if stencils and _commutes(pde, phi, exact_axes, grid):
         problems = _local_problems(problem, transformed, particular, phi, index, mask, grid)
         form = Ansatz(transformed, particular, jnp.asarray(phi, transformed.dtype))
@@ -804,17 +804,6 @@ def _solver(solver, descent: CoupledDescent) -> LevenbergMarquardt:
             f"{type(solver).__name__}. Use coupling=hcmoe.Joint() for another solver."
         )
     return eqx.tree_at(lambda s: s.solver.descent, solver, descent)
-
-
-def _no_tangents(tree):
-    """Zero tangents of the solve's diagnostics: float0 for integer leaves, zeros else."""
-
-    def zero(x):
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-            return jnp.zeros_like(x)
-        return np.zeros(np.shape(x), jax.dtypes.float0)
-
-    return jax.tree.map(zero, tree)
 
 
 def coupled_weights(
@@ -893,26 +882,9 @@ def coupled_weights(
         (dynamic,), (tangent,) = primals, tangents
         out = run(jax.lax.stop_gradient(dynamic))
         weights = out[0]
-        leaves, treedef = jax.tree.flatten(dynamic, is_leaf=lambda x: x is None)
-        tangent_leaves = treedef.flatten_up_to(tangent)
-        live = [
-            i
-            for i, t in enumerate(tangent_leaves)
-            if not isinstance(t, SymbolicZero)
-            and t is not None
-            and jnp.result_type(t) != jax.dtypes.float0
-        ]
-        if not live:
-            return out, (jnp.zeros_like(weights), *_no_tangents(out[1:]))
         fixed = jax.lax.stop_gradient(weights)
-        a = eqx.combine(jax.lax.stop_gradient(dynamic), static)
-        structure = a["structure"]
 
-        def gradient(live_leaves):
-            merged = list(leaves)
-            for i, leaf in zip(live, live_leaves):
-                merged[i] = leaf
-            b = eqx.combine(jax.tree.unflatten(treedef, merged), static)
+        def gradient(b):
             s, pde, data = b["structure"], b["pde"], b["data"]
 
             def objective(w):
@@ -921,9 +893,11 @@ def coupled_weights(
 
             return jax.grad(objective)(fixed)
 
-        _, rhs = jax.jvp(
-            gradient, ([leaves[i] for i in live],), ([tangent_leaves[i] for i in live],)
-        )
+        rhs = live_tangent(gradient, dynamic, tangent, static)
+        if rhs is None:
+            return out, (jnp.zeros_like(weights), *no_tangents(out[1:]))
+        a = eqx.combine(jax.lax.stop_gradient(dynamic), static)
+        structure = a["structure"]
         hess = structure.hessians(fixed, a["pde"], a["data"])
         shift = _where(structure.real, structure.ridge**2, 1.0)
         operator = BlockOperator(hess, shift, structure)
@@ -943,7 +917,7 @@ def coupled_weights(
         d_weights = -jax.lax.custom_linear_solve(
             operator.mv, rhs.astype(weights.dtype), linear_solve, symmetric=True
         )
-        return out, (d_weights, *_no_tangents(out[1:]))
+        return out, (d_weights, *no_tangents(out[1:]))
 
     solve.defjvp(solve_jvp, symbolic_zeros=True)
     return solve(dynamic)
@@ -972,7 +946,7 @@ def solve_coupled(
 ) -> Solution:
     """The `Coupled` coupling's solve of one sample (`hcmoe.solve` documents the arguments);
     the module docstring describes the method."""
-    from ._independent import _checked, _initial_weights, default_solver
+    from ._independent import _checked, _initial_weights, checked_inputs, default_solver
 
     out_dtype = basis.dtype
     num = partition.num_experts(grid)
@@ -1013,24 +987,7 @@ def solve_coupled(
         mesh=mesh,
         direct=inner == "direct" or (inner == "auto" and mesh is None and total * n <= DIRECT_MAX),
     )
-    weights = _checked(
-        weights,
-        [
-            (
-                ~finite_basis,
-                "hcmoe.solve: the basis contains NaN or inf; the backbone diverged "
-                "or its input is not finite.",
-            ),
-            *(
-                (
-                    ~finite,
-                    f"hcmoe.solve: data[{name!r}] contains NaN or inf; the PDE's residual "
-                    "and conditions need finite data.",
-                )
-                for name, finite in bad_data
-            ),
-        ],
-    )
+    weights = checked_inputs(weights, finite_basis, bad_data)
     # Diagnostics per expert: its own rows' residual (with its ridge rows) and condition error.
     center = init if rows.ridge_toward == "init" else None
     frozen = jax.lax.stop_gradient((structure, weights))

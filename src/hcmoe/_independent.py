@@ -43,6 +43,29 @@ def _checked(x: Array, checks) -> Array:
     return x + flag
 
 
+def checked_inputs(x: Array, finite_basis, bad_data) -> Array:
+    """`x` (the solved weights), raising if the basis was not finite (`finite_basis`) or a
+    data entry was not (`bad_data`: `nonfinite_data_entries(data)`); see `_checked`."""
+    return _checked(
+        x,
+        [
+            (
+                ~finite_basis,
+                "hcmoe.solve: the basis contains NaN or inf; the backbone diverged "
+                "or its input is not finite.",
+            ),
+            *(
+                (
+                    ~finite,
+                    f"hcmoe.solve: data[{name!r}] contains NaN or inf; the PDE's residual "
+                    "and conditions need finite data.",
+                )
+                for name, finite in bad_data
+            ),
+        ],
+    )
+
+
 def solve_independent(
     basis: Float[Array, "*grid n_basis"],
     pde: AbstractPDE,
@@ -135,24 +158,7 @@ def solve_independent(
         )
     else:
         weights, steps, result, ok = run(args)
-    weights = _checked(
-        weights,
-        [
-            (
-                ~finite_basis,
-                "hcmoe.solve: the basis contains NaN or inf; the backbone diverged "
-                "or its input is not finite.",
-            ),
-            *(
-                (
-                    ~finite,
-                    f"hcmoe.solve: data[{name!r}] contains NaN or inf; the PDE's residual "
-                    "and conditions need finite data.",
-                )
-                for name, finite in bad_data
-            ),
-        ],
-    )
+    weights = checked_inputs(weights, finite_basis, bad_data)
     # Diagnostics from the operators applied to each expert's field `T w_k + u_p`, so that
     # they differentiate like `u`, without the stacks.
     centers = init if ridge_toward == "init" else None
